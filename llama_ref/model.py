@@ -1,0 +1,270 @@
+"""The Llama 2 / 3.x transformer, after Meta's reference ``model.py``, made trainable and device-agnostic.
+
+Notation used for tensor shapes: B batch, T new tokens, S keys (cached + new), D dim, H query heads,
+Hkv key/value heads, Dh head_dim, V vocab.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+
+# Llama 3.1 frequency-scaling constants (Meta's ``apply_scaling``); the factor itself is ModelArgs.rope_scale_factor.
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+ROPE_ORIGINAL_CONTEXT = 8192
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half inputs go up to fp32, fp64 (the reference precision of calibrated checks) stays."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The reduction runs in fp32 whatever the input dtype, then casts back (Meta's upcast).
+        return self._norm(upcast(x)).type_as(x) * self.weight
+
+
+def apply_scaling(freqs: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling: long wavelengths divided by ``scale_factor``, short ones kept, a smooth blend between."""
+    low_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
+    high_freq_wavelen = ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+    wavelen = 2 * math.pi / freqs
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelen - ROPE_LOW_FREQ_FACTOR) / (ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
+                         scale_factor: float = 8.0, device: Optional[torch.device] = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``exp(i·t·θ_k)`` for positions ``t < end`` and ``θ_k = theta^(-2k/dim)``: shape (end, dim // 2),
+    complex64 computed in fp32 as Meta does (``dtype=torch.float64`` gives complex128, for fp64 references)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: dim // 2].to(dtype) / dim))
+    if use_scaled:
+        freqs = apply_scaling(freqs, scale_factor)
+    t = torch.arange(end, device=device, dtype=dtype)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate interleaved pairs ``(x[2k], x[2k+1])`` by ``freqs_cis`` (T, Dh/2); xq (B, T, H, Dh), xk (B, T, Hkv, Dh)."""
+    xq_ = torch.view_as_complex(upcast(xq).reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, Dh/2)
+    xk_ = torch.view_as_complex(upcast(xk).reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis[None, :, None, :]  # (1, T, 1, Dh/2)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, S, Hkv, Dh) → (B, S, Hkv·n_rep, Dh); equal to ``torch.repeat_interleave(x, dim=2, repeats=n_rep)``."""
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep,
+                                                                                       head_dim)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device, dtype: torch.dtype = torch.float32
+                ) -> Optional[torch.Tensor]:
+    """Additive (q_len, kv_len) mask, aligned bottom-right: query i (at position kv_len - q_len + i) sees keys ≤ it.
+
+    ``None`` for a single query, which sees every key. Top-left alignment (SDPA's ``is_causal=True`` when
+    q_len != kv_len) is wrong here: it hides the new tokens from each other's past.
+    """
+    if q_len == 1:
+        return None
+    mask = torch.full((q_len, kv_len), float("-inf"), device=device, dtype=dtype)
+    return torch.triu(mask, diagonal=kv_len - q_len + 1)
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q·kᵀ/√Dh + mask)·v with the softmax in fp32; q (B, H, T, Dh), k and v (B, H, S, Dh)."""
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is not None:
+        scores = scores + mask
+    scores = F.softmax(upcast(scores), dim=-1).type_as(q)
+    return torch.matmul(scores, v)  # (B, H, T, Dh)
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The fused kernel with the same (bottom-right) mask as :func:`attention_math`."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
+
+
+ATTENTION_IMPLS = {"math": attention_math, "sdpa": attention_sdpa}
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = args.head_dim
+        self.attn_impl = args.attn_impl
+        self.kv_caching = args.kv_caching
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # State, not parameters: never in state_dict, moves with .to(), rewritten before it is read.
+        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+
+    def update_cache(self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at ``[:B, start_pos:start_pos+T]``; return all keys/values (B, S, Hkv, Dh)."""
+        bsz, seqlen = xk.shape[:2]
+        end = start_pos + seqlen
+        if self.cache_k.dtype != xk.dtype or self.cache_k.device != xk.device:
+            self.cache_k = self.cache_k.to(xk)
+            self.cache_v = self.cache_v.to(xv)
+        with torch.no_grad():
+            self.cache_k[:bsz, start_pos:end] = xk
+            self.cache_v[:bsz, start_pos:end] = xv
+        if xk.requires_grad or xv.requires_grad:
+            # Differentiable through the new chunk: the past comes from the cache, the present stays in the graph.
+            return (torch.cat([self.cache_k[:bsz, :start_pos], xk], dim=1),
+                    torch.cat([self.cache_v[:bsz, :start_pos], xv], dim=1))
+        return self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+
+        if self.kv_caching:
+            keys, values = self.update_cache(xk, xv, start_pos)
+        else:
+            keys, values = xk, xv
+
+        keys = repeat_kv(keys, self.n_rep)  # (B, S, H, Dh)
+        values = repeat_kv(values, self.n_rep)
+        out = ATTENTION_IMPLS[self.attn_impl](xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
+        out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)  # (B, T, D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama: ``forward(tokens (B, T) int64, start_pos)`` → float32 logits (B, T, V) (float64 for an fp64 model).
+
+    With ``kv_caching`` on, keys and values of positions ``< start_pos`` come from earlier calls on the same
+    batch rows; with it off, every call attends only to its own tokens (placed at positions
+    ``start_pos … start_pos+T-1``). Trainable: no ``inference_mode`` inside; the caller chooses ``no_grad``.
+    """
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size <= 0:
+            raise ValueError(f"ModelArgs.vocab_size is {params.vocab_size}: set it from the tokenizer "
+                             f"(args.replace(vocab_size=tokenizer.n_words))")
+        self.params = params = params.replace()  # our own copy: the kv_caching setter must not reach the caller's
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        if params.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._freqs_cis: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # not a buffer: .to(bf16) must not touch it
+
+    @property
+    def kv_caching(self) -> bool:
+        return self.params.kv_caching
+
+    @kv_caching.setter
+    def kv_caching(self, on: bool) -> None:
+        self.params.kv_caching = bool(on)
+        for layer in self.layers:
+            layer.attention.kv_caching = bool(on)
+
+    def rotary_freqs(self, start_pos: int, seqlen: int, device: torch.device, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
+        """RoPE factors of positions ``start_pos … start_pos+seqlen-1``: (T, Dh/2), complex64 (complex128 when
+        ``dtype`` is float64)."""
+        key = (device, torch.float64 if dtype == torch.float64 else torch.float32)
+        if key not in self._freqs_cis:  # the whole table, computed once per device and precision
+            p = self.params
+            self._freqs_cis[key] = precompute_freqs_cis(p.head_dim, p.max_seq_len, p.rope_theta, p.use_scaled_rope,
+                                                        p.rope_scale_factor, device=device, dtype=key[1])
+        return self._freqs_cis[key][start_pos:start_pos + seqlen]
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+        bsz, seqlen = tokens.shape
+        p = self.params
+        if not 0 <= start_pos or start_pos + seqlen > p.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} outside max_seq_len={p.max_seq_len}")
+        if self.kv_caching and bsz > p.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size={p.max_batch_size} of the KV cache")
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        freqs_cis = self.rotary_freqs(start_pos, seqlen, h.device, h.dtype)
+        kv_len = start_pos + seqlen if self.kv_caching else seqlen
+        mask = causal_mask(seqlen, kv_len, h.device)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        h = self.norm(h)
+        return upcast(self.output(h))
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int) -> Transformer:
+    """Seeded random init, independent of the global RNG: linear weights N(0, 1/fan_in), embeddings N(0, 1),
+    norms 1. Every matrix gets its own draw, so same-shaped projections (wq/wo, w1/w3) never coincide."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        std = 1.0 if "tok_embeddings" in name else param.shape[-1] ** -0.5
+        param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float32) * std)
+    return model

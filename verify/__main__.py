@@ -1,0 +1,98 @@
+"""``llama-verify``: every check on the embedded default model (or a Meta checkpoint), a table, an exit code."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from llama_ref.generation import SEED_PROMPTS
+
+from .mutants import MUTANTS
+from .report import (CHECKS, DTYPES, Inputs, environment, format_kill_matrix, format_results, kill_matrix, run_checks,
+                     uncaught, write_json)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-verify", description=__doc__)
+    p.add_argument("--ckpt-dir", help="a Meta checkpoint directory (params.json + consolidated.*.pth); "
+                                      "default: the embedded tiny model")
+    p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                   help="dtype(s) to check in, repeatable (default: float32 and bfloat16)")
+    p.add_argument("--attn-impl", action="append", choices=["math", "sdpa"],
+                   help="attention path(s), repeatable (default: both)")
+    p.add_argument("--check", action="append", choices=sorted(CHECKS), help="run only these checks (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=256, help="with --ckpt-dir: KV-cache length (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=4, help="with --ckpt-dir: KV-cache rows (default: %(default)s)")
+    p.add_argument("--mutants", action="store_true", help="also run every bug-zoo mutant and print the kill matrix")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.ckpt_dir and not args.tokenizer:
+        _parser().error("--ckpt-dir needs --tokenizer")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        _parser().error(f"--device {args.device}: CUDA is not available")
+
+    if args.ckpt_dir:
+        from llama_ref.checkpoint import load_model, load_params
+        from llama_ref.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(args.tokenizer)
+        overrides = dict(max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
+        if load_params(args.ckpt_dir).vocab_size == -1:
+            overrides["vocab_size"] = tokenizer.n_words
+        factory = functools.partial(load_model, args.ckpt_dir, dtype=torch.float32, **overrides)
+        target = f"checkpoint {args.ckpt_dir}"
+    else:
+        from llama_ref.default import DEFAULT_PRESET, DEFAULT_SEED, default_model, default_tokenizer
+
+        tokenizer = default_tokenizer()
+        factory = functools.partial(default_model, DEFAULT_SEED)
+        target = f"embedded default (preset {DEFAULT_PRESET!r}, seed {DEFAULT_SEED})"
+
+    probe = factory()
+    # The seed's prompts, cut to 16 tokens: still ragged, and short enough that uncached decoding stays cheap.
+    prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:probe.params.max_batch_size]
+    del probe
+    inputs = Inputs(seed=args.seed, prompts=prompts)
+    checks = args.check or list(CHECKS)
+    env = environment(args.device)
+    print(f"llama-verify on the {target}")
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print()
+    results = run_checks(factory, inputs, checks=checks, dtypes=args.dtype or ["float32", "bfloat16"],
+                         attn_impls=args.attn_impl or ["math", "sdpa"], device=args.device)
+    print(format_results(results))
+    failed = [r for r in results if not r.ok]
+    payload = {"target": target, "environment": env, "results": [r.to_json() for r in results]}
+
+    missed: list[str] = []
+    if args.mutants:
+        mutants = [m for m in MUTANTS.values() if m.prop in checks]
+        matrix = kill_matrix(factory, inputs, mutants, checks=checks, device=args.device)
+        print()
+        print("bug zoo (each mutant must make its own property's check fail):")
+        print(format_kill_matrix(matrix, mutants))
+        missed = uncaught(matrix, mutants)
+        payload["mutants"] = {name: {c: r.to_json() for c, r in row.items()} for name, row in matrix.items()}
+        payload["mutants_missed"] = missed
+
+    if args.json:
+        write_json(args.json, payload)
+    print()
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed"
+          + (f"; {len(missed)} mutant(s) NOT caught: {', '.join(missed)}" if args.mutants and missed else
+             (f"; all {len(matrix)} mutants caught" if args.mutants else "")))
+    return 1 if failed or missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Tensor and gradient comparisons with ``torch.testing.assert_close`` semantics that say where they differ."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+
+from .tolerances import Tolerance
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of comparing ``actual`` with ``expected`` elementwise: |a − e| ≤ atol + rtol·|e|."""
+
+    ok: bool
+    max_abs: float  # largest |a − e|
+    max_rel: float  # largest |a − e| / |e| (over elements with e ≠ 0)
+    where: Optional[tuple[int, ...]]  # index of the largest |a − e| (None when the tensors are empty)
+    n_mismatched: int
+    numel: int
+    tol: Tolerance
+    message: str = ""  # assert_close's own message on failure
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else f"{self.n_mismatched}/{self.numel} mismatched"
+        return f"{verdict}: max abs {self.max_abs:.3e} at {self.where}, max rel {self.max_rel:.3e} ({self.tol})"
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: str = "tensor") -> Comparison:
+    """Compare two tensors of equal shape in float64; NaN/inf anywhere counts as a mismatch unless equal."""
+    if actual.shape != expected.shape:
+        return Comparison(False, float("inf"), float("inf"), None, actual.numel(), actual.numel(), tol,
+                          f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    diff = (a - e).abs()
+    same_nonfinite = (a == e) & ~torch.isfinite(e)  # inf == inf passes, as in assert_close
+    diff = torch.where(same_nonfinite, torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    bad = diff > tol.atol + tol.rtol * e.abs()
+    if diff.numel() == 0:
+        return Comparison(True, 0.0, 0.0, None, 0, 0, tol)
+    flat = int(diff.argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    nonzero = e != 0
+    max_rel = float((diff[nonzero] / e.abs()[nonzero]).max()) if bool(nonzero.any()) else 0.0
+    n_bad = int(bad.sum())
+    message = ""
+    if n_bad:
+        try:
+            torch.testing.assert_close(a, e, rtol=tol.rtol, atol=tol.atol, msg=None)
+        except AssertionError as err:
+            message = f"{name}: {err}"
+    return Comparison(n_bad == 0, float(diff.max()), max_rel, where, n_bad, diff.numel(), tol, message)
+
+
+@dataclass(frozen=True)
+class GradComparison:
+    """Per-parameter comparisons of two gradient dicts; a ``None`` against a tensor is a failure, never a skip."""
+
+    ok: bool
+    per_param: Mapping[str, Comparison] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.per_param.values()), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((c.max_rel for c in self.per_param.values()), default=0.0)
+
+
+def compare_grads(actual: Mapping[str, Optional[torch.Tensor]], expected: Mapping[str, Optional[torch.Tensor]],
+                  tol: Tolerance) -> GradComparison:
+    problems: list[str] = []
+    per_param: dict[str, Comparison] = {}
+    for name in sorted(set(actual) | set(expected)):
+        if name not in actual or name not in expected:
+            problems.append(f"{name}: present only in {'actual' if name in actual else 'expected'}")
+            continue
+        a, e = actual[name], expected[name]
+        if a is None and e is None:
+            continue
+        if a is None or e is None:
+            problems.append(f"{name}: gradient is None in {'actual' if a is None else 'expected'}, "
+                            f"a tensor in the other")
+            continue
+        c = compare(a, e, tol, name)
+        per_param[name] = c
+        if not c.ok:
+            problems.append(f"{name}: {c}")
+    return GradComparison(not problems, per_param, tuple(problems))

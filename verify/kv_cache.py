@@ -1,0 +1,166 @@
+"""Property 1: the KV cache changes nothing.
+
+In eval mode, for tokens T (B×L), one uncached forward over T gives the same logits as cached forwards over any
+chunking of T (several-token chunks at ``start_pos > 0`` included), for every batch size up to
+``max_batch_size`` and after earlier calls on the same instance have left other data in the cache. Greedy
+``generate`` gives the same tokens (and log-probabilities) cached and uncached on ragged prompt batches; where the
+tokens diverge, that is excused only if the uncached top-2 logit margin at that step is within twice the logit
+tolerance (a genuine tie, which either path may break either way).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from llama_ref.generation import Llama
+from llama_ref.model import Transformer
+
+from .compare import compare
+from .result import CheckResult
+from .tolerances import Tolerance, tolerance
+
+NAME = "kv_cache"
+
+
+@dataclass(frozen=True)
+class _NoStops:
+    """A vocabulary without stop tokens, so every generation runs its full length."""
+
+    n_words: int
+    stop_tokens: frozenset = frozenset()
+
+
+def random_chunking(length: int, generator: torch.Generator, max_chunk: int = 5) -> list[int]:
+    """Chunk lengths summing to ``length``, drawn from ``generator``; several multi-token chunks after the first."""
+    sizes, left = [], length
+    while left:
+        size = min(left, int(torch.randint(1, max_chunk + 1, (1,), generator=generator)))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+def describe_chunking(chunking: Sequence[int]) -> str:
+    """``[1, 1, 1, 4, 4]`` → ``"1x3+4x2"``: a short label for a chunking."""
+    runs: list[list[int]] = []
+    for size in chunking:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    return "+".join(f"{s}x{n}" if n > 1 else str(s) for s, n in runs)
+
+
+def _chunked_logits(model: Transformer, tokens: torch.Tensor, chunking: Sequence[int]) -> torch.Tensor:
+    outs, pos = [], 0
+    for size in chunking:
+        outs.append(model(tokens[:, pos:pos + size], pos))
+        pos += size
+    return torch.cat(outs, dim=1)
+
+
+def _uncached(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    model.kv_caching = False
+    try:
+        return model(tokens, 0)
+    finally:
+        model.kv_caching = True
+
+
+def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
+                   chunkings: Optional[Sequence[Sequence[int]]] = None,
+                   batch_sizes: Optional[Sequence[int]] = None,
+                   prompts: Optional[Sequence[Sequence[int]]] = None, max_gen_len: int = 12,
+                   seed: int = 0, tol: Optional[Tolerance] = None) -> CheckResult:
+    """Check property 1 on ``model`` (left in its original train/eval mode and cache setting).
+
+    ``tokens`` (B, L) default to random ids drawn from ``seed``; ``chunkings`` default to the whole sequence,
+    one token at a time, and a random chunking; ``batch_sizes`` (each ≤ B) default to ``(B, 1)``, run in that
+    order on the same instance; ``prompts`` (ragged, for ``generate``) default to random ones.
+    """
+    p = model.params
+    dtype = model.output.weight.dtype
+    tol = tol or tolerance(dtype, NAME)
+    device = model.output.weight.device
+    g = torch.Generator().manual_seed(seed)
+    if tokens is None:
+        tokens = torch.randint(0, p.vocab_size, (min(3, p.max_batch_size), min(24, p.max_seq_len)), generator=g)
+    tokens = tokens.to(device)
+    bsz, length = tokens.shape
+    chunkings = [list(c) for c in chunkings] if chunkings is not None else [
+        [length], [1] * length, random_chunking(length, g)]
+    for c in chunkings:
+        if sum(c) != length or min(c) < 1:
+            raise ValueError(f"chunking {c} does not split a length of {length} into positive parts")
+    batch_sizes = list(batch_sizes) if batch_sizes is not None else sorted({bsz, 1}, reverse=True)
+    if max(batch_sizes) > bsz:
+        raise ValueError(f"batch sizes {batch_sizes} exceed the {bsz} rows of tokens")
+    if prompts is None:
+        lens = torch.randint(1, max(2, length // 2) + 1, (bsz,), generator=g).tolist()
+        prompts = [torch.randint(0, p.vocab_size, (n,), generator=g).tolist() for n in lens]
+    max_gen_len = min(max_gen_len, p.max_seq_len - max(len(q) for q in prompts))
+
+    was_training, kv_before = model.training, model.kv_caching
+    details: list[str] = []
+    worst_abs = worst_rel = 0.0
+    case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(dtype).replace('torch.', '')}"
+    model.eval()
+    model.kv_caching = True
+    try:
+        with torch.no_grad():
+            # Fill every cache row with other data first, so that reading a stale row or position shows.
+            poison_rows = min(p.max_batch_size, bsz + 1)
+            model(torch.randint(0, p.vocab_size, (poison_rows, length), generator=g).to(device), 0)
+            for b in batch_sizes:
+                expected = _uncached(model, tokens[:b])
+                for chunking in chunkings:
+                    got = _chunked_logits(model, tokens[:b], chunking)
+                    c = compare(got, expected, tol, "logits")
+                    worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
+                    if not c.ok:
+                        details.append(f"teacher-forced B={b} chunks={describe_chunking(chunking)}: {c}")
+
+            abs_, rel_, gen_details = _check_generation(model, prompts, max_gen_len, tol)
+            worst_abs, worst_rel = max(worst_abs, abs_), max(worst_rel, rel_)
+            details += gen_details
+        ok = not any(not d.startswith("tie:") for d in details)
+        return CheckResult(NAME, ok, worst_abs, worst_rel, tol, details, case)
+    except Exception as e:  # the implementation under test crashed: that is a failure, with its message
+        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case,
+                           error=f"{type(e).__name__}: {e}")
+    finally:
+        model.train(was_training)
+        model.kv_caching = kv_before
+
+
+def _check_generation(model: Transformer, prompts: Sequence[Sequence[int]], max_gen_len: int, tol: Tolerance
+                      ) -> tuple[float, float, list[str]]:
+    llm = Llama(model, _NoStops(model.vocab_size))  # type: ignore[arg-type]
+    runs = {kv: llm.generate(prompts, max_gen_len, temperature=0.0, logprobs=True, kv_caching=kv)
+            for kv in (True, False)}
+    (cached, cached_lp), (uncached, uncached_lp) = runs[True], runs[False]
+    details: list[str] = []
+    worst_abs = worst_rel = 0.0
+    device = model.output.weight.device
+    for row, (a, b) in enumerate(zip(cached, uncached)):
+        n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if n < len(a) or n < len(b):
+            # First divergence at generated index n: is it a genuine tie in the uncached logits?
+            prefix = torch.tensor([list(prompts[row]) + a[:n]], device=device)
+            logits = _uncached(model, prefix)[0, -1]
+            top2 = logits.topk(2).values
+            margin = float(top2[0] - top2[1])
+            allowed = 2 * tol.bound(float(top2[0].abs()))
+            where = f"generate row {row} step {n}: cached {a[n:n + 1]} vs uncached {b[n:n + 1]}"
+            if margin <= allowed:
+                details.append(f"tie: {where}, top-2 margin {margin:.2e} <= {allowed:.2e}")
+            else:
+                details.append(f"{where}, top-2 margin {margin:.2e} > {allowed:.2e}: not a tie")
+        if n:
+            c = compare(torch.tensor(cached_lp[row][:n]), torch.tensor(uncached_lp[row][:n]), tol, "logprobs")
+            worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
+            if not c.ok:
+                details.append(f"generate row {row} logprobs: {c}")
+    return worst_abs, worst_rel, details

@@ -1,0 +1,128 @@
+"""Run every check on one model, and every mutant against every check; print tables and JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from llama_ref.model import Transformer
+
+from .kv_cache import check_kv_cache
+from .mutants import Mutant, inject
+from .result import CheckResult
+
+ModelFactory = Callable[..., Transformer]  # factory(**ModelArgs overrides) → a fresh model, same weights every call
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the checks share: a seed for random inputs and, where a tokenizer is known, real prompts."""
+
+    seed: int = 0
+    prompts: Optional[Sequence[Sequence[int]]] = None
+
+
+CHECKS: dict[str, Callable[[Transformer, Inputs], CheckResult]] = {
+    "kv_cache": lambda model, inputs: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Sequence[str] = tuple(CHECKS),
+               dtypes: Sequence[str] = ("float32",), attn_impls: Sequence[str] = ("math",),
+               device: str = "cpu") -> list[CheckResult]:
+    results = []
+    for name in checks:
+        for dtype in dtypes:
+            for impl in attn_impls:
+                model = factory(attn_impl=impl).to(device=device, dtype=DTYPES[dtype])
+                result = CHECKS[name](model, inputs)
+                result.case = f"{impl} {result.case}"
+                results.append(result)
+    return results
+
+
+def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant], *,
+                checks: Sequence[str] = tuple(CHECKS), device: str = "cpu") -> dict[str, dict[str, CheckResult]]:
+    """mutant name → check name → the check's result with that mutant injected (fp32)."""
+    matrix: dict[str, dict[str, CheckResult]] = {}
+    for m in mutants:
+        row = {}
+        for name in checks:
+            model = factory(**m.model_overrides).to(device)
+            with inject(m.name):
+                row[name] = CHECKS[name](model, inputs)
+        matrix[m.name] = row
+    return matrix
+
+
+def uncaught(matrix: dict[str, dict[str, CheckResult]], mutants: Sequence[Mutant]) -> list[str]:
+    """Mutants whose own property's check still passed (or was not run)."""
+    by_name = {m.name: m for m in mutants}
+    return [name for name, row in matrix.items() if by_name[name].prop not in row or row[by_name[name].prop].ok]
+
+
+def environment(device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def format_results(results: Sequence[CheckResult]) -> str:
+    rows = [("check", "case", "max abs error", "tolerance", "verdict")]
+    for r in results:
+        verdict = "PASS" if r.ok else "FAIL"
+        rows.append((r.name, r.case, f"{r.max_abs:.3e}", str(r.tol), verdict))
+    text = _table(rows)
+    notes = [f"  {r.name} [{r.case}]: {line}" for r in results for line in
+             ([f"raised {r.error}"] if r.error else []) + r.details]
+    return text + ("\n" + "\n".join(notes) if notes else "")
+
+
+def format_kill_matrix(matrix: dict[str, dict[str, CheckResult]], mutants: Sequence[Mutant]) -> str:
+    checks = sorted({c for row in matrix.values() for c in row})
+    by_name = {m.name: m for m in mutants}
+    rows = [("mutant", "property", *checks, "verdict")]
+    for name, row in matrix.items():
+        cells = []
+        for c in checks:
+            r = row.get(c)
+            cells.append("-" if r is None else ("passes" if r.ok else ("FAILS (raised)" if r.error else "FAILS")))
+        own = row.get(by_name[name].prop)
+        rows.append((name, by_name[name].prop, *cells, "caught" if own is not None and not own.ok else "MISSED"))
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically: a temporary file beside ``path``, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,51 @@
+"""The one tolerance table: dtype (and, where it must differ, check kind) → (rtol, atol).
+
+Defaults are ``torch.testing.assert_close``'s. An override is named, greppable, and says why with the error
+that was measured; a tolerance is never widened just to turn a failure green.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class Tolerance(NamedTuple):
+    rtol: float
+    atol: float
+
+    def bound(self, expected_abs: float) -> float:
+        """The largest admissible |actual − expected| where |expected| = ``expected_abs``."""
+        return self.atol + self.rtol * expected_abs
+
+    def __str__(self) -> str:
+        return f"rtol={self.rtol:.1e} atol={self.atol:.1e}"
+
+
+# torch.testing.assert_close's defaults (torch/testing/_comparison.py).
+DTYPE_DEFAULTS: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(1e-7, 1e-7),
+    torch.float32: Tolerance(1.3e-6, 1e-5),
+    torch.bfloat16: Tolerance(1.6e-2, 1e-5),
+    torch.float16: Tolerance(1e-3, 1e-5),
+}
+
+# (check, dtype) → tolerance, where the check compares two *different* low-precision computations rather than one
+# value with itself. Each entry states why.
+OVERRIDES: dict[tuple[str, torch.dtype], Tolerance] = {
+    # Cached vs uncached logits in half precision: the two paths round keys/values and partial sums at different
+    # points, so logits of magnitude ~3 differ by a few bf16/fp16 ulps after several layers. atol = 4 ulps of 2.0
+    # in bf16 (2**-6 each); rtol as assert_close's.
+    ("kv_cache", torch.bfloat16): Tolerance(1.6e-2, 6.25e-2),
+    ("kv_cache", torch.float16): Tolerance(1e-3, 8e-3),
+}
+
+
+def tolerance(dtype: torch.dtype, check: Optional[str] = None) -> Tolerance:
+    """The (rtol, atol) for comparing tensors of ``dtype`` in ``check``; unknown dtypes are an error."""
+    if check is not None and (check, dtype) in OVERRIDES:
+        return OVERRIDES[(check, dtype)]
+    try:
+        return DTYPE_DEFAULTS[dtype]
+    except KeyError:
+        raise ValueError(f"no tolerance for dtype {dtype}; known: {sorted(map(str, DTYPE_DEFAULTS))}") from None
