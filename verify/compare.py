@@ -34,16 +34,15 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: 
                           f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
-    diff = (a - e).abs()
-    same_nonfinite = (a == e) & ~torch.isfinite(e)  # inf == inf passes, as in assert_close
-    diff = torch.where(same_nonfinite, torch.zeros_like(diff), diff)
-    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
-    bad = diff > tol.atol + tol.rtol * e.abs()
-    if diff.numel() == 0:
+    if a.numel() == 0:
         return Comparison(True, 0.0, 0.0, None, 0, 0, tol)
+    same_inf = (a == e) & torch.isinf(e)  # inf == inf passes, as in assert_close; NaN never does
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
+    bad = ~(diff <= tol.atol + tol.rtol * e.abs())  # True wherever a NaN is involved
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)  # report NaN as inf
     flat = int(diff.argmax())
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
-    nonzero = e != 0
+    nonzero = (e != 0) & torch.isfinite(e)
     max_rel = float((diff[nonzero] / e.abs()[nonzero]).max()) if bool(nonzero.any()) else 0.0
     n_bad = int(bad.sum())
     message = ""

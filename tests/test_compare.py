@@ -1,0 +1,62 @@
+"""verify.compare and verify.tolerances: assert_close semantics, located differences, None-vs-tensor failures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verify.compare import compare, compare_grads
+from verify.tolerances import DTYPE_DEFAULTS, Tolerance, tolerance
+
+TIGHT = tolerance(torch.float32)
+
+
+def test_dtype_defaults_are_assert_close_defaults():
+    from torch.testing._comparison import _DTYPE_PRECISIONS
+
+    for dtype, tol in DTYPE_DEFAULTS.items():
+        if dtype in _DTYPE_PRECISIONS:
+            assert tol == Tolerance(*_DTYPE_PRECISIONS[dtype]), dtype
+
+
+def test_unknown_dtype_is_an_error():
+    with pytest.raises(ValueError, match="no tolerance for dtype torch.int64"):
+        tolerance(torch.int64)
+
+
+def test_compare_agrees_with_assert_close_on_the_boundary():
+    expected = torch.tensor([1.0, 100.0])
+    just_inside = expected + torch.tensor([0.0, TIGHT.bound(100.0) * 0.99])
+    just_outside = expected + torch.tensor([0.0, TIGHT.bound(100.0) * 1.01])
+    assert compare(just_inside, expected, TIGHT).ok
+    c = compare(just_outside, expected, TIGHT, "logits")
+    assert not c.ok and c.n_mismatched == 1 and c.where == (1,)
+    assert "logits" in c.message and "Mismatched elements: 1 / 2" in c.message
+
+
+def test_compare_locates_the_largest_difference():
+    a = torch.zeros(3, 4)
+    b = a.clone()
+    b[2, 1] = 0.5
+    b[0, 0] = 0.1
+    c = compare(a, b, TIGHT)
+    assert c.where == (2, 1) and c.max_abs == pytest.approx(0.5) and c.n_mismatched == 2
+
+
+def test_nan_is_a_mismatch_but_equal_infinities_are_not():
+    assert not compare(torch.tensor([float("nan")]), torch.tensor([float("nan")]), TIGHT).ok
+    assert compare(torch.tensor([float("inf")]), torch.tensor([float("inf")]), TIGHT).ok
+    assert not compare(torch.tensor([float("inf")]), torch.tensor([1.0]), TIGHT).ok
+
+
+def test_shape_mismatch_is_a_failure_not_a_broadcast():
+    c = compare(torch.zeros(2, 1), torch.zeros(2, 3), TIGHT, "x")
+    assert not c.ok and "shape (2, 1) != expected (2, 3)" in c.message
+
+
+def test_grad_comparison_fails_on_none_against_a_tensor():
+    g = torch.ones(3)
+    result = compare_grads({"a": g, "b": None}, {"a": g, "b": g}, TIGHT)
+    assert not result.ok and result.problems == ("b: gradient is None in actual, a tensor in the other",)
+    assert compare_grads({"a": g, "b": None}, {"a": g, "b": None}, TIGHT).ok
+    missing = compare_grads({"a": g}, {"a": g, "c": g}, TIGHT)
+    assert not missing.ok and "c: present only in expected" in missing.problems[0]

@@ -1,0 +1,110 @@
+"""Property 1 (DESIGN §3.1) with hypothesis: cached ≡ uncached, over configs, chunkings, batch sizes and prompts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, strategies as st
+
+from llama_ref.args import ModelArgs
+from llama_ref.generation import Llama
+from llama_ref.model import Transformer, init_weights
+from verify.kv_cache import check_kv_cache, describe_chunking, random_chunking
+from verify.strategies import chunkings, model_args, ragged_prompts, seeds
+from verify.tolerances import tolerance
+
+
+@st.composite
+def kv_cases(draw: st.DrawFn):
+    args = draw(model_args(max_seq_len=draw(st.integers(12, 32))))
+    bsz = draw(st.integers(1, args.max_batch_size))
+    length = draw(st.integers(2, args.max_seq_len // 2))
+    g = torch.Generator().manual_seed(draw(seeds()))
+    tokens = torch.randint(0, args.vocab_size, (bsz, length), generator=g)
+    chunks = [draw(chunkings(length)) for _ in range(2)]
+    batch_sizes = sorted(set(draw(st.lists(st.integers(1, bsz), min_size=1, max_size=3))), reverse=True)
+    prompts = draw(ragged_prompts(args, max_len=length))
+    return args, tokens, chunks, batch_sizes, prompts
+
+
+@given(case=kv_cases(), seed=seeds())
+def test_cached_equals_uncached(case, seed):
+    args, tokens, chunks, batch_sizes, prompts = case
+    model = init_weights(Transformer(args), seed)
+    result = check_kv_cache(model, tokens, chunkings=chunks, batch_sizes=batch_sizes, prompts=prompts,
+                            max_gen_len=6, seed=seed)
+    assert result.ok, str(result)
+    assert result.max_abs <= tolerance(torch.float32).bound(50.0)  # a real comparison happened, and was close
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_equals_uncached_in_half_precision(dtype):
+    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0).to(dtype)
+    result = check_kv_cache(model, seed=3)
+    assert result.ok, str(result)
+    assert result.tol == tolerance(dtype, "kv_cache")
+
+
+def test_check_leaves_the_model_as_it_found_it():
+    model = init_weights(Transformer(ModelArgs.preset("tiny", kv_caching=False)), 0).train()
+    assert check_kv_cache(model, seed=0).ok
+    assert model.training and not model.kv_caching
+
+
+def test_a_crash_in_the_model_is_a_failure_that_names_the_error(monkeypatch):
+    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0)
+
+    def broken(self, xk, xv, start_pos):
+        raise RuntimeError("cache exploded")
+    monkeypatch.setattr(type(model.layers[0].attention), "update_cache", broken)
+    result = check_kv_cache(model, seed=0)
+    assert not result.ok and result.error == "RuntimeError: cache exploded"
+
+
+def _nudge_cached_logits(monkeypatch, size: float) -> None:
+    """Make the cached decode path favour higher token ids by ``size``·id, as a rounding difference would."""
+    original = Llama.step_logits
+
+    def step_logits(self, tokens, prev_pos, cur_pos, kv_caching):
+        logits = original(self, tokens, prev_pos, cur_pos, kv_caching)
+        return logits + size * torch.arange(logits.shape[-1]) if kv_caching else logits
+    monkeypatch.setattr(Llama, "step_logits", step_logits)
+
+
+def test_divergence_at_a_genuine_tie_is_excused_and_reported(monkeypatch):
+    # Output rows all zero but two equal ones: the top of every step is an exact tie, which the nudge breaks the
+    # other way in the cached path.
+    model = init_weights(Transformer(ModelArgs.preset("tiny", n_layers=1)), 0)
+    with torch.no_grad():
+        model.output.weight[2:].zero_()
+        model.output.weight[1] = model.output.weight[0]
+    _nudge_cached_logits(monkeypatch, 1e-9)
+    result = check_kv_cache(model, seed=0, max_gen_len=4)
+    assert result.ok, str(result)
+    assert any(d.startswith("tie: generate row") for d in result.details), result.details
+
+
+def test_divergence_without_a_tie_fails(monkeypatch):
+    model = init_weights(Transformer(ModelArgs.preset("tiny", n_layers=1)), 0)
+    _nudge_cached_logits(monkeypatch, 0.05)  # 25 logits' worth at the top of the vocabulary: a real change
+    result = check_kv_cache(model, seed=0, max_gen_len=4)
+    assert not result.ok and any("not a tie" in d for d in result.details), result.details
+
+
+def test_invalid_chunkings_and_batch_sizes_are_clear_errors():
+    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0)
+    tokens = torch.zeros(2, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"chunking \[2, 3\] does not split a length of 6"):
+        check_kv_cache(model, tokens, chunkings=[[2, 3]])
+    with pytest.raises(ValueError, match=r"batch sizes \[3\] exceed the 2 rows"):
+        check_kv_cache(model, tokens, batch_sizes=[3])
+
+
+@given(length=st.integers(1, 40), seed=seeds())
+@example(length=1, seed=0)
+def test_random_chunking_splits_the_length(length, seed):
+    c = random_chunking(length, torch.Generator().manual_seed(seed))
+    assert sum(c) == length and min(c) >= 1
+
+
+def test_describe_chunking():
+    assert describe_chunking([1, 1, 1, 4, 4, 2]) == "1x3+4x2+2"

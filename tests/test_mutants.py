@@ -1,0 +1,72 @@
+"""The bug zoo: every mutant is caught by its property's check, and the correct code passes the same check."""
+from __future__ import annotations
+
+import pytest
+
+from llama_ref.default import DEFAULT_SEED, default_model
+import llama_ref.model as M
+from verify.kv_cache import check_kv_cache
+from verify.mutants import MUTANTS, inject, mutants_for
+from verify.report import CHECKS, Inputs
+
+KV_MUTANTS = [m.name for m in mutants_for("kv_cache")]
+
+
+def test_the_zoo_holds_at_least_six_kv_cache_bugs():
+    assert len(KV_MUTANTS) >= 6
+
+
+def test_every_mutant_targets_a_registered_check():
+    assert {m.prop for m in MUTANTS.values()} <= set(CHECKS)
+
+
+@pytest.mark.parametrize("name", KV_MUTANTS)
+def test_kv_mutant_is_caught(name):
+    m = MUTANTS[name]
+    model = default_model(DEFAULT_SEED, **m.model_overrides)
+    assert check_kv_cache(model, seed=1).ok, "the correct code must pass the very check the mutant fails"
+    with inject(name):
+        result = check_kv_cache(model, seed=1)
+    assert not result.ok, f"mutant {name} ({m.description}) was not caught: {result}"
+
+
+def test_inject_restores_the_correct_code_even_on_error():
+    before = M.causal_mask
+    with pytest.raises(RuntimeError, match="boom"):
+        with inject("mask_top_left"):
+            assert M.causal_mask is not before
+            raise RuntimeError("boom")
+    assert M.causal_mask is before
+
+
+def test_unknown_mutant_is_a_clear_error():
+    with pytest.raises(KeyError, match="unknown mutant 'nope'"):
+        with inject("nope"):
+            pass
+
+
+def test_cli_checks_pass_and_every_mutant_is_caught(tmp_path, capsys):
+    import json
+
+    from verify.__main__ import main
+
+    out = tmp_path / "results.json"
+    code = main(["--dtype", "float32", "--attn-impl", "math", "--mutants", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    payload = json.loads(out.read_text())
+    assert payload["mutants_missed"] == [] and set(payload["mutants"]) == set(MUTANTS)
+    assert all(r["ok"] for r in payload["results"]) and "torch" in payload["environment"]
+    assert "MISSED" not in text and "kv_cache" in text
+
+
+def test_cli_exits_1_when_a_check_fails(capsys):
+    from verify.__main__ import main
+
+    with inject("rope_not_offset"):
+        code = main(["--dtype", "float32", "--attn-impl", "math"])
+    assert code == 1 and "FAIL" in capsys.readouterr().out
+
+
+def test_inputs_are_shared_by_all_checks():
+    assert Inputs(seed=3).seed == 3
