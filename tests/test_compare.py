@@ -60,3 +60,13 @@ def test_grad_comparison_fails_on_none_against_a_tensor():
     assert compare_grads({"a": g, "b": None}, {"a": g, "b": None}, TIGHT).ok
     missing = compare_grads({"a": g}, {"a": g, "c": g}, TIGHT)
     assert not missing.ok and "c: present only in expected" in missing.problems[0]
+
+
+def test_scale_sets_the_magnitude_of_the_relative_term():
+    # A small logit next to a large one in the same row carries the large one's rounding error.
+    expected = torch.tensor([[100.0, 0.5]])
+    actual = expected + torch.tensor([[0.0, 5e-5]])
+    assert not compare(actual, expected, TIGHT).ok  # elementwise: 5e-5 > 1e-5 + 1.3e-6·0.5
+    scale = expected.abs().amax(-1, keepdim=True)
+    assert compare(actual, expected, TIGHT, scale=scale).ok  # 5e-5 ≤ 1e-5 + 1.3e-6·100
+    assert not compare(expected + torch.tensor([[0.0, 2e-4]]), expected, TIGHT, scale=scale).ok

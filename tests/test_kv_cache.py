@@ -10,7 +10,6 @@ from llama_ref.generation import Llama
 from llama_ref.model import Transformer, init_weights
 from verify.kv_cache import check_kv_cache, describe_chunking, random_chunking
 from verify.strategies import chunkings, model_args, ragged_prompts, seeds
-from verify.tolerances import tolerance
 
 
 @st.composite
@@ -33,15 +32,6 @@ def test_cached_equals_uncached(case, seed):
     result = check_kv_cache(model, tokens, chunkings=chunks, batch_sizes=batch_sizes, prompts=prompts,
                             max_gen_len=6, seed=seed)
     assert result.ok, str(result)
-    assert result.max_abs <= tolerance(torch.float32).bound(50.0)  # a real comparison happened, and was close
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cached_equals_uncached_in_half_precision(dtype):
-    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0).to(dtype)
-    result = check_kv_cache(model, seed=3)
-    assert result.ok, str(result)
-    assert result.tol == tolerance(dtype, "kv_cache")
 
 
 def test_check_leaves_the_model_as_it_found_it():

@@ -27,8 +27,15 @@ class Comparison:
         return f"{verdict}: max abs {self.max_abs:.3e} at {self.where}, max rel {self.max_rel:.3e} ({self.tol})"
 
 
-def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: str = "tensor") -> Comparison:
-    """Compare two tensors of equal shape in float64; NaN/inf anywhere counts as a mismatch unless equal."""
+def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: str = "tensor",
+            scale: Optional[torch.Tensor] = None) -> Comparison:
+    """Compare two tensors of equal shape in float64: |a − e| ≤ atol + rtol·max(|e|, scale).
+
+    ``scale`` (broadcastable to ``expected``) is the magnitude the rounding error of each element is proportional
+    to when that is not the element itself — for logits, the largest |logit| of the row: every logit is a dot
+    product of the same hidden state, so a small logit carries the rounding error of the large ones. Without it,
+    assert_close's elementwise rule. NaN anywhere is a mismatch; equal infinities are not.
+    """
     if actual.shape != expected.shape:
         return Comparison(False, float("inf"), float("inf"), None, actual.numel(), actual.numel(), tol,
                           f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
@@ -38,7 +45,8 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: 
         return Comparison(True, 0.0, 0.0, None, 0, 0, tol)
     same_inf = (a == e) & torch.isinf(e)  # inf == inf passes, as in assert_close; NaN never does
     diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
-    bad = ~(diff <= tol.atol + tol.rtol * e.abs())  # True wherever a NaN is involved
+    magnitude = e.abs() if scale is None else torch.maximum(e.abs(), scale.detach().to("cpu", torch.float64))
+    bad = ~(diff <= tol.atol + tol.rtol * magnitude)  # True wherever a NaN is involved
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)  # report NaN as inf
     flat = int(diff.argmax())
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
