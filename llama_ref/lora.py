@@ -1,0 +1,212 @@
+"""LoRA after loralib: low-rank adapters that replace a Linear, merge into it for inference, and unmerge exactly.
+
+``LoRALinear`` computes ``W·x + scaling·B·(A·dropout(x))`` with ``scaling = alpha / r`` (``alpha / sqrt(r)``
+with rsLoRA); ``A`` starts Kaiming-uniform, ``B`` at zero, so a fresh adapter is the base model. ``eval()`` merges
+``scaling·B·A`` into ``W`` (once: a ``merged`` flag guards it) and ``train()`` takes it out again, when
+``merge_weights`` is set. The product is accumulated in fp32 and written back in the weight's dtype.
+
+Notation used for tensor shapes: r rank, in/out the Linear's features.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import Transformer
+
+ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
+FFN_TARGETS = ("w1", "w2", "w3")
+ALL_TARGETS = ATTENTION_TARGETS + FFN_TARGETS
+
+
+class LoRALayer:
+    """The adapter's hyper-parameters, shared by every LoRA layer type (loralib's mixin)."""
+
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
+                 use_rslora: bool = False):
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not (isinstance(lora_alpha, (int, float)) and math.isfinite(lora_alpha) and lora_alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, got {lora_alpha!r}")
+        if not (isinstance(lora_dropout, (int, float)) and 0 <= lora_dropout < 1):
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merge_weights = merge_weights
+        self.merged = False
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(nn.Linear, LoRALayer):
+    """A bias-free-or-not ``nn.Linear`` with a trainable low-rank update; the base ``weight`` is frozen."""
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, merge_weights: bool = True, use_rslora: bool = False,
+                 bias: bool = False, device=None, dtype=None, lora_dtype: Optional[torch.dtype] = None):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        lora_dtype = lora_dtype or self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty((r, in_features), device=self.weight.device, dtype=lora_dtype))
+        self.lora_B = nn.Parameter(torch.empty((out_features, r), device=self.weight.device, dtype=lora_dtype))
+        self.weight.requires_grad = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, use_rslora: bool = False,
+                    lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
+        """Wrap ``linear``, reusing its weight (and bias) tensors: no second copy of the base in memory."""
+        with torch.device("meta"):  # the base weight built here is discarded: allocate nothing
+            layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, merge_weights,
+                        use_rslora, bias=linear.bias is not None, dtype=linear.weight.dtype)
+        layer.weight = linear.weight
+        layer.weight.requires_grad = False
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        lora_dtype = lora_dtype or linear.weight.dtype
+        device = linear.weight.device
+        layer.lora_A = nn.Parameter(torch.empty((r, linear.in_features), device=device, dtype=lora_dtype))
+        layer.lora_B = nn.Parameter(torch.empty((linear.out_features, r), device=device, dtype=lora_dtype))
+        layer.reset_lora_parameters()
+        layer.train(linear.training)
+        return layer
+
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """``A`` Kaiming-uniform (a=√5, as nn.Linear), ``B`` zeros: the update starts at exactly zero."""
+        if self.lora_A.is_meta:
+            return
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on fan_in = in_features
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_B.zero_()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling·B·A`` (out, in), accumulated in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight``; a second call is a no-op."""
+        if self.merged:
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of ``weight`` again; a no-op unless merged."""
+        if not self.merged:
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        nn.Linear.train(self, mode)
+        if self.merge_weights:
+            if mode:
+                self.unmerge()
+            else:
+                self.merge()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return result
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (…, r) then (…, out)
+        return result + update.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                f"merged={self.merged}")
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze every parameter but the adapters' ``lora_A`` / ``lora_B``."""
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_" in name.rsplit(".", 1)[-1]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable, total, trainable percent); a tied tensor counts once."""
+    params = list(model.parameters())  # named_parameters de-duplicates shared tensors
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return trainable, total, 100.0 * trainable / total if total else 0.0
+
+
+def _target_parent(block: nn.Module, target: str) -> nn.Module:
+    return block.attention if target in ATTENTION_TARGETS else block.feed_forward
+
+
+def apply_lora_to_llama(model: Transformer, rank: int = 16, alpha: float = 32, dropout: float = 0.05,
+                        targets: Iterable[str] = ("wq", "wv"), *, merge_weights: bool = True,
+                        use_rslora: bool = False, lora_dtype: Optional[torch.dtype] = None,
+                        ) -> tuple[Transformer, tuple[int, int, float]]:
+    """Replace the ``targets`` Linears of every block with ``LoRALinear`` (in place, reusing the base weights) and
+    freeze everything else. Returns ``(model, (trainable, total, percent))``.
+
+    ``targets`` ⊆ {wq, wk, wv, wo, w1, w2, w3}; ``lora_dtype`` (default: each weight's) is the adapters' dtype, e.g.
+    fp32 adapters on a bf16 base. Raises ValueError for an unknown target, bad hyper-parameters, or a model that
+    already has LoRA layers.
+    """
+    targets = tuple(dict.fromkeys(targets))
+    unknown = [t for t in targets if t not in ALL_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"unknown LoRA target(s) {unknown or targets!r}; choose from {list(ALL_TARGETS)}")
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("the model already has LoRA layers: apply_lora_to_llama was applied twice")
+    LoRALayer(rank, alpha, dropout, merge_weights)  # validate once, before touching the model
+    for block in model.layers:
+        for target in targets:
+            parent = _target_parent(block, target)
+            setattr(parent, target, LoRALinear.from_linear(getattr(parent, target), rank, alpha, dropout,
+                                                           merge_weights, use_rslora, lora_dtype))
+    mark_only_lora_as_trainable(model)
+    return model, count_parameters(model)
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: Transformer) -> Transformer:
+    """Fold every adapter into its base weight and put plain ``nn.Linear`` layers back (in place): the result is an
+    ordinary Transformer whose state_dict is a Meta checkpoint. Parameters come back trainable."""
+    for block in model.layers:
+        for target in ALL_TARGETS:
+            parent = _target_parent(block, target)
+            layer = getattr(parent, target)
+            if isinstance(layer, LoRALinear):
+                layer.merge()
+                with torch.device("meta"):
+                    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+                plain.weight = layer.weight
+                if layer.bias is not None:
+                    plain.bias = layer.bias
+                plain.train(layer.training)
+                setattr(parent, target, plain)
+    for param in model.parameters():
+        param.requires_grad = True
+    return model
