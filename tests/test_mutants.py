@@ -5,28 +5,26 @@ import pytest
 
 from llama_ref.default import DEFAULT_SEED, default_model
 import llama_ref.model as M
-from verify.kv_cache import check_kv_cache
 from verify.mutants import MUTANTS, inject, mutants_for
 from verify.report import CHECKS, Inputs
 
-KV_MUTANTS = [m.name for m in mutants_for("kv_cache")]
-
-
-def test_the_zoo_holds_at_least_six_kv_cache_bugs():
-    assert len(KV_MUTANTS) >= 6
+@pytest.mark.parametrize("prop", ["kv_cache", "lora_merge"])
+def test_the_zoo_holds_at_least_six_bugs_per_property(prop):
+    assert len(mutants_for(prop)) >= 6
 
 
 def test_every_mutant_targets_a_registered_check():
     assert {m.prop for m in MUTANTS.values()} <= set(CHECKS)
 
 
-@pytest.mark.parametrize("name", KV_MUTANTS)
-def test_kv_mutant_is_caught(name):
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_mutant_is_caught_by_its_propertys_check(name):
     m = MUTANTS[name]
+    check = CHECKS[m.prop]
     model = default_model(DEFAULT_SEED, **m.model_overrides)
-    assert check_kv_cache(model, seed=1).ok, "the correct code must pass the very check the mutant fails"
+    assert check(model, Inputs(seed=1)).ok, "the correct code must pass the very check the mutant fails"
     with inject(name):
-        result = check_kv_cache(model, seed=1)
+        result = check(model, Inputs(seed=1))
     assert not result.ok, f"mutant {name} ({m.description}) was not caught: {result}"
 
 
@@ -51,13 +49,13 @@ def test_cli_checks_pass_and_every_mutant_is_caught(tmp_path, capsys):
     from verify.__main__ import main
 
     out = tmp_path / "results.json"
-    code = main(["--dtype", "float32", "--attn-impl", "math", "--mutants", "--json", str(out)])
+    code = main(["--dtype", "float32", "--attn-impl", "math", "--mutants", "--json", str(out)])  # all checks
     text = capsys.readouterr().out
     assert code == 0, text
     payload = json.loads(out.read_text())
     assert payload["mutants_missed"] == [] and set(payload["mutants"]) == set(MUTANTS)
     assert all(r["ok"] for r in payload["results"]) and "torch" in payload["environment"]
-    assert "MISSED" not in text and "kv_cache" in text
+    assert "MISSED" not in text and {r["name"] for r in payload["results"]} == set(CHECKS)
 
 
 def test_cli_exits_1_when_a_check_fails(capsys):

@@ -99,3 +99,39 @@ def compare_grads(actual: Mapping[str, Optional[torch.Tensor]], expected: Mappin
         if not c.ok:
             problems.append(f"{name}: {c}")
     return GradComparison(not problems, per_param, tuple(problems))
+
+
+@dataclass(frozen=True)
+class CalibratedComparison:
+    """Is ``test`` at most ``factor`` times further from ``reference`` than ``plain`` is (2-norms)?
+
+    ``floor`` keeps a plain path that happens to be exact (error 0) from making every rounding a failure.
+    """
+
+    ok: bool
+    error: float  # ||test − reference||
+    plain_error: float  # ||plain − reference||
+    factor: float
+    floor: float
+    max_abs: float  # max |test − reference|
+
+    @property
+    def ratio(self) -> float:
+        return self.error / max(self.plain_error, self.floor) if max(self.plain_error, self.floor) else float("inf")
+
+    def __str__(self) -> str:
+        return (f"{'ok' if self.ok else 'TOO FAR'}: ||test - ref|| = {self.error:.3e} is {self.ratio:.2f}x "
+                f"||plain - ref|| = {self.plain_error:.3e} (allowed {self.factor:g}x)")
+
+
+def compare_calibrated(test: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor, factor: float,
+                       floor: Optional[float] = None) -> CalibratedComparison:
+    """Calibrated closeness (DESIGN §4); ``floor`` defaults to eps(test dtype)·||reference||."""
+    ref = reference.detach().to("cpu", torch.float64)
+    t = test.detach().to("cpu", torch.float64)
+    err = float((t - ref).norm())
+    plain_err = float((plain.detach().to("cpu", torch.float64) - ref).norm())
+    if floor is None:
+        floor = torch.finfo(test.dtype).eps * float(ref.norm()) if test.dtype.is_floating_point else 0.0
+    ok = bool(torch.isfinite(t).all()) and err <= factor * max(plain_err, floor)
+    return CalibratedComparison(ok, err, plain_err, factor, floor, float((t - ref).abs().max()))

@@ -14,6 +14,7 @@ import torch
 from llama_ref.model import Transformer
 
 from .kv_cache import check_kv_cache
+from .lora_merge import check_lora_merge
 from .mutants import Mutant, inject
 from .result import CheckResult
 
@@ -30,6 +31,7 @@ class Inputs:
 
 CHECKS: dict[str, Callable[[Transformer, Inputs], CheckResult]] = {
     "kv_cache": lambda model, inputs: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed),
+    "lora_merge": lambda model, inputs: check_lora_merge(model, seed=inputs.seed),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,7 +94,7 @@ def format_results(results: Sequence[CheckResult]) -> str:
     rows = [("check", "case", "max abs error", "tolerance", "verdict")]
     for r in results:
         verdict = "PASS" if r.ok else "FAIL"
-        rows.append((r.name, r.case, f"{r.max_abs:.3e}", str(r.tol), verdict))
+        rows.append((r.name, r.case, f"{r.max_abs:.3e}", r.criterion or str(r.tol), verdict))
     text = _table(rows)
     notes = [f"  {r.name} [{r.case}]: {line}" for r in results for line in
              ([f"raised {r.error}"] if r.error else []) + r.details]

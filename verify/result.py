@@ -23,6 +23,7 @@ class CheckResult:
     details: list[str] = field(default_factory=list)
     case: str = ""
     error: Optional[str] = None
+    criterion: str = ""  # how the check judged, where ``tol`` alone does not say it (calibrated comparisons)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -33,6 +34,7 @@ class CheckResult:
         return d
 
     def __str__(self) -> str:
-        head = f"{self.name}: {'PASS' if self.ok else 'FAIL'} max_abs={self.max_abs:.3e} ({self.tol}) {self.case}"
+        head = (f"{self.name}: {'PASS' if self.ok else 'FAIL'} max_abs={self.max_abs:.3e} "
+                f"({self.criterion or self.tol}) {self.case}")
         lines = [head] + ([f"  raised: {self.error}"] if self.error else []) + [f"  {d}" for d in self.details]
         return "\n".join(lines)
