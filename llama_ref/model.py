@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
 from .args import ModelArgs
 
 # Llama 3.1 frequency-scaling constants (Meta's ``apply_scaling``); the factor itself is ModelArgs.rope_scale_factor.
@@ -181,6 +183,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
+        self.forward_calls = 0  # forwards run, recomputations by gradient checkpointing included
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -188,8 +191,37 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
                 ) -> torch.Tensor:
+        self.forward_calls += 1
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def checkpoint_policy_layers(policy: Optional[str], n_layers: int) -> frozenset[int]:
+    """Which blocks a gradient-checkpointing policy recomputes: ``None``/``"none"``, ``"all"``, ``"seed"`` (block i
+    when ``i % 3 != 0``, as the seed report did) or ``"every:K"`` (block i when ``i % K == 0``)."""
+    if policy is None or policy == "none":
+        return frozenset()
+    if policy == "all":
+        return frozenset(range(n_layers))
+    if policy == "seed":
+        return frozenset(i for i in range(n_layers) if i % 3 != 0)
+    if policy.startswith("every:") and policy[6:].isdigit() and int(policy[6:]) > 0:
+        k = int(policy[6:])
+        return frozenset(i for i in range(n_layers) if i % k == 0)
+    raise ValueError(f"unknown gradient-checkpointing policy {policy!r}; use none, all, seed or every:K (K >= 1)")
+
+
+def run_block(layer: TransformerBlock, h: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
+              mask: Optional[torch.Tensor], checkpointed: bool) -> torch.Tensor:
+    """One block, its activations recomputed in backward when ``checkpointed``.
+
+    Non-reentrant ``torch.utils.checkpoint``: the reentrant variant gives no gradient to parameters inside the
+    block when no *input* requires grad (a frozen base under LoRA); the RNG state is saved and restored so that
+    dropout draws the same mask twice; autocast state is replayed in the recomputation.
+    """
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=False, preserve_rng_state=True)
+    return layer(h, start_pos, freqs_cis, mask)
 
 
 class Transformer(nn.Module):
@@ -215,6 +247,11 @@ class Transformer(nn.Module):
         if params.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._freqs_cis: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # not a buffer: .to(bf16) must not touch it
+        self.checkpointed_layers: frozenset[int] = frozenset()
+
+    def set_gradient_checkpointing(self, policy: Optional[str]) -> None:
+        """Recompute the blocks chosen by ``policy`` (see :func:`checkpoint_policy_layers`) in backward."""
+        self.checkpointed_layers = checkpoint_policy_layers(policy, self.n_layers)
 
     @property
     def kv_caching(self) -> bool:
@@ -250,8 +287,8 @@ class Transformer(nn.Module):
         freqs_cis = self.rotary_freqs(start_pos, seqlen, h.device, h.dtype)
         kv_len = start_pos + seqlen if self.kv_caching else seqlen
         mask = causal_mask(seqlen, kv_len, h.device)
-        for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+        for i, layer in enumerate(self.layers):
+            h = run_block(layer, h, start_pos, freqs_cis, mask, i in self.checkpointed_layers)
         h = self.norm(h)
         return upcast(self.output(h))
 
