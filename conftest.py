@@ -50,7 +50,9 @@ def _restore_torch_global_state():
     )
     yield
     torch.set_default_dtype(saved["dtype"])
-    torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["deterministic_warn"])
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+            saved["deterministic"], saved["deterministic_warn"]):  # its first call costs ~3 s even as a no-op
+        torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["deterministic_warn"])
     torch.backends.cudnn.deterministic = saved["cudnn_det"]
     torch.backends.cudnn.benchmark = saved["cudnn_bench"]
     torch.backends.cuda.matmul.allow_tf32 = saved["tf32_matmul"]
