@@ -6,6 +6,8 @@ its own GQA expansion, its own Llama 3.1 frequency scaling. Equal logits on the 
 than any self-comparison. transformers is an optional dependency (``pip install llama-verify[test]``), imported
 lazily; nothing here downloads anything (models are built from a config, never ``from_pretrained``).
 
+The key mapping and the ``wq``/``wk`` row permutation live in :mod:`llama_ref.hf_format` (re-exported here).
+
 Notation used for tensor shapes: H query heads, Hkv key/value heads, Dh head_dim, D dim.
 """
 from __future__ import annotations
@@ -13,13 +15,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import re
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from torch import nn
 
 from llama_ref.args import ModelArgs
+from llama_ref.hf_format import from_hf_state_dict, permute_rotary, to_hf_state_dict, unpermute_rotary
 from llama_ref.model import (ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, Transformer,
                              apply_scaling)
 
@@ -29,31 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["hf_config", "to_hf_state_dict", "from_hf_state_dict", "permute_rotary", "unpermute_rotary",
            "build_hf_model", "hf_logits", "rope_inv_freq", "check_rope_frequencies"]
 
-# Meta key → transformers key. Per-layer entries are suffixes after "layers.{i}." / "model.layers.{i}.".
-_TOP_LEVEL = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_PER_LAYER = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_LEVEL_INV = {v: k for k, v in _TOP_LEVEL.items()}
-_PER_LAYER_INV = {v: k for k, v in _PER_LAYER.items()}
-_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-# Old transformers versions stored the RoPE table in the state dict; it is derived, never a weight.
-_HF_DERIVED = re.compile(r".*rotary_emb\.inv_freq")
-
-
 def _import_transformers():
     try:
         import transformers
@@ -61,92 +37,6 @@ def _import_transformers():
         raise ImportError("verify.oracle_hf needs transformers (an optional dependency): "
                           "pip install llama-verify[test]") from e
     return transformers
-
-
-def _check_rows(w: torch.Tensor, n_heads: int) -> int:
-    if w.dim() < 1 or n_heads <= 0 or w.shape[0] % n_heads:
-        raise ValueError(f"rotary permutation: {tuple(w.shape[:1])} rows are not a multiple of n_heads={n_heads}")
-    head_dim = w.shape[0] // n_heads
-    if head_dim % 2:
-        raise ValueError(f"rotary permutation: head_dim {head_dim} (= {w.shape[0]} rows / {n_heads} heads) is odd")
-    return head_dim
-
-
-def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder the rows of a query/key projection (H·Dh, ...) from Meta's interleaved RoPE layout to the
-    rotate-half layout of transformers: within each head, row ``2k`` goes to ``k`` and ``2k+1`` to ``k + Dh/2``.
-
-    Pass ``n_heads`` for ``wq`` and ``n_kv_heads`` for ``wk``. Any trailing shape is kept (a LoRA ``B`` works too).
-    """
-    head_dim = _check_rows(w, n_heads)
-    rest = w.shape[1:]
-    # (H, Dh/2 pairs, 2 members) → (H, 2 members, Dh/2 pairs): first members of every pair, then second ones.
-    return w.reshape(n_heads, head_dim // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
-
-
-def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of :func:`permute_rotary`: rotate-half rows (H·Dh, ...) back to Meta's interleaved order."""
-    head_dim = _check_rows(w, n_heads)
-    rest = w.shape[1:]
-    return w.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(w.shape)
-
-
-def _state_dict_of(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
-    if isinstance(model_or_state_dict, nn.Module):
-        return model_or_state_dict.state_dict()
-    return model_or_state_dict
-
-
-def to_hf_state_dict(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], args: ModelArgs
-                     ) -> dict[str, torch.Tensor]:
-    """Meta keys → transformers keys, with ``wq``/``wk`` rows permuted for rotate-half RoPE.
-
-    Partial state dicts are converted key by key (missing keys stay missing); an unknown key is a ``ValueError``.
-    Unpermuted tensors are detached but share storage with the input.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in _state_dict_of(model_or_state_dict).items():
-        value = value.detach()
-        if key in _TOP_LEVEL:
-            out[_TOP_LEVEL[key]] = value
-            continue
-        m = _META_LAYER.fullmatch(key)
-        if m is None or m.group(2) not in _PER_LAYER:
-            raise ValueError(f"to_hf_state_dict: unknown Meta key {key!r}; expected one of {sorted(_TOP_LEVEL)} "
-                             f"or 'layers.<i>.' + one of {sorted(_PER_LAYER)}")
-        layer, suffix = m.groups()
-        if suffix == "attention.wq.weight":
-            value = permute_rotary(value, args.n_heads)
-        elif suffix == "attention.wk.weight":
-            value = permute_rotary(value, args.n_kv_heads)
-        out[f"model.layers.{layer}.{_PER_LAYER[suffix]}"] = value
-    return out
-
-
-def from_hf_state_dict(hf_sd: Union[nn.Module, Mapping[str, torch.Tensor]], args: ModelArgs
-                       ) -> dict[str, torch.Tensor]:
-    """transformers keys → Meta keys, ``q_proj``/``k_proj`` rows back to interleaved order (inverse of
-    :func:`to_hf_state_dict`). Derived RoPE buffers (``rotary_emb.inv_freq``) are dropped; other unknown keys
-    are a ``ValueError``."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in _state_dict_of(hf_sd).items():
-        value = value.detach()
-        if _HF_DERIVED.fullmatch(key):
-            continue
-        if key in _TOP_LEVEL_INV:
-            out[_TOP_LEVEL_INV[key]] = value
-            continue
-        m = _HF_LAYER.fullmatch(key)
-        if m is None or m.group(2) not in _PER_LAYER_INV:
-            raise ValueError(f"from_hf_state_dict: unknown transformers key {key!r}; expected one of "
-                             f"{sorted(_TOP_LEVEL_INV)} or 'model.layers.<i>.' + one of {sorted(_PER_LAYER_INV)}")
-        layer, suffix = m.groups()
-        if suffix == "self_attn.q_proj.weight":
-            value = unpermute_rotary(value, args.n_heads)
-        elif suffix == "self_attn.k_proj.weight":
-            value = unpermute_rotary(value, args.n_kv_heads)
-        out[f"layers.{layer}.{_PER_LAYER_INV[suffix]}"] = value
-    return out
 
 
 class _DropMessages(logging.Filter):

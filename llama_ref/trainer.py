@@ -1,0 +1,157 @@
+"""One optimizer step over a window of micro-batches: exact token-level gradient accumulation, autocast with
+GradScaler, clipping after unscaling, a schedule advanced per optimizer step.
+
+The loss of a window is the sum of per-token cross-entropies over every non-ignored target token of the window,
+divided by their count — however the window is split into micro-batches. Each micro-batch therefore divides its
+*sum* by the window's token count (known before the first backward), never its own mean by the number of
+micro-batches: a mean of means weights a short sequence's tokens more than a long one's.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX, count_target_tokens
+
+PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+Batch = dict[str, torch.Tensor]
+
+
+def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.autocast(device_type, dtype)`` really autocasts (older torch disables fp16 on CPU with a
+    warning instead of raising)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ctx = torch.autocast(device_type, dtype=dtype)
+        except (RuntimeError, ValueError):
+            return False
+    return bool(getattr(ctx, "_enabled", True)) and getattr(ctx, "fast_dtype", dtype) == dtype
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a window is NaN or infinite: the step was not taken."""
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies (fp32) over the targets ``labels[:, 1:] != IGNORE_INDEX``.
+
+    ``logits`` (B, T, V) predict position t+1 from position t; ``labels`` (B, T) are the unshifted token ids.
+    """
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def windows(micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
+    """Group consecutive micro-batches ``ga`` at a time; the last window may be shorter."""
+    window: list[Batch] = []
+    for batch in micro_batches:
+        window.append(batch)
+        if len(window) == ga:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``constant``, ``linear`` (to 0) or ``cosine`` (to 0) after ``warmup_steps`` of linear warm-up."""
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown LR schedule {kind!r}; use constant, linear or cosine")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the window's true mean token loss (never the scaled or divided value)
+    n_tokens: int  # target tokens in the window
+    grad_norm: Optional[float]  # before clipping, after unscaling; None without clipping
+    lr: float  # the learning rate this step used
+    skipped: bool  # GradScaler found inf/NaN gradients and skipped the update
+
+
+class Trainer:
+    """Steps ``optimizer`` once per window of micro-batches (see the module docstring for the loss)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, precision: str = "off",
+                 clip: Optional[float] = None, device_type: Optional[str] = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 (or None), got {clip!r}")
+        self.model, self.optimizer, self.scheduler, self.clip = model, optimizer, scheduler, clip
+        self.device_type = device_type or next(model.parameters()).device.type
+        self.dtype = PRECISIONS[precision]
+        if self.dtype is not None and not autocast_supported(self.device_type, self.dtype):
+            raise ValueError(f"--mp {precision}: this torch ({torch.__version__}) has no {self.dtype} autocast on "
+                             f"{self.device_type}")
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def autocast(self) -> AbstractContextManager:
+        """Autocast around forward and loss only (never around backward or the optimizer)."""
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+    def micro_step(self, batch: Batch, window_tokens: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch, its loss sum divided by the window's token count."""
+        with self.autocast():
+            logits = self.model(batch["input_ids"], 0)
+            loss_sum = token_loss_sum(logits, batch["labels"])
+        loss = loss_sum / window_tokens
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss_sum.detach()
+
+    def step(self, window: Sequence[Batch]) -> StepResult:
+        """Accumulate ``window`` and take one optimizer step (clip after unscale, then schedule).
+
+        Raises ValueError for a window without target tokens and NonFiniteLossError (gradients cleared,
+        parameters untouched) when the loss, or (clipping, no GradScaler) the gradient norm, is NaN or infinite.
+        """
+        n_tokens = sum(count_target_tokens(b["labels"]) for b in window)
+        if n_tokens == 0:
+            raise ValueError("a window without target tokens: every label is IGNORE_INDEX")
+        total = torch.zeros((), dtype=torch.float32)
+        for batch in window:
+            total += self.micro_step(batch, n_tokens).cpu()
+        loss = float(total) / n_tokens
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"window loss is {loss}: step not taken")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # before clipping: the threshold is in true gradient units
+        grad_norm = None
+        if self.clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            if self.scaler is None and not math.isfinite(grad_norm):  # GradScaler skips such steps itself
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"gradient norm is {grad_norm} (loss {loss:.4g}): step not taken")
+        skipped = False
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()  # once per window, not per micro-batch
+            skipped = self.scaler.get_scale() < scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and not skipped:  # the schedule counts optimizer steps actually taken
+            self.scheduler.step()
+        return StepResult(loss, n_tokens, grad_norm, lr, skipped)

@@ -1,0 +1,171 @@
+"""llama-finetune end to end on the embedded default: the loss falls, runs are reproducible, GA equals the large
+batch in the logged losses, resume is bit-exact, every flag combination runs, failures are reported."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from llama_ref import finetune
+from llama_ref.finetune import EXIT_NONFINITE, EXIT_OOM, METRICS_FILE, STATE_FILE, TrainConfig, build_parser, main, run
+from llama_ref.trainer import Trainer
+from verify.tolerances import tolerance
+
+
+def _run(tmp_path=None, **kw):
+    cfg = TrainConfig(progress=False, log_every=1000, **({"out": str(tmp_path)} if tmp_path else {}), **kw)
+    return run(cfg)
+
+
+def _losses(metrics):
+    return [r["loss"] for r in metrics["losses"]]
+
+
+def test_the_cli_is_generated_from_the_config_and_agrees_on_every_default():
+    ns = build_parser().parse_args([])
+    assert TrainConfig(**vars(ns)) == TrainConfig()
+    flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    assert {"--ga", "--mp", "--lora", "--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--gc",
+            "--gc-policy", "--batch-size", "--lr", "--optimizer", "--clip", "--seed", "--ckpt-dir", "--tokenizer",
+            "--preset", "--data", "--out", "--resume", "--sample", "--max-steps", "--epochs"} <= flags
+
+
+def test_loss_falls_on_the_bundled_data():
+    losses = _losses(_run(max_steps=60, batch_size=4))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+
+
+def test_two_runs_with_the_same_seed_are_identical():
+    kw = dict(max_steps=4, lora=True, lora_dropout=0.1, batch_size=2)
+    assert _losses(_run(**kw)) == _losses(_run(**kw))
+    assert _losses(_run(**kw)) != _losses(_run(**{**kw, "seed": 1}))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_ga_k_at_batch_b_logs_the_window_losses_of_batch_k_times_b(lora):
+    ga = _losses(_run(max_steps=4, ga=3, batch_size=2, lora=lora, lora_dropout=0.0, clip=0.5))
+    big = _losses(_run(max_steps=4, ga=1, batch_size=6, lora=lora, lora_dropout=0.0, clip=0.5))
+    tol = tolerance(torch.float32)
+    assert ga == pytest.approx(big, rel=10 * tol.rtol, abs=tol.atol)  # summation order only
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    kw = dict(lora=True, lora_dropout=0.1, schedule="cosine", warmup_steps=1, ga=2, batch_size=2)
+    straight = _run(tmp_path / "a", max_steps=6, **kw)
+    _run(tmp_path / "b", max_steps=6, stop_after=3, **kw)
+    resumed = _run(tmp_path / "b", max_steps=6, resume=True, **kw)
+    assert _losses(resumed) == _losses(straight)[3:]
+    a = torch.load(tmp_path / "a" / STATE_FILE, weights_only=True)
+    b = torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_with_other_options_is_a_clear_error(tmp_path):
+    _run(tmp_path, max_steps=2, stop_after=1)
+    with pytest.raises(ValueError, match=r"--lr 0.001 \(now 0.01\)"):
+        _run(tmp_path, max_steps=2, resume=True, lr=0.01)
+
+
+def test_out_dir_holds_metrics_and_the_result(tmp_path):
+    metrics = _run(tmp_path, max_steps=3, lora=True)
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert saved["status"] == "ok" and saved["steps"] == 3 and len(saved["losses"]) == 3
+    assert saved["parameters"] == metrics["parameters"] and saved["parameters"]["percent"] < 100
+    for key in ("avg_loss", "runtime_s", "peak_memory_mb", "tokens_per_s", "config"):
+        assert saved[key] is not None, key
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    _run(tmp_path / "full", max_steps=1)
+    assert (tmp_path / "full" / "checkpoint" / "consolidated.00.pth").is_file()
+
+
+@pytest.mark.parametrize("mp", ["off", "bf16", "fp16"])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("gc", [False, True])
+@pytest.mark.parametrize("ga", [1, 2])
+def test_every_combination_of_the_seed_flags_runs(ga, gc, lora, mp):
+    metrics = _run(max_steps=2, ga=ga, gc=gc, lora=lora, mp=mp, gc_policy="seed")
+    assert metrics["status"] == "ok" and all(torch.isfinite(torch.tensor(_losses(metrics))))
+
+
+def test_lora_with_mixed_precision_stores_the_frozen_base_in_half():
+    model, _ = finetune.build_model(TrainConfig(lora=True, mp="bf16"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_state(tmp_path, capsys):
+    # A learning rate of 1e30 sends the weights to inf in one step: the next loss is NaN.
+    code = main(["--optimizer", "sgd", "--lr", "1e30", "--clip", "0", "--max-steps", "50", "--out", str(tmp_path),
+                 "--no-progress"])
+    assert code == EXIT_NONFINITE
+    assert "non-finite loss" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert metrics["status"] == "nonfinite" and metrics["steps"] == 1 and "step 2" in metrics["error"]
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["step"] == metrics["steps"]
+
+
+def test_out_of_memory_is_reported_with_a_nonzero_exit(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def step(self, window):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, window)
+    original = Trainer.step
+    monkeypatch.setattr(Trainer, "step", step)
+    assert main(["--max-steps", "5", "--out", str(tmp_path), "--no-progress"]) == EXIT_OOM
+    assert "OUT OF MEMORY" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert metrics["status"] == "oom" and metrics["steps"] == 2 and "step 3" in metrics["error"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ga", "0"], "--ga must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--gc-policy", "every:0"], "unknown gradient-checkpointing policy 'every:0'"),
+    (["--half-base"], "--half-base needs --lora and --mp"),
+    (["--resume"], "--resume needs --out"),
+    (["--mp", "fp8"], "invalid choice: 'fp8'"),
+    (["--ckpt-dir", "x"], "--ckpt-dir needs --tokenizer"),
+])
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    assert main(["--data", str(bad), "--no-progress"]) == 2
+    assert "line 2: missing field 'output'" in capsys.readouterr().err
+
+
+def test_sample_prints_the_seed_prompts_before_and_after(capsys):
+    _run(max_steps=1, sample=True, lora=True)
+    out = capsys.readouterr().out
+    assert out.count("I believe the meaning of life is") == 2 and "after training" in out
+
+
+def test_nonfinite_gradients_are_not_applied(monkeypatch):
+    from llama_ref import trainer as T
+
+    model, _ = finetune.build_model(TrainConfig())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = Trainer(model, opt, clip=1.0)
+    tokens = torch.randint(0, 512, (1, 12))
+    batch = {"input_ids": tokens, "labels": tokens.clone()}
+    model.output.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(T.NonFiniteLossError, match="gradient norm is inf"):
+        tr.step([batch])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
