@@ -72,6 +72,8 @@ class TrainConfig:
                                      "whole run (continue later with --resume)", default=None)
     seed: int = _opt("seed of weights (presets), data order, LoRA init and dropout", default=0)
     device: str = _opt("torch device", default="cpu")
+    threads: Optional[int] = _opt("torch CPU threads (default: torch's choice; 1 is fastest for tiny models on "
+                                  "a busy machine)", default=None)
     # output
     out: Optional[str] = _opt("directory for metrics.json, the result and train_state.pt", default=None)
     resume: bool = _opt("continue from --out DIR/train_state.pt, bit-exactly", default=False)
@@ -83,7 +85,7 @@ class TrainConfig:
         for name in ("ga", "batch_size", "epochs", "lora_r", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_seq_len", "stop_after"):
+        for name in ("max_steps", "max_seq_len", "stop_after", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -219,7 +221,7 @@ def _state(model: Transformer, trainer: Trainer, step: int, cfg: TrainConfig) ->
 
 
 # Options that may differ between a run and its resumption; every other one must match.
-_RESUMABLE = {"stop_after", "out", "resume", "log_every", "sample", "progress", "device"}
+_RESUMABLE = {"stop_after", "out", "resume", "log_every", "sample", "progress", "device", "threads"}
 
 
 def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig) -> int:
@@ -248,6 +250,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as ``cfg`` says; return the metrics (also written to ``--out``). Raises NonFiniteLossError and
     out-of-memory errors after recording them in ``metrics.json`` (``main`` turns them into exit codes)."""
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out) if cfg.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
