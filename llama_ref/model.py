@@ -205,7 +205,7 @@ def checkpoint_policy_layers(policy: Optional[str], n_layers: int) -> frozenset[
         return frozenset(range(n_layers))
     if policy == "seed":
         return frozenset(i for i in range(n_layers) if i % 3 != 0)
-    if policy.startswith("every:") and policy[6:].isdigit() and int(policy[6:]) > 0:
+    if policy.startswith("every:") and policy[6:].isascii() and policy[6:].isdigit() and int(policy[6:]) > 0:
         k = int(policy[6:])
         return frozenset(i for i in range(n_layers) if i % k == 0)
     raise ValueError(f"unknown gradient-checkpointing policy {policy!r}; use none, all, seed or every:K (K >= 1)")

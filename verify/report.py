@@ -13,6 +13,7 @@ import torch
 
 from llama_ref.model import Transformer
 
+from .checkpointing import check_gradient_checkpointing
 from .kv_cache import check_kv_cache
 from .lora_merge import check_lora_merge
 from .mutants import Mutant, inject
@@ -32,6 +33,7 @@ class Inputs:
 CHECKS: dict[str, Callable[[Transformer, Inputs], CheckResult]] = {
     "kv_cache": lambda model, inputs: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed),
     "lora_merge": lambda model, inputs: check_lora_merge(model, seed=inputs.seed),
+    "gradient_checkpointing": lambda model, inputs: check_gradient_checkpointing(model, seed=inputs.seed),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,0 +1,250 @@
+"""Property 4: gradient checkpointing changes no gradient.
+
+For every policy, the checkpointed run and the plain run (no checkpointing) of the same model on the same tokens,
+with the same RNG seed right before the forward, give the same logits, the same loss and the same gradient on every
+trainable parameter — a ``None`` against a tensor is a failure, never a skip. Cases:
+
+* a frozen base with LoRA adapters (``B`` drawn non-zero, so that ``A`` gets a real gradient) and dropout > 0: no
+  input of any block requires grad, which is where the reentrant checkpoint loses gradients, and the recomputation
+  must redraw exactly the forward's dropout masks;
+* a full fine-tune under the ``"all"`` policy, in train mode and in eval mode (checkpointing does not depend on the
+  module mode);
+* all of the above in fp32 and again under ``torch.autocast(dtype=autocast_dtype)``, where the recomputation must
+  replay the forward's autocast state.
+
+And the checkpointed blocks really were recomputed: over one forward + backward, ``forward_calls`` of every block
+that the policy selects goes up by 2, of every other block by 1. The blocks a policy selects are taken from the
+policy's definition (:func:`policy_layers`), not from the implementation's parser, so a policy that silently maps to
+no block ("checkpoint silently not applied") fails.
+
+Tolerance: both runs do the same arithmetic in the same order, so their results are expected to be equal bit for
+bit. Measured on CPU (torch 2.13; presets tiny and bench with fp32 and bf16 weights, and 150 hypothesis configs of
+1-4 blocks, GQA and MHA; math and SDPA attention; LoRA on wq/wv/w2 with dropout 0.1 and full fine-tune; policies all,
+seed, every:2, every:3): the largest |checkpointed − plain| over loss, logits and every gradient was exactly 0, in
+fp32 and under bf16 autocast alike. The check still uses assert_close's defaults for the parameters' dtype (fp32: rtol
+1.3e-6, atol 1e-5), not zero, so that devices whose backward kernels accumulate in a non-deterministic order (CUDA
+atomics) are not failed for rounding. The loss, a per-token mean of a random linear functional of the logits, gives
+gradients whose largest entries are about 0.5 to 8 on the default model, so atol cannot hide a wrong one; the mutants'
+gradient errors are 0.15 (an fp32 or fp16 recomputation under bf16 autocast) to 14 — or a missing gradient, or a
+missing recomputation.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from llama_ref.lora import apply_lora_to_llama, lora_layers
+from llama_ref.model import Transformer
+
+from .compare import Comparison, GradComparison, compare, compare_grads
+from .result import CheckResult
+from .tolerances import Tolerance, tolerance
+
+NAME = "gradient_checkpointing"
+LORA_RANK = 4
+LORA_ALPHA = 8
+
+
+def policy_layers(policy: Optional[str], n_layers: int) -> frozenset[int]:
+    """The blocks ``policy`` must recompute, written from the policies' definitions (the oracle; independent of
+    ``llama_ref.model.checkpoint_policy_layers``): ``None``/``"none"`` no block, ``"all"`` every block, ``"seed"``
+    block i when ``i % 3 != 0`` (the seed report's choice), ``"every:K"`` block i when ``i % K == 0`` (K ≥ 1)."""
+    if policy is None or policy == "none":
+        return frozenset()
+    if policy == "all":
+        return frozenset(range(n_layers))
+    if policy == "seed":
+        return frozenset(i for i in range(n_layers) if i % 3 != 0)
+    kind, _, k = policy.partition(":")
+    if kind == "every" and k.isascii() and k.isdigit() and int(k) >= 1:  # ASCII: "²".isdigit() is True
+        return frozenset(range(0, n_layers, int(k)))
+    raise ValueError(f"unknown gradient-checkpointing policy {policy!r}; expected none, all, seed or every:K (K >= 1)")
+
+
+@dataclass
+class _Run:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    grads: dict[str, Optional[torch.Tensor]]
+    forwards: list[int]  # forward_calls added to each block by one forward + backward
+    selected: frozenset[int]  # the blocks the implementation says it checkpoints
+    warned: list[str]
+
+
+def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager:
+    """Fork the global RNG of the CPU and of ``device``: the check seeds it freely, the caller's state comes back."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else getattr(torch, device.type).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
+def _run(template: Transformer, policy: Optional[str], tokens: torch.Tensor, weights: torch.Tensor,
+         autocast_dtype: Optional[torch.dtype], seed: int) -> _Run:
+    """One forward + backward of a fresh copy of ``template`` under ``policy``; the loss is the per-token mean of
+    ``logits · weights``, so every logit is weighted (a mean over logits would hide permuted ones)."""
+    model = copy.deepcopy(template)
+    model.zero_grad(set_to_none=True)
+    model.set_gradient_checkpointing(policy)
+    before = [block.forward_calls for block in model.layers]
+    device_type = tokens.device.type
+    with warnings.catch_warnings(record=True) as caught:  # recorded, not shown: reported with the failure they explain
+        warnings.simplefilter("always")
+        torch.manual_seed(seed)  # the same dropout masks in every run
+        with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+            logits = model(tokens)  # (B, T, V)
+        loss = (logits * weights.to(logits.dtype)).sum() / (tokens.shape[0] * tokens.shape[1])
+        loss.backward()
+    return _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()},
+                [block.forward_calls - b for block, b in zip(model.layers, before)],
+                frozenset(model.checkpointed_layers), [str(w.message) for w in caught])
+
+
+def _lora_template(model: Transformer, targets: Sequence[str], dropout: float, seed: int,
+                   g: torch.Generator) -> Transformer:
+    """A copy with LoRA on ``targets``: ``A`` from the global RNG seeded with ``seed`` (inside the check's RNG fork),
+    ``B`` non-zero from ``g`` — with ``B = 0``, ``A`` would get a zero gradient and a lost one would not show."""
+    lora = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    apply_lora_to_llama(lora, LORA_RANK, LORA_ALPHA, dropout, targets)
+    with torch.no_grad():
+        for _, layer in lora_layers(lora):
+            b = torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(LORA_RANK)
+            layer.lora_B.copy_(b.to(layer.lora_B))
+    return lora
+
+
+def _names(names: Sequence, limit: int = 6) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class _Tally:
+    """Failures (one line each, naming the case, policy and parameter), crashes, and the largest differences."""
+
+    def __init__(self) -> None:
+        self.details: list[str] = []
+        self.errors: list[str] = []
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+
+    def add(self, label: str, c: Comparison) -> None:
+        self.max_abs, self.max_rel = max(self.max_abs, c.max_abs), max(self.max_rel, c.max_rel)
+        if not c.ok:
+            self.details.append(f"{label}: {c}")
+
+    def add_grads(self, where: str, c: GradComparison) -> None:
+        self.max_abs, self.max_rel = max(self.max_abs, c.max_abs), max(self.max_rel, c.max_rel)
+        self.details.extend(f"{where} gradient of {problem}" for problem in c.problems)
+
+
+def check_gradient_checkpointing(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
+                                 policies: Sequence[str] = ("all", "seed", "every:2"), lora: bool = True,
+                                 lora_targets: Sequence[str] = ("wq", "wv", "w2"), dropout: float = 0.1,
+                                 autocast_dtype: Optional[torch.dtype] = torch.bfloat16, full_finetune: bool = True,
+                                 seed: int = 0) -> CheckResult:
+    """Check property 4 on copies of ``model`` (left untouched, the global RNG included).
+
+    ``policies`` are compared with the plain run on the LoRA model (``lora=True``: rank 4, alpha 8, ``dropout``, on
+    ``lora_targets`` of every block); ``full_finetune`` adds the fully trainable model under ``"all"``, in train and
+    in eval mode. Every case runs in the model's dtype and, when ``autocast_dtype`` is given, again under autocast.
+    ``tokens`` (B, L) default to random ids drawn from ``seed``. An unknown policy raises ValueError.
+    """
+    p = model.params
+    n_layers = len(model.layers)
+    policies = list(policies)
+    for policy in policies:
+        policy_layers(policy, n_layers)  # a bad policy is the caller's error, raised before anything runs
+    if not (lora or full_finetune):
+        raise ValueError("nothing to check: lora and full_finetune are both False")
+    param_dtype = model.output.weight.dtype
+    device = model.output.weight.device
+    tol = tolerance(param_dtype, NAME)
+    g = torch.Generator().manual_seed(seed)
+    if tokens is None:
+        tokens = torch.randint(0, p.vocab_size, (2, min(16, p.max_seq_len)), generator=g)
+    tokens = tokens.to(device)
+    weights = torch.randn((*tokens.shape, p.vocab_size), generator=g).to(device)
+
+    precisions: list[Optional[torch.dtype]] = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
+    modes = [_dtype_name(param_dtype)] + [f"{_dtype_name(d)} autocast" for d in precisions[1:]]
+    parts = []
+    if lora:
+        parts.append(f"LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {','.join(lora_targets)} dropout={dropout:g} "
+                     f"policies={','.join(policies)}")
+    if full_finetune:
+        parts.append("full fine-tune policy=all (train, eval)")
+    case = f"{'; '.join(parts)}; {' + '.join(modes)}; B={tokens.shape[0]} L={tokens.shape[1]} layers={n_layers}"
+    criterion = f"loss, logits, grads {tol}; checkpointed blocks 2 forwards, others 1"
+    tally = _Tally()
+    stage = "copying the model and applying LoRA"
+    try:
+        with _rng_fork(device):
+            base = copy.deepcopy(model)
+            base.kv_caching = False
+            templates: list[tuple[str, Transformer, list[str]]] = []
+            if lora:
+                templates.append(("LoRA", _lora_template(base, lora_targets, dropout, seed, g).train(), policies))
+            if full_finetune:
+                full = base.requires_grad_(True).train()
+                templates += [("full", full, ["all"]), ("full eval", copy.deepcopy(full).eval(), ["all"])]
+            for precision, mode in zip(precisions, modes):
+                for label, template, case_policies in templates:
+                    where = f"{mode} {label}"
+                    stage = f"{where} plain run"
+                    plain = _run(template, None, tokens, weights, precision, seed)  # if it raises, nothing to compare
+                    if plain.forwards != [1] * n_layers:
+                        tally.details.append(f"{where} plain run: forwards per block {plain.forwards}, expected 1 each")
+                    missing = [n for n, q in template.named_parameters() if q.requires_grad and plain.grads[n] is None]
+                    if missing:
+                        tally.details.append(f"{where} plain run: no gradient on trainable {_names(missing)}")
+                    for policy in case_policies:
+                        _compare_policy(f"{where} policy={policy}", template, policy, plain, tokens, weights,
+                                        precision, seed, tol, tally)
+    except Exception as e:  # the plain run (or the copy) failed: nothing could be compared
+        return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case,
+                           error=f"{stage}: {type(e).__name__}: {e}", criterion=criterion)
+    if tally.errors:
+        return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case, error=tally.errors[0],
+                           criterion=criterion)
+    return CheckResult(NAME, not tally.details, tally.max_abs, tally.max_rel, tol, tally.details, case,
+                       criterion=criterion)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _compare_policy(where: str, template: Transformer, policy: str, plain: _Run, tokens: torch.Tensor,
+                    weights: torch.Tensor, precision: Optional[torch.dtype], seed: int, tol: Tolerance,
+                    tally: _Tally) -> None:
+    """One checkpointed run against the plain run: block selection, recomputation counts, loss, logits, gradients."""
+    try:
+        run = _run(template, policy, tokens, weights, precision, seed)
+    except Exception as e:  # the checkpointed path crashed where the plain one did not
+        tally.errors.append(f"{where}: {type(e).__name__}: {e}")
+        tally.details.append(f"{where}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    n_before = len(tally.details)
+    expected = policy_layers(policy, len(run.forwards))
+    if run.selected != expected:
+        tally.details.append(f"{where}: the model checkpoints blocks {sorted(run.selected)}, the policy means "
+                             f"{sorted(expected)}")
+    want = [2 if i in expected else 1 for i in range(len(run.forwards))]
+    if expected and all(n == 1 for n in run.forwards):
+        tally.details.append(f"{where}: checkpoint silently not applied: no block was recomputed in backward "
+                             f"(blocks {sorted(expected)} should have been)")
+    elif run.forwards != want:
+        wrong = [f"block {i} ran {n}, expected {w}" for i, (n, w) in enumerate(zip(run.forwards, want)) if n != w]
+        tally.details.append(f"{where}: forwards per block {run.forwards} (recomputed once = 2): {_names(wrong)}")
+    tally.add(f"{where} loss", compare(run.loss, plain.loss, tol, "loss"))
+    tally.add(f"{where} logits", compare(run.logits, plain.logits, tol, "logits"))
+    tally.add_grads(where, compare_grads(run.grads, plain.grads, tol))
+    if len(tally.details) > n_before and run.warned:
+        tally.details.append(f"{where}: torch warned: {_names(sorted(set(run.warned)), 2)}")
