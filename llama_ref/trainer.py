@@ -104,6 +104,8 @@ class Trainer:
                              f"{self.device_type}")
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        if getattr(model, "kv_caching", False):
+            model.kv_caching = False  # training attends within each micro-batch: the cache would only cost memory
 
     def autocast(self) -> AbstractContextManager:
         """Autocast around forward and loss only (never around backward or the optimizer)."""

@@ -447,3 +447,7 @@ def _gc_recompute_default_dtype() -> list[Patch]:
     def recompute_autocast(device_type, was_on):
         return torch.autocast(device_type, dtype=torch.float16, enabled=was_on)
     return [(M, "run_block", _checkpointed_block(_hand_rolled(recompute_autocast)))]
+
+
+# Mutants of the other properties live beside this file; importing them registers them.
+from . import mutants_grad_accum  # noqa: E402,F401

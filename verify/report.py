@@ -14,6 +14,7 @@ import torch
 from llama_ref.model import Transformer
 
 from .checkpointing import check_gradient_checkpointing
+from .grad_accum import check_grad_accumulation
 from .kv_cache import check_kv_cache
 from .lora_merge import check_lora_merge
 from .mutants import Mutant, inject
@@ -32,6 +33,7 @@ class Inputs:
 
 CHECKS: dict[str, Callable[[Transformer, Inputs], CheckResult]] = {
     "kv_cache": lambda model, inputs: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed),
+    "grad_accum": lambda model, inputs: check_grad_accumulation(model, seed=inputs.seed),
     "lora_merge": lambda model, inputs: check_lora_merge(model, seed=inputs.seed),
     "gradient_checkpointing": lambda model, inputs: check_gradient_checkpointing(model, seed=inputs.seed),
 }
