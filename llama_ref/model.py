@@ -127,18 +127,25 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        # State, not parameters: never in state_dict, moves with .to(), rewritten before it is read.
-        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_kv_heads, self.head_dim)
-        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+        # State, not parameters: never in state_dict, moves with .to(), rewritten before it is read. Allocated at
+        # the first cached call, so that a model that only trains never holds it.
+        self.cache_shape = (args.max_batch_size, args.max_seq_len, self.n_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.empty(0), persistent=False)
+        self.register_buffer("cache_v", torch.empty(0), persistent=False)
+
+    def ensure_cache(self, like: torch.Tensor) -> None:
+        """Allocate the cache (max_batch_size, max_seq_len, Hkv, Dh), or move it, to ``like``'s dtype and device."""
+        if self.cache_k.shape != self.cache_shape:
+            self.cache_k = torch.zeros(self.cache_shape, dtype=like.dtype, device=like.device)
+            self.cache_v = torch.zeros(self.cache_shape, dtype=like.dtype, device=like.device)
+        elif self.cache_k.dtype != like.dtype or self.cache_k.device != like.device:
+            self.cache_k, self.cache_v = self.cache_k.to(like), self.cache_v.to(like)
 
     def update_cache(self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values at ``[:B, start_pos:start_pos+T]``; return all keys/values (B, S, Hkv, Dh)."""
         bsz, seqlen = xk.shape[:2]
         end = start_pos + seqlen
-        if self.cache_k.dtype != xk.dtype or self.cache_k.device != xk.device:
-            self.cache_k = self.cache_k.to(xk)
-            self.cache_v = self.cache_v.to(xv)
+        self.ensure_cache(xk)
         with torch.no_grad():
             self.cache_k[:bsz, start_pos:end] = xk
             self.cache_v[:bsz, start_pos:end] = xv

@@ -225,8 +225,16 @@ def test_training_through_the_cache_gives_the_uncached_gradients():
 def test_kv_cache_is_state_not_parameters():
     model = Transformer(ModelArgs.preset("tiny"))
     assert not any("cache" in k for k in model.state_dict())
-    assert model.layers[0].attention.cache_k.shape == (8, 256, 2, 16)  # (max_batch, max_seq, n_kv_heads, head_dim)
-    assert model.to(torch.bfloat16).layers[0].attention.cache_k.dtype == torch.bfloat16
+    attn = model.layers[0].attention
+    assert attn.cache_k.numel() == 0  # nothing allocated until the first cached call: training never holds it
+    model.kv_caching = False
+    model(torch.zeros(1, 3, dtype=torch.long), 0)
+    assert attn.cache_k.numel() == 0
+    model.kv_caching = True
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), 0)
+    assert attn.cache_k.shape == (8, 256, 2, 16)  # (max_batch, max_seq, n_kv_heads, head_dim)
+    assert model.to(torch.bfloat16).layers[0].attention.cache_k.dtype == torch.bfloat16  # moves with the model
 
 
 def test_kv_caching_setter_does_not_reach_other_models_built_from_the_same_args():

@@ -68,8 +68,7 @@ def mutants_for(prop: Optional[str] = None) -> list[Mutant]:
 # --------------------------------------------------------------------------------------------------------------
 
 def _ensure_cache_like(attn: M.Attention, xk: torch.Tensor) -> None:
-    if attn.cache_k.dtype != xk.dtype or attn.cache_k.device != xk.device:
-        attn.cache_k, attn.cache_v = attn.cache_k.to(xk), attn.cache_v.to(xk)
+    attn.ensure_cache(xk)
 
 
 @mutant("seed_cache_batch_index", "kv_cache", "cache indexed `cache_k[:, bsz, start:end]` instead of `[:bsz, start:end]`",
