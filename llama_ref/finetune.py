@@ -157,14 +157,20 @@ def build_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
     if cfg.lora:
         apply_lora_to_llama(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets,
                             merge_weights=False, lora_dtype=torch.float32)
-        half = PRECISIONS[cfg.mp]
-        if half is not None and cfg.half_base is not False:
-            for p in model.parameters():
-                if not p.requires_grad:  # the frozen base: half the bytes, autocast would cast it anyway
-                    p.data = p.data.to(half)
+        if PRECISIONS[cfg.mp] is not None and cfg.half_base is not False:
+            half_frozen_base(model, PRECISIONS[cfg.mp])
     if cfg.gc:
         model.set_gradient_checkpointing(cfg.gc_policy)
     return model.train(), tokenizer
+
+
+def half_frozen_base(model: Transformer, half: torch.dtype) -> Transformer:
+    """Store every frozen parameter in ``half``, in place (trainable ones keep their dtype): the frozen base of
+    ``--mp --lora`` takes half the bytes, and autocast would cast it to ``half`` for every matmul anyway."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(half)
+    return model
 
 
 def micro_batches(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int) -> Iterator[Batch]:
@@ -294,8 +300,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 raise
             step += 1
             n_input_tokens += sum(int(b["lengths"].sum()) for b in window)
-            metrics["losses"].append({"step": step, "loss": result.loss, "tokens": result.n_tokens,
-                                      "lr": result.lr, "grad_norm": result.grad_norm, "skipped": result.skipped})
+            grad_norm = result.grad_norm if result.grad_norm is None or math.isfinite(result.grad_norm) else None
+            metrics["losses"].append({"step": step, "loss": result.loss, "tokens": result.n_tokens,  # strict JSON:
+                                      "lr": result.lr, "grad_norm": grad_norm, "skipped": result.skipped})  # no inf
             if step % cfg.log_every == 0 or step == total_steps:
                 progress.write(f"step {step}/{total_steps}: loss {result.loss:.4f} (lr {result.lr:.2e}"
                                + (", skipped by GradScaler" if result.skipped else "") + ")")

@@ -10,7 +10,8 @@ import llama_ref.model as M
 from verify.mutants import MUTANTS, inject, mutants_for
 from verify.report import CHECKS, Inputs
 
-@pytest.mark.parametrize("prop", ["kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum"])
+@pytest.mark.parametrize("prop", ["kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum",
+                                  "mixed_precision"])
 def test_the_zoo_holds_at_least_six_bugs_per_property(prop):
     assert len(mutants_for(prop)) >= 6
 

@@ -450,3 +450,4 @@ def _gc_recompute_default_dtype() -> list[Patch]:
 
 # Mutants of the other properties live beside this file; importing them registers them.
 from . import mutants_grad_accum  # noqa: E402,F401
+from . import mutants_precision  # noqa: E402,F401

@@ -17,6 +17,7 @@ from .checkpointing import check_gradient_checkpointing
 from .grad_accum import check_grad_accumulation
 from .kv_cache import check_kv_cache
 from .lora_merge import check_lora_merge
+from .mixed_precision import check_mixed_precision
 from .mutants import Mutant, inject
 from .result import CheckResult
 
@@ -35,6 +36,9 @@ CHECKS: dict[str, Callable[[Transformer, Inputs], CheckResult]] = {
     "kv_cache": lambda model, inputs: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed),
     "grad_accum": lambda model, inputs: check_grad_accumulation(model, seed=inputs.seed),
     "lora_merge": lambda model, inputs: check_lora_merge(model, seed=inputs.seed),
+    "mixed_precision": lambda model, inputs: check_mixed_precision(
+        model, dtype=torch.float16 if model.output.weight.dtype == torch.float16 else torch.bfloat16,
+        seed=inputs.seed),
     "gradient_checkpointing": lambda model, inputs: check_gradient_checkpointing(model, seed=inputs.seed),
 }
 

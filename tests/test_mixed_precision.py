@@ -1,0 +1,269 @@
+"""Mixed precision (DESIGN §3.5): really mixed (observed op dtypes), fp32 master weights and gradients, a half
+base that is half, calibrated accuracy, GradScaler skips and unscales before clipping, training tracks fp32 — each
+claim tested on the Trainer directly, the whole check under hypothesis, and every mixed-precision mutant caught."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import llama_ref.trainer as T
+import verify.mixed_precision as MP
+import verify.mutants_precision  # noqa: F401  (registers the mixed-precision mutants)
+from llama_ref.default import default_args, default_model
+from llama_ref.finetune import TrainConfig, build_model
+from llama_ref.lora import lora_layers
+from llama_ref.model import RMSNorm, Transformer, init_weights
+from verify.mixed_precision import OpRecorder, autocast_observed, check_mixed_precision, precision_policy_problems
+from verify.mutants import MUTANTS, inject, mutants_for
+from verify.strategies import model_args, seeds
+
+HALVES = [torch.bfloat16, torch.float16]
+
+
+def _batch(vocab: int, seed: int = 0, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
+    return MP._random_batch(default_args(vocab_size=vocab), torch.Generator().manual_seed(seed), torch.device("cpu"),
+                            batch, length)
+
+
+def _trainer(model, precision, clip=None, opt=torch.optim.SGD, **kw):
+    return T.Trainer(model, opt([p for p in model.parameters() if p.requires_grad], **(kw or {"lr": 0.1})),
+                     precision=precision, clip=clip)
+
+
+# ---- the whole check ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALVES, ids=["bf16", "fp16"])
+def test_the_check_passes_on_the_tiny_model(dtype):
+    result = check_mixed_precision(default_model(0), dtype=dtype)
+    assert result.ok and result.error is None, str(result)
+    assert result.details == []  # fp16 autocast is supported on CPU here: nothing skipped, nothing to note
+    assert "calibrated" in result.criterion and result.max_abs < float("inf")
+
+
+def test_the_check_leaves_the_callers_model_untouched():
+    model = default_model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_mixed_precision(model, steps=2)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert model.kv_caching and all(p.grad is None for p in model.parameters())
+
+
+def test_fp16_is_reported_not_silently_skipped_where_autocast_lacks_it(monkeypatch):
+    monkeypatch.setattr(MP, "autocast_observed", lambda device_type, dtype: (False, "no fp16 autocast here"))
+    result = check_mixed_precision(default_model(0), steps=2)
+    assert result.ok and "(no fp16)" in result.case
+    assert any(d.startswith("fp16 not checked") and "no fp16 autocast here" in d for d in result.details)
+
+
+def test_the_check_refuses_a_dtype_that_is_not_half():
+    with pytest.raises(ValueError, match="dtype must be torch.bfloat16 or torch.float16"):
+        check_mixed_precision(default_model(0), dtype=torch.float32)
+
+
+def test_fp16_autocast_is_supported_on_this_cpu():
+    assert autocast_observed("cpu", torch.bfloat16) == (True, "")
+    assert autocast_observed("cpu", torch.float16) == (True, ""), "CPU fp16 autocast works in torch 2.4 to 2.13"
+    assert T.autocast_supported("cpu", torch.float16)  # the Trainer agrees
+
+
+@given(seed=seeds(), args=model_args(max_layers=1), dtype=st.sampled_from(HALVES))
+def test_the_check_passes_for_any_seed_and_config(seed, args, dtype):
+    result = check_mixed_precision(init_weights(Transformer(args), seed % 1000), dtype=dtype, lora=("wq", "w2"),
+                                   seed=seed, steps=2)
+    assert result.ok, str(result)
+
+
+# ---- really mixed: observed op dtypes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALVES, ids=["bf16", "fp16"])
+def test_every_linear_and_attention_matmul_runs_in_half_and_reductions_in_fp32(dtype):
+    model = default_model(0)
+    model.kv_caching = False
+    trainer = _trainer(model, MP.PRECISION_NAMES[dtype])
+    batch = _batch(512)
+    rec = OpRecorder(model)
+    with rec, trainer.autocast():
+        T.token_loss_sum(model(batch["input_ids"]), batch["labels"])
+    rec.remove()
+    assert precision_policy_problems(rec, model, dtype) == []
+    linear_mms = [dt for name, m, op, dt in rec.ops if isinstance(m, torch.nn.Linear) and op in MP.MATMULS]
+    assert len(linear_mms) == 2 * 7 + 1 and all(set(d) == {dtype} for d in linear_mms)  # 7 per block + output
+    assert [dt for _, _, op, dt in rec.ops if op == "_softmax"] == [(torch.float32,)] * 2
+
+
+def test_without_autocast_the_policy_check_sees_fp32_matmuls():
+    model = default_model(0)
+    model.kv_caching = False
+    rec = OpRecorder(model)
+    with rec:
+        model(_batch(512)["input_ids"])
+    rec.remove()
+    problems = precision_policy_problems(rec, model, torch.bfloat16)
+    assert any(p.startswith("Linear matmuls not in bfloat16") for p in problems)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=["bf16", "fp16"])
+def test_token_loss_sum_upcasts_half_logits(dtype):
+    logits = (torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    labels = _batch(64, length=9)["labels"]
+    loss = T.token_loss_sum(logits, labels)
+    expected = float(MP._ce_sum(logits.double(), labels))
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(expected, rel=20 * torch.finfo(torch.float32).eps)
+
+
+def test_rmsnorm_upcasts_a_half_residual_stream():
+    norm = RMSNorm(64).to(torch.bfloat16)
+    rec = OpRecorder(norm)
+    with rec:
+        out = norm(torch.randn(2, 3, 64).to(torch.bfloat16))
+    rec.remove()
+    assert out.dtype == torch.bfloat16
+    assert [dt for _, m, op, dt in rec.ops if op == "mean"] == [(torch.float32,)]
+
+
+# ---- fp32 master weights; a half base that is half -------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_trainable_parameters_and_their_gradients_stay_fp32(precision):
+    model = default_model(0)
+    model.kv_caching = False
+    trainer = _trainer(model, precision)
+    trainer.micro_step(_batch(512), 10)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("mp,half_base,expected", [("bf16", None, torch.bfloat16), ("fp16", None, torch.float16),
+                                                   ("bf16", False, torch.float32), ("off", None, torch.float32)])
+def test_build_model_stores_the_frozen_base_in_the_half_dtype_and_lora_in_fp32(mp, half_base, expected):
+    model, _ = build_model(TrainConfig(lora=True, mp=mp, half_base=half_base, progress=False))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    lora = [p for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+    assert frozen and all(p.dtype == expected for p in frozen)
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    if mp != "off":
+        trainer = _trainer(model, mp)
+        trainer.micro_step(_batch(model.vocab_size), 10)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+        assert all(p.grad is None for p in frozen)
+
+
+# ---- still right: calibrated against float64 and the plain half path -------------------------------------------
+
+@pytest.mark.parametrize("dtype", HALVES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_loss_logits_and_gradients_are_calibrated_against_float64(dtype, lora):
+    model = default_model(1)
+    model.kv_caching = False
+    g = torch.Generator().manual_seed(1)
+    if lora:
+        model = MP._lora_half_base(model, ("wq", "wv"), dtype, g)
+    cals: dict = {}
+    assert MP._autocast_problems(model, [_batch(512, 1)], dtype, cals, "x") == []
+    assert {"x logits", "x loss"} <= set(cals) and len(cals) > 2
+    assert max(c.ratio for c in cals.values()) <= MP.FACTORS["mixed_precision"]
+
+
+def test_the_calibration_rejects_a_gradient_ten_eps_off():
+    model = default_model(2)
+    model.kv_caching = False
+    window = [_batch(512, 2)]
+    _, ref, _ = MP._float64_window(model, window)
+    _, plain, _ = MP._plain_window(model, window, torch.bfloat16)
+    from verify.compare import compare_calibrated
+    name = "layers.0.feed_forward.w2.weight"
+    off = ref[name] * (1 + 10 * torch.finfo(torch.bfloat16).eps)
+    assert not compare_calibrated(off.float(), plain[name], ref[name], MP.FACTORS["mixed_precision"]).ok
+
+
+# ---- GradScaler -------------------------------------------------------------------------------------------------
+
+def test_gradscaler_skips_an_inf_step_leaving_parameters_and_adamw_state_and_lowers_the_scale():
+    model = default_model(0)
+    model.kv_caching = False
+    trainer = _trainer(model, "fp16", clip=1.0, opt=torch.optim.AdamW, lr=1e-3)
+    assert not trainer.step([_batch(512, 0)]).skipped
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = copy.deepcopy(trainer.optimizer.state_dict())
+    scale = trainer.scaler.get_scale()
+    w = model.layers[1].attention.wk.weight
+    handle = w.register_hook(lambda grad: grad.index_fill(0, torch.tensor([3]), float("inf")))
+    result = trainer.step([_batch(512, 1)])
+    handle.remove()
+    assert result.skipped and trainer.scaler.get_scale() == scale / 2
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert MP._same_state(state["state"], trainer.optimizer.state_dict()["state"])
+    assert not trainer.step([_batch(512, 2)]).skipped
+
+
+def test_gradients_are_unscaled_before_clipping():
+    model = default_model(0)
+    model.kv_caching = False
+    window = [_batch(512, 3), _batch(512, 4)]
+    fp32 = _trainer(copy.deepcopy(model), "off", clip=0.1, lr=1.0).step(window)
+    mixed = _trainer(copy.deepcopy(model), "fp16", clip=0.1, lr=1.0).step(window)
+    assert not mixed.skipped and fp32.grad_norm > 0.1  # clipping binds
+    assert mixed.grad_norm == pytest.approx(fp32.grad_norm, rel=10 * torch.finfo(torch.float16).eps)
+
+
+def test_unscale_before_clip_and_skip_subchecks_pass():
+    model = default_model(0)
+    model.kv_caching = False
+    g = torch.Generator().manual_seed(0)
+    window = [MP._random_batch(model.params, g, torch.device("cpu")) for _ in range(2)]
+    cals: dict = {}
+    assert MP._unscale_clip_problems(model, window, cals) == []
+    assert set(cals) == {"scaler grad_norm", "scaler clipped update"}
+    assert MP._scaler_skip_problems(model, g, torch.device("cpu")) == []
+
+
+# ---- training tracks fp32 ---------------------------------------------------------------------------------------
+
+def test_a_short_training_run_tracks_the_fp32_curve():
+    model = default_model(3)
+    model.kv_caching = False
+    cals: dict = {}
+    notes: list = []
+    g = torch.Generator().manual_seed(3)
+    assert MP._curve_problems(model, HALVES, 8, g, torch.device("cpu"), cals, notes) == []
+    assert set(cals) == {"curve bf16", "curve fp16"} and notes == []
+
+
+# ---- the bug zoo ------------------------------------------------------------------------------------------------
+
+EXPECTED = {  # mutant → a detail line it must produce (the claim that catches it)
+    "mp_trainable_params_half": "Attempting to unscale FP16 gradients",
+    "mp_clip_before_unscale": "grad_norm vs float64",
+    "mp_optimizer_step_bypasses_scaler": "changed parameters",
+    "mp_scaler_step_per_micro_batch": "clipped update vs float64",
+    "mp_autocast_wrong_device": "Linear matmuls not in bfloat16",
+    "mp_rmsnorm_no_upcast": "RMSNorm reductions not upcast to fp32",
+    "mp_softmax_in_half": "_softmax(bfloat16)",
+    "mp_loss_on_half_logits": "token_loss_sum on bfloat16 logits",
+    "mp_frozen_base_kept_fp32": "frozen base not stored in bfloat16",
+}
+
+
+def test_the_zoo_holds_the_listed_mixed_precision_bugs():
+    assert {m.name for m in mutants_for(MP.NAME)} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_mutant_is_caught_for_its_reason(name):
+    model = default_model(0, **MUTANTS[name].model_overrides)
+    with inject(name):
+        result = check_mixed_precision(model, seed=1)
+    assert not result.ok
+    assert any(EXPECTED[name] in line for line in result.details), str(result)
+    if name == "mp_trainable_params_half":
+        assert "Attempting to unscale FP16 gradients" in result.error
+
+
+def test_rmsnorm_mutant_is_caught_numerically_by_fp16_activations():
+    with inject("mp_rmsnorm_no_upcast"):
+        problems = MP._upcast_problems(default_model(0), [torch.float16], torch.Generator().manual_seed(0))
+    assert len(problems) == 1 and "RMSNorm on float16 activations of ±512" in problems[0]

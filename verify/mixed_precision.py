@@ -1,0 +1,569 @@
+"""Property 5: mixed precision that is really mixed, and still right.
+
+On copies of the model (fp32 master weights), driving ``llama_ref.trainer.Trainer`` itself:
+
+* **really mixed** — during the forward under ``Trainer.autocast()``, observed with a ``TorchDispatchMode`` that
+  records each aten op with the module it ran in: every ``nn.Linear`` (LoRA's included) runs its matmul in the
+  half dtype, and so do the attention matmuls; the reductions the reference upcasts run in fp32 — RMSNorm's mean of
+  squares, the attention softmax, the loss's log-softmax. CPU autocast does not upcast ``softmax``, ``pow`` or
+  ``mean`` (torch 2.4–2.13), so these upcasts are ours, and with a half residual stream (LoRA on a half base) they
+  are all that keeps RMSNorm in fp32;
+* **master weights** — trainable parameters and the gradients the optimizer steps with are fp32; with LoRA on a
+  half base (``llama-finetune --mp --lora``) the frozen base is stored in the half dtype (half the bytes: the seed's
+  mixed precision kept it fp32 and saved nothing) and the adapters and their gradients stay fp32;
+* **still right** — logits, loss and every parameter's gradient are compared with a float64 reference (the same
+  weights, loss written here independently) and may be at most ``FACTORS["mixed_precision"]`` times further from it
+  than the *plain* low-precision path: the same model cast entirely to the half dtype, run without autocast but
+  with the reference's fp32 upcasts (its loss taken in fp32 from its fp32 logits). That is what training in the half
+  dtype gives with the same code; autocast, which keeps the residual stream, weights and gradients in fp32 and rounds
+  only matmul inputs, must do at least about as well;
+* **the upcasts hold at the extremes** — RMSNorm on half activations of ±512 (Llama's residual streams reach the
+  thousands: "massive activations"; fp16 squares overflow above 256) stays within two roundings of fp64, and
+  ``token_loss_sum`` on half logits returns an fp32 sum within fp32 rounding of fp64;
+* **GradScaler** (fp16): a step whose gradients hold inf (then NaN) is skipped — parameters and AdamW state
+  bit-identical, ``StepResult.skipped`` set — and the scale is lowered; the next finite step is taken. Gradients
+  are unscaled before clipping: with clipping binding, ``StepResult.grad_norm`` is the true pre-clip norm
+  (calibrated against the plain fp16 path's, not 65536 times it) and the clipped SGD update matches the float64
+  one (a window of two micro-batches: one scale for the whole window);
+* **training tracks fp32** — ``steps`` AdamW steps with clipping in bf16 and in fp16 give a loss curve within
+  ``FACTORS["mixed_precision_curve"]`` times the distance that rounding the initial weights to the half dtype once
+  (then training in fp32) moves the fp32 curve.
+
+fp16 runs only where ``torch.autocast`` supports it on the model's device (CPU: yes in torch 2.4 and 2.13); where it
+does not, the details say so. Autocast around backward or the optimizer is not checked: on CPU (2.4, 2.13) it
+changes no op and no bit of the gradients or the AdamW update (backward ops take their forward's dtypes).
+
+Calibration (CPU, torch 2.13; ratio = ||test − fp64|| / ||plain − fp64||). Over 70 models (tiny preset seeds 0–29,
+40 random small configs: GQA, SDPA, tied output, 1–2 layers), bf16 and fp16, full fine-tune and LoRA on a half base:
+logits 0.73–0.99; each parameter's gradient 0.41–2.51, median 0.85 (2.51: fp16, a one-layer SDPA config; the tiny
+preset ≤ 1.23); LoRA on a half base exactly 1.00 in bf16 (both paths round the same tensors), ≤ 1.23 in fp16; loss,
+with a floor of eps·|loss|, ≤ 0.28; GradScaler's grad norm ≤ 0.35 and clipped update ≤ 1.39. Hence factor 5 (2x
+headroom); the mutants reach 500 to 10^7. Loss curves (8 steps of AdamW, lr 1e-2, clip 1; 100 models: tiny seeds
+100–139 and 60 random configs) against fp32 from half-rounded weights: at most 3.49 (bf16) and 3.65 (fp16), median
+1.3; that baseline is spiky (14.5 once in 40 other random configs, where MP's curve was 0.26·eps·||curve|| off;
+the median is 0.1–0.2 eps·||curve||), so it is floored at 0.1·eps·||curve||: then at most 1.92 (bf16), 3.65 (fp16),
+factor 8. GradScaler legitimately skips fp16 steps of large-gradient models at its initial scale of 2^16 (17 of 40
+random configs, a LoRA half base 5 times in 240 steps); the fp32 runs skip the same steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections import defaultdict
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import llama_ref.finetune as FT
+import llama_ref.trainer as T
+from llama_ref.data import IGNORE_INDEX
+from llama_ref.lora import apply_lora_to_llama, lora_layers
+from llama_ref.model import RMSNorm, Transformer
+
+from .compare import CalibratedComparison, compare, compare_calibrated
+from .result import CheckResult
+from .tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
+
+NAME = "mixed_precision"
+FACTORS = CALIBRATION_FACTORS  # "mixed_precision" and "mixed_precision_curve", measured in verify/tolerances.py
+CURVE_FLOOR = 0.1  # × eps(half)·||fp32 curve||: the rounded start can land closer than MP's per-step rounding allows
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "dot"}
+UPCAST_REDUCTIONS = {"_softmax", "softmax", "_log_softmax", "log_softmax", "nll_loss_forward", "nll_loss2d_forward"}
+NORM_REDUCTIONS = {"mean", "sum", "var", "norm", "linalg_vector_norm"}
+Batch = dict[str, torch.Tensor]
+
+
+def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bfloat16,
+                          lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0, steps: int = 8
+                          ) -> CheckResult:
+    """Check property 5 on copies of ``model`` (left untouched), autocasting to ``dtype`` (bf16 or fp16).
+
+    ``lora``: targets of the LoRA-on-a-half-base case (None skips it); ``steps``: length of the training run.
+    The GradScaler claims always run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
+    ``max_abs`` is the largest |test − reference| of the calibrated comparisons, ``max_rel`` their worst ratio
+    (curves excluded; both are in ``criterion``). Raises ValueError for a ``dtype`` other than bf16/fp16 or
+    ``steps`` < 1.
+    """
+    if dtype not in PRECISION_NAMES:
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    base = copy.deepcopy(model).float()
+    base.kv_caching = False
+    device = next(base.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    fp16_ok, fp16_why = autocast_observed(device.type, torch.float16)
+    weights = next(model.parameters()).dtype
+    case = (f"{PRECISION_NAMES[dtype]} {'lora=' + ','.join(lora) if lora else 'full only'} steps={steps}"
+            + ("" if weights == torch.float32 else f" from {_dt((weights,))} weights")
+            + ("" if fp16_ok else " (no fp16)"))
+    failures: list[str] = []
+    notes: list[str] = []
+    cals: dict[str, CalibratedComparison] = {}
+    error: Optional[str] = None
+
+    def run(label: str, fn: Callable[[], list[str]]) -> None:
+        nonlocal error
+        try:
+            failures.extend(f"{label}: {p}" for p in fn())
+        except Exception as e:  # the implementation under test crashed: a failure, with its message
+            message = f"{type(e).__name__}: {e}"
+            failures.append(f"{label}: raised {message}")
+            error = error or message
+
+    window = [_random_batch(base.params, g, device) for _ in range(2)]
+    run(f"full {PRECISION_NAMES[dtype]}", lambda: _autocast_problems(base, window[:1], dtype, cals, "full"))
+    if lora:
+        run(f"LoRA on a {PRECISION_NAMES[dtype]} base",
+            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g), window[:1], dtype, cals, "lora"))
+    run("upcasts", lambda: _upcast_problems(base, [dtype] + ([torch.float16] if fp16_ok else []), g))
+    if fp16_ok:
+        run("GradScaler skip", lambda: _scaler_skip_problems(base, g, device))
+        run("unscale before clip", lambda: _unscale_clip_problems(base, window, cals))
+    else:
+        notes.append(f"fp16 not checked (GradScaler, unscale before clip, fp16 loss curve): {fp16_why}")
+    curve_dtypes = list(dict.fromkeys([dtype] + ([torch.float16] if fp16_ok else [])))
+    run("loss curve", lambda: _curve_problems(base, curve_dtypes, steps, g, device, cals, notes))
+
+    worst_abs = max((c.max_abs for c in cals.values()), default=float("inf"))
+    worst_ratio = max((c.ratio for k, c in cals.items() if not k.startswith("curve")), default=float("inf"))
+    curve_ratio = max((c.ratio for k, c in cals.items() if k.startswith("curve")), default=float("inf"))
+    criterion = (f"calibrated {worst_ratio:.2f}x <= {FACTORS['mixed_precision']:g}x, curve {curve_ratio:.2f}x <= "
+                 f"{FACTORS['mixed_precision_curve']:g}x; half matmuls, fp32 reductions, fp32 master, scaler")
+    return CheckResult(NAME, not failures, worst_abs, worst_ratio, tolerance(dtype), failures + notes, case,
+                       error=error, criterion=criterion)
+
+
+# ---- observation: which dtype each op really ran in -----------------------------------------------------------
+
+class OpRecorder(TorchDispatchMode):
+    """Records ``(module path, module, aten op name, input dtypes)`` of every op dispatched while active.
+
+    The module path comes from forward hooks on ``model``'s submodules (innermost module running); ops of the loss
+    and of backward run outside every module (path ``""``) unless a checkpointed block is being recomputed.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.ops: list[tuple[str, nn.Module | None, str, tuple[torch.dtype, ...]]] = []
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: self._stack.append((name, m))))
+            self._handles.append(module.register_forward_hook(self._pop))
+
+    def _pop(self, module: nn.Module, args, out) -> None:
+        self._stack.pop()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = list(args) + list((kwargs or {}).values())
+        dtypes = tuple(a.dtype for a in flat if isinstance(a, torch.Tensor) and a.is_floating_point())
+        name, module = self._stack[-1] if self._stack else ("", None)
+        self.ops.append((name, module, func.overloadpacket.__name__, dtypes))
+        return func(*args, **(kwargs or {}))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _is_matmul(op: str) -> bool:
+    return op in MATMULS or op.startswith("_scaled_dot_product")
+
+
+def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dtype) -> list[str]:
+    """Linear and attention matmuls in ``half``; softmax, log-softmax, NLL and RMSNorm reductions in fp32 (or fp64)."""
+    wide = (torch.float32, torch.float64)
+    linear_ops: dict[str, list[tuple[str, tuple]]] = defaultdict(list)
+    other_mm, narrow_reductions, narrow_norms = [], [], []
+    for name, module, op, dtypes in rec.ops:
+        if _is_matmul(op) and module is not None:
+            if isinstance(module, nn.Linear):
+                linear_ops[name].append((op, dtypes))
+            elif any(d != half for d in dtypes):
+                other_mm.append(f"{name or 'model'} {op}({_dt(dtypes)})")
+        elif op in UPCAST_REDUCTIONS and any(d not in wide for d in dtypes):
+            narrow_reductions.append(f"{op}({_dt(dtypes)}) in {name or 'the loss'}")
+        elif isinstance(module, RMSNorm) and op in NORM_REDUCTIONS and any(d not in wide for d in dtypes):
+            narrow_norms.append(f"{name} {op}({_dt(dtypes)})")
+    problems = []
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    idle = [n for n in linears if not linear_ops.get(n)]
+    not_half = [f"{n} {op}({_dt(d)})" for n in linears for op, d in linear_ops.get(n, []) if any(x != half for x in d)]
+    if not_half:
+        problems.append(f"Linear matmuls not in {_dt((half,))} under autocast: {_names(not_half)}")
+    if idle:
+        problems.append(f"Linear modules that ran no matmul under observation: {_names(idle)}")
+    if other_mm:
+        problems.append(f"attention matmuls not in {_dt((half,))}: {_names(other_mm)}")
+    if narrow_reductions:
+        problems.append(f"softmax / loss reductions not upcast to fp32: {_names(narrow_reductions)}")
+    if narrow_norms:
+        problems.append(f"RMSNorm reductions not upcast to fp32: {_names(narrow_norms)}")
+    return problems
+
+
+def autocast_observed(device_type: str, dtype: torch.dtype) -> tuple[bool, str]:
+    """Does ``torch.autocast(device_type, dtype)`` really run a matmul in ``dtype`` here (observed, not asked of
+    ``llama_ref.trainer.autocast_supported``)? And if not, why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = torch.ones(2, 2, device=device_type)
+            with torch.autocast(device_type, dtype=dtype):
+                out = a @ a
+        if out.dtype != dtype:
+            return False, f"torch {torch.__version__}: autocast({device_type!r}, {dtype}) gave {out.dtype}"
+        return True, ""
+    except Exception as e:
+        return False, f"torch {torch.__version__}: autocast({device_type!r}, {dtype}) raised {type(e).__name__}: {e}"
+
+
+# ---- autocast forward/backward vs float64 and the plain half path ---------------------------------------------
+
+def _autocast_problems(model: Transformer, window: list[Batch], half: torch.dtype,
+                       cals: dict[str, CalibratedComparison], label: str) -> list[str]:
+    """One window through ``Trainer.step`` (SGD, lr 0) under observation: policy, dtypes, calibrated accuracy."""
+    factor = FACTORS[NAME]
+    test = copy.deepcopy(model)
+    logits: list[torch.Tensor] = []
+    hook = test.register_forward_hook(lambda m, args, out: logits.append(out.detach()))
+    rec = OpRecorder(test)
+    try:
+        result, grads, attempts = _step_capturing_grads(test, window, PRECISION_NAMES[half], rec)
+    finally:
+        rec.remove()
+        hook.remove()
+    problems = precision_policy_problems(rec, test, half)
+    trainable = {n: p for n, p in test.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in test.named_parameters() if not p.requires_grad}
+    if result.skipped:
+        return problems + [f"GradScaler skipped all {attempts} attempts at a finite window"]
+    problems += _dtype_problems(trainable, frozen, grads, half if label == "lora" else None)
+    ref_loss, ref_grads, ref_logits = _float64_window(model, window)
+    plain_loss, plain_grads, plain_logits = _plain_window(model, window, half)
+    loss_floor = torch.finfo(half).eps * abs(ref_loss)
+    checks = {"logits": compare_calibrated(logits[-1], plain_logits, ref_logits, factor),
+              "loss": compare_calibrated(torch.tensor(result.loss), torch.tensor(plain_loss),
+                                         torch.tensor(ref_loss, dtype=torch.float64), factor, floor=loss_floor)}
+    for key, c in checks.items():
+        cals[f"{label} {key}"] = c
+        if not c.ok:
+            problems.append(f"{key} vs float64: {c}")
+    per_param = {n: compare_calibrated(grads[n], plain_grads[n], ref_grads[n], factor)
+                 for n in trainable if grads.get(n) is not None}
+    cals.update((f"{label} grad {n}", c) for n, c in per_param.items())
+    far = sorted((n for n, c in per_param.items() if not c.ok), key=lambda n: -per_param[n].ratio)
+    if far:
+        problems.append(f"gradients of {len(far)}/{len(per_param)} parameters too far from float64 ({_names(far)}); "
+                        f"worst, {far[0]}: {per_param[far[0]]}")
+    return problems
+
+
+def _dtype_problems(trainable: dict[str, torch.Tensor], frozen: dict[str, torch.Tensor],
+                    grads: dict[str, Optional[torch.Tensor]], half_base: Optional[torch.dtype]) -> list[str]:
+    problems = []
+    not_fp32 = [f"{n} ({_dt((p.dtype,))})" for n, p in trainable.items() if p.dtype != torch.float32]
+    if not_fp32:
+        problems.append(f"trainable parameters not fp32: {_names(not_fp32)}")
+    missing = [n for n in trainable if grads.get(n) is None]
+    if missing:
+        problems.append(f"trainable parameters without a gradient at optimizer.step: {_names(missing)}")
+    bad = [f"{n} ({_dt((gr.dtype,))})" for n, gr in grads.items() if gr is not None and gr.dtype != torch.float32]
+    if bad:
+        problems.append(f"gradients not fp32 at optimizer.step: {_names(bad)}")
+    if half_base is not None:
+        wrong = [f"{n} ({_dt((p.dtype,))})" for n, p in frozen.items() if p.dtype != half_base]
+        if wrong or not frozen:
+            stored = sum(p.numel() * p.element_size() for p in frozen.values())
+            half_bytes = sum(p.numel() for p in frozen.values()) * torch.finfo(half_base).bits // 8
+            problems.append(f"frozen base not stored in {_dt((half_base,))} ({stored / 2**20:.2f} MiB instead of "
+                            f"{half_bytes / 2**20:.2f} MiB: mixed precision saves nothing): {_names(wrong)}")
+    return problems
+
+
+def _step_capturing_grads(model: Transformer, window: list[Batch], precision: str, rec: Optional[OpRecorder] = None,
+                          max_attempts: int = 16):
+    """``Trainer.step`` with SGD at lr 0, the gradients captured as the optimizer steps; a step GradScaler skips
+    (fp16 overflow at the initial scale) is retried at the lowered scale, as training would."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grads: dict[str, Optional[torch.Tensor]] = {}
+
+    def capture(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                grads[names[id(p)]] = None if p.grad is None else p.grad.detach().clone()
+    opt.register_step_pre_hook(capture)
+    trainer = T.Trainer(model, opt, precision=precision)
+    for attempt in range(1, max_attempts + 1):
+        if rec is not None and attempt == 1:
+            with rec:
+                result = trainer.step(window)
+        else:
+            result = trainer.step(window)
+        if not result.skipped:
+            break
+    return result, grads, attempt
+
+
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over targets ``labels[:, 1:] != IGNORE_INDEX`` of ``-log softmax(logits[:, :-1])[target]`` (logits' dtype)."""
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    picked = logp.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return -torch.where(keep, picked, torch.zeros_like(picked)).sum()
+
+
+def _window_backward(model: Transformer, window: list[Batch], loss_dtype: torch.dtype):
+    n = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    total, logits = 0.0, None
+    for b in window:
+        logits = model(b["input_ids"], 0)
+        loss = _ce_sum(logits.to(loss_dtype), b["labels"]) / n
+        loss.backward()
+        total += float(loss.detach())
+    grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    return total, grads, logits.detach()
+
+
+def _float64_window(model: Transformer, window: list[Batch]):
+    return _window_backward(copy.deepcopy(model).double(), window, torch.float64)
+
+
+def _plain_window(model: Transformer, window: list[Batch], half: torch.dtype):
+    """The calibration baseline: everything in ``half``, no autocast, the reference's own upcasts, loss in fp32."""
+    return _window_backward(copy.deepcopy(model).to(half), window, torch.float32)
+
+
+def half_frozen_base(model: Transformer, half: torch.dtype) -> Transformer:
+    """``llama-finetune --mp --lora``'s storage of the frozen base (looked up at call time, so mutants reach it)."""
+    return FT.half_frozen_base(model, half)
+
+
+def _lora_half_base(model: Transformer, targets: Sequence[str], half: torch.dtype, g: torch.Generator) -> Transformer:
+    lora = copy.deepcopy(model)
+    apply_lora_to_llama(lora, 4, 8.0, 0.0, targets, merge_weights=False, lora_dtype=torch.float32)
+    with torch.no_grad():
+        for _, layer in lora_layers(lora):  # B ≠ 0: A gets a gradient, and the update reaches the output
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / 2)
+    return half_frozen_base(lora.train(), half)
+
+
+# ---- the upcasts at the extremes -------------------------------------------------------------------------------
+
+def _upcast_problems(model: Transformer, halves: Sequence[torch.dtype], g: torch.Generator) -> list[str]:
+    problems = []
+    device = next(model.parameters()).device
+    for half in dict.fromkeys(halves):
+        eps = torch.finfo(half).eps
+        norm = copy.deepcopy(model.norm).to(half)
+        x = (torch.randn(2, 8, model.params.dim, generator=g) * 512).to(device, half)  # squares overflow fp16
+        with torch.no_grad():
+            out = norm(x)
+        x64, w64 = x.double(), norm.weight.double()
+        expected = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * w64
+        c = compare(out, expected, Tolerance(2 * eps, torch.finfo(half).tiny), "RMSNorm")  # two roundings to half
+        if not c.ok or out.dtype != half:
+            problems.append(f"RMSNorm on {_dt((half,))} activations of ±512 (output {_dt((out.dtype,))}): {c}")
+        logits = (torch.randn(2, 17, model.params.vocab_size, generator=g) * 3).to(device, half)
+        labels = torch.randint(0, model.params.vocab_size, (2, 17), generator=g).to(device)
+        labels[0, :5] = IGNORE_INDEX
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        loss = T.token_loss_sum(logits, labels)
+        expected_loss = float(_ce_sum(logits.double(), labels))
+        bound = (n + 4) * torch.finfo(torch.float32).eps * expected_loss  # fp32 log-softmax and an n-term sum
+        if loss.dtype != torch.float32 or not abs(float(loss) - expected_loss) <= bound:
+            problems.append(f"token_loss_sum on {_dt((half,))} logits returned {float(loss):.6f} "
+                            f"({_dt((loss.dtype,))}), float64 says {expected_loss:.6f} (allowed ±{bound:.1e})")
+    return problems
+
+
+# ---- GradScaler: skipping non-finite steps, unscaling before clipping ------------------------------------------
+
+def _scaler_skip_problems(model: Transformer, g: torch.Generator, device: torch.device) -> list[str]:
+    """fp16 + AdamW: finite step, inf step, NaN step (both skipped, nothing changed, scale lowered), finite step."""
+    test = copy.deepcopy(model)
+    params = dict((n, p) for n, p in test.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=0.01)
+    trainer = T.Trainer(test, opt, precision="fp16", clip=1.0)
+    for _ in range(16):  # a first finite step; GradScaler may skip while it finds its scale
+        if not trainer.step([_random_batch(test.params, g, device)]).skipped:
+            break
+    problems = []
+    victim = list(params)[len(params) // 2]
+    for bad in (float("inf"), float("nan")):
+        before = {n: p.detach().clone() for n, p in params.items()}
+        state = copy.deepcopy(opt.state_dict()["state"])
+        scale = trainer.scaler.get_scale()
+        row0 = torch.tensor([0], device=device)
+        handle = params[victim].register_hook(lambda grad, bad=bad: grad.index_fill(0, row0, bad))
+        try:
+            result = trainer.step([_random_batch(test.params, g, device)])
+        finally:
+            handle.remove()
+        what = f"a step with {bad} in {victim}.grad"
+        changed = [n for n, p in params.items() if not torch.equal(p, before[n])]
+        if changed:
+            broken = [n for n in changed if not bool(params[n].isfinite().all())]
+            return problems + [f"{what} changed parameters: {_names(changed)}"
+                               + (f" ({len(broken)} of them now non-finite)" if broken else "")]
+        after = opt.state_dict()["state"]
+        if not _same_state(state, after):
+            problems.append(f"{what} changed the optimizer state")
+        if not result.skipped:
+            problems.append(f"{what} was not reported skipped (StepResult.skipped is False)")
+        if not trainer.scaler.get_scale() < scale:
+            problems.append(f"{what} did not lower the scale ({scale:g} -> {trainer.scaler.get_scale():g})")
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(16):  # the lowered scale may still overflow: GradScaler lowers it again
+        if not trainer.step([_random_batch(test.params, g, device)]).skipped:
+            break
+    if all(torch.equal(p, before[n]) for n, p in params.items()):
+        problems.append("no finite step was taken after the two skipped ones (16 tries)")
+    return problems
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        if a[k].keys() != b[k].keys():
+            return False
+        for key, v in a[k].items():
+            w = b[k][key]
+            if isinstance(v, torch.Tensor) != isinstance(w, torch.Tensor):
+                return False
+            if not (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w):
+                return False
+    return True
+
+
+def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[str, CalibratedComparison]
+                           ) -> list[str]:
+    """fp16 + GradScaler, SGD (lr 1), clipping at a quarter of the true norm, one window of two micro-batches."""
+    factor = FACTORS[NAME]
+    _, ref_grads, _ = _float64_window(model, window)
+    _, plain_grads, _ = _plain_window(model, window, torch.float16)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref_norm = _norm(ref_grads[n] for n in names)
+    plain_norm = _norm(plain_grads[n] for n in names)
+    clip = ref_norm / 4
+    test = copy.deepcopy(model)
+    params = dict(test.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+    trainer = T.Trainer(test, torch.optim.SGD([params[n] for n in names], lr=1.0), precision="fp16", clip=clip)
+    for _ in range(16):
+        result = trainer.step(window)
+        if not result.skipped:
+            break
+    else:
+        return ["GradScaler skipped 16 attempts at a finite window"]
+
+    def update(grads, norm):
+        coef = min(1.0, clip / (norm + 1e-6))  # clip_grad_norm_'s definition
+        return torch.cat([-coef * grads[n].detach().double().flatten() for n in names])
+    test_update = torch.cat([(params[n].detach().double() - before[n].double()).flatten() for n in names])
+    checks = {
+        "grad_norm": compare_calibrated(torch.tensor(float(result.grad_norm or 0.0), dtype=torch.float64),
+                                        torch.tensor(plain_norm), torch.tensor(ref_norm), factor,
+                                        floor=torch.finfo(torch.float16).eps * ref_norm),
+        "clipped update": compare_calibrated(test_update, update(plain_grads, plain_norm),
+                                             update(ref_grads, ref_norm), factor),
+    }
+    problems = []
+    if result.grad_norm is None:
+        problems.append("StepResult.grad_norm is None with clipping on")
+    for key, c in checks.items():
+        cals[f"scaler {key}"] = c
+        if not c.ok:
+            problems.append(f"{key} vs float64 (pre-clip norm {ref_norm:.4g}, clip {clip:.4g}, StepResult.grad_norm "
+                            f"{result.grad_norm}): {c}")
+    return problems
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
+
+
+# ---- a short training run tracks fp32 --------------------------------------------------------------------------
+
+def _curve_problems(model: Transformer, halves: Sequence[torch.dtype], steps: int, g: torch.Generator,
+                    device: torch.device, cals: dict[str, CalibratedComparison], notes: list[str]) -> list[str]:
+    """Each half dtype's loss curve vs fp32's, calibrated by fp32 from half-rounded weights. Steps GradScaler skipped
+    (fp16 overflow while it lowers its initial scale) are skipped in the fp32 runs too: same steps, same curve."""
+    windows = [[_random_batch(model.params, g, device)] for _ in range(steps)]
+    problems = []
+    for half in halves:
+        name = PRECISION_NAMES[half]
+        mixed, skipped = _train(model, windows, name)
+        if len(skipped) == len(windows):  # legitimate while the scale is too high; the scaler checks cover it
+            notes.append(f"{name} loss curve not compared: GradScaler skipped all {steps} steps while lowering its "
+                         f"initial scale (use more steps)")
+            continue
+        fp32, _ = _train(model, windows, "off", skip=skipped)
+        rounded = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in rounded.parameters():
+                p.copy_(p.to(half).to(p.dtype))
+        perturbed, _ = _train(rounded, windows, "off", skip=skipped)
+        c = compare_calibrated(mixed, perturbed, fp32, FACTORS["mixed_precision_curve"],
+                               floor=CURVE_FLOOR * torch.finfo(half).eps * float(fp32.norm()))
+        cals[f"curve {name}"] = c
+        if not c.ok:
+            problems.append(f"{name} loss curve vs fp32 (vs fp32 from {name}-rounded weights; steps {skipped} skipped "
+                            f"by GradScaler, and in fp32): {c}; fp32 {_curve(fp32)}, {name} {_curve(mixed)}")
+    return problems
+
+
+def _train(model: Transformer, windows: list[list[Batch]], precision: str, skip: Sequence[int] = ()
+           ) -> tuple[torch.Tensor, list[int]]:
+    """Losses of AdamW + clipping via ``Trainer.step``, and the steps GradScaler skipped; windows in ``skip`` are
+    only evaluated (the loss a step would report), not stepped."""
+    test = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in test.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    trainer = T.Trainer(test, opt, precision=precision, clip=1.0)
+    losses, skipped = [], []
+    for i, window in enumerate(windows):
+        if i in skip:
+            with torch.no_grad():
+                total = sum(float(T.token_loss_sum(test(b["input_ids"], 0), b["labels"])) for b in window)
+            losses.append(total / sum(T.count_target_tokens(b["labels"]) for b in window))
+            continue
+        result = trainer.step(window)
+        losses.append(result.loss)
+        if result.skipped:
+            skipped.append(i)
+    return torch.tensor(losses, dtype=torch.float64), skipped
+
+
+# ---- small helpers ---------------------------------------------------------------------------------------------
+
+def _random_batch(p, g: torch.Generator, device: torch.device, batch: int = 2, length: int = 16) -> Batch:
+    """(B, L) right-padded ragged sequences, a masked prompt on the first row; at least one target each."""
+    length = min(length, p.max_seq_len)
+    ids = torch.randint(0, p.vocab_size, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[0, : length // 4] = IGNORE_INDEX
+    for b in range(1, batch):
+        n = int(torch.randint(max(2, length // 2), length + 1, (1,), generator=g))
+        ids[b, n:], labels[b, n:] = 0, IGNORE_INDEX
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
+def _dt(dtypes: Sequence[torch.dtype]) -> str:
+    return ",".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _curve(losses: torch.Tensor) -> str:
+    return "[" + " ".join(f"{v:.4f}" for v in losses.tolist()) + "]"
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
