@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -67,7 +68,8 @@ def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant]
         row = {}
         for name in checks:
             model = factory(**m.model_overrides).to(device)
-            with inject(m.name):
+            with inject(m.name), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the wrong code's own complaints (e.g. scheduler order)
                 row[name] = CHECKS[name](model, inputs)
         matrix[m.name] = row
     return matrix
