@@ -7,6 +7,15 @@ b. Ours vs PEFT: our LoRA model against ``peft.get_peft_model`` (same r/alpha/dr
    transformers' ``LlamaForCausalLM`` holding the same base weights (``verify.oracle_hf.build_hf_model``, train mode);
    attention "math"/"sdpa" for ours, "eager"/"sdpa" for transformers. Target: ours / PEFT step time ≤ 1.0, for
    the same kind of attention (ours "math" vs PEFT "eager", ours "sdpa" vs PEFT "sdpa").
+c. The fine-tuning issue's configuration, LoRA + gradient checkpointing + bf16 mixed precision, ours vs PEFT on the
+   same weights: ours = ``apply_lora_to_llama`` (wq,wv, fp32 adapters) + ``half_frozen_base(bf16)`` +
+   ``set_gradient_checkpointing("all")``; PEFT = ``build_hf_model(base, dtype=bf16)`` (RoPE tables stay fp32) +
+   ``gradient_checkpointing_enable(use_reentrant=False)`` + ``get_peft_model`` (adapters upcast to fp32, peft's
+   default ``autocast_adapter_dtype=True``). Both step through ``llama_ref.trainer.Trainer(precision="bf16")``
+   (autocast around forward + ``token_loss_sum``, AdamW on the adapters); transformers sits behind a wrapper that
+   maps ``(tokens, start_pos)`` to its logits. Tokens/s and MemTracker peak; targets ours/PEFT tokens/s ≥ 1 and
+   peak ≤ 1. Checkpointing is checked by counting block forwards per step (2 = recomputed) and by the activation
+   peak of the same models without it.
 
 A step = logits of a batch of random tokens → cross-entropy of logits[:, :-1] against tokens[:, 1:] (computed here
 for every contender: transformers gets no labels) → ``loss.backward()`` → ``SGD.step()`` →
@@ -21,7 +30,7 @@ Peak memory: ``torch.distributed._tools.mem_tracker.MemTracker`` over one step a
 (``VmHWM``, reset after building model and optimizer) of a fresh subprocess over 3 steps, minus its RSS then.
 
     python scripts/bench_lora.py [--quick] [--threads N] [--repeats N] [--out docs/bench_lora.md] [--profile]
-                                 [--no-rss] [--preset NAME --batch B --seq T]
+                                 [--no-rss] [--preset NAME --batch B --seq T] [--sections abc]
 """
 from __future__ import annotations
 
@@ -198,8 +207,7 @@ def bench_lora_vs_full(preset: str, tokens: torch.Tensor, repeats: int, rss: boo
         times.append([name, f"{n_train:,}", f"{fb * 1e3:.1f}", f"{fb / fb_full:.2f}", f"{step * 1e3:.1f}",
                       f"{step / step_full:.2f}"])
         mrow = [name] + [f"{peak.get(c, 0) / MiB:.1f}" for c in CATEGORIES] + [
-            f"**{peak['Total'] / MiB:.1f}**", f"{peak['Total'] / mem_full['Total']:.2f}",
-            f"{(peak['Total'] - peak['Buffer']) / (mem_full['Total'] - mem_full['Buffer']):.2f}"]
+            f"**{peak['Total'] / MiB:.1f}**", f"{peak['Total'] / mem_full['Total']:.2f}"]
         if rss:
             mrow.append(f"{rss_delta(preset, *tokens.shape, ','.join(configs[name]) or 'full') / MiB:.1f}")
         mems.append(mrow)
@@ -226,15 +234,125 @@ def bench_vs_peft(args: ModelArgs, tokens: torch.Tensor, repeats: int, profile: 
         if name in PAIRS:  # against PEFT with the same kind of attention kernel
             ratio = step / res[PAIRS[name]][1]
             target = f"{ratio:.2f} of {PAIRS[name]} ≤ 1.0: " + ("met" if ratio <= 1.0 else "NOT met")
-        total, no_buf = peaks[name]["Total"], peaks[name]["Total"] - peaks[name]["Buffer"]
+        total = peaks[name]["Total"]
         rows.append([name, f"{fb * 1e3:.1f}", f"{step * 1e3:.1f}", f"{fb / ref_fb:.2f}", f"{step / ref_step:.2f}",
-                     f"{step / sdpa_step:.2f}", f"{total / MiB:.1f}", f"{no_buf / MiB:.1f}",
+                     f"{step / sdpa_step:.2f}", f"{total / MiB:.1f}",
                      f"{loss:.6f}" + ("" if same else " **differs**"), target])
         print(f"  {name:10s} fwd+bwd {fb * 1e3:7.1f} ms  step {step * 1e3:7.1f} ms  / PEFT eager {step / ref_step:.2f}"
               f"  / PEFT sdpa {step / sdpa_step:.2f}  peak {total / MiB:.1f} MiB  first loss {loss:.6f}")
     if profile:
         profile_steps(trainers, ["ours math", "PEFT eager"])
     return rows
+
+
+class HFLogits(nn.Module):
+    """transformers (+ PEFT) behind our calling convention: ``(tokens, start_pos)`` → logits, no cache, no labels."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        return self.hf(input_ids=tokens, use_cache=False).logits
+
+
+class MixedStep:
+    """One ``llama_ref.trainer.Trainer`` step (bf16 autocast, AdamW on the trainable parameters) on ``tokens``;
+    ``attns`` are the blocks' attention modules, whose forward calls are counted: 1 per step without checkpointing,
+    2 with (transformers checkpoints a block's ``forward`` inside its ``__call__``, so hooks on the block itself
+    would not see the recomputation; hooks on a module inside it do)."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, attns: list[nn.Module]):
+        from llama_ref.trainer import Trainer as OurTrainer
+
+        self.model, self.tokens, self.calls = model.train(), tokens, [0]
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+        self.trainer = OurTrainer(model, self.opt, precision="bf16", device_type="cpu")
+        self.window = [{"input_ids": tokens, "labels": tokens}]
+        for attn in attns:
+            attn.register_forward_pre_hook(lambda *_: self.calls.__setitem__(0, self.calls[0] + 1))
+
+    def __call__(self) -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        loss = self.trainer.step(self.window).loss
+        dt = time.perf_counter() - t0
+        return dt, dt, loss
+
+
+def ours_mixed(args: ModelArgs, tokens: torch.Tensor, gc: bool) -> MixedStep:
+    from llama_ref.finetune import half_frozen_base
+
+    model = base_model(args)
+    apply_lora_to_llama(model, RANK, ALPHA, DROPOUT, SEED_TARGETS, merge_weights=False, lora_dtype=torch.float32)
+    half_frozen_base(model, torch.bfloat16)
+    model.set_gradient_checkpointing("all" if gc else None)
+    return MixedStep(model, tokens, [b.attention for b in model.layers])
+
+
+def peft_mixed(base: Transformer, attn: str, tokens: torch.Tensor, gc: bool) -> MixedStep:
+    from peft import LoraConfig, get_peft_model
+    from verify.oracle_hf import build_hf_model
+
+    hf = build_hf_model(base, dtype=torch.bfloat16)  # base stored in bf16; RoPE tables kept fp32
+    hf.set_attn_implementation(attn)
+    if gc:
+        # = gradient_checkpointing_enable(gradient_checkpointing_kwargs=…), deprecated in transformers 5; it also
+        # calls enable_input_require_grads() (the embedding output requires grad)
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["q_proj", "v_proj"],
+                     bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(hf, cfg)  # autocast_adapter_dtype=True (default): adapters fp32
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    return MixedStep(HFLogits(model), tokens, [b.self_attn for b in hf.model.layers])
+
+
+def bench_mixed(args: ModelArgs, tokens: torch.Tensor, repeats: int, profile: bool
+                ) -> tuple[list[list[str]], list[list[str]]]:
+    base = base_model(args)
+    trainers = {"ours math": ours_mixed(args.replace(attn_impl="math"), tokens, True),
+                "ours sdpa": ours_mixed(args.replace(attn_impl="sdpa"), tokens, True),
+                "PEFT eager": peft_mixed(base, "eager", tokens, True),
+                "PEFT sdpa": peft_mixed(base, "sdpa", tokens, True)}
+    res = timed(trainers, repeats)
+    n_tok = tokens.numel()
+    nogc = {"ours math": ours_mixed(args.replace(attn_impl="math"), tokens, False),
+            "PEFT eager": peft_mixed(base, "eager", tokens, False)}
+    for tr in nogc.values():
+        tr(), tr()
+    peaks = {name: tracked_peak(tr) for name, tr in trainers.items()}
+    peaks_nogc = {name: tracked_peak(tr) for name, tr in nogc.items()}
+    calls = {}
+    for name, tr in list(trainers.items()) + [(n + " no GC", t) for n, t in nogc.items()]:
+        tr.calls[0] = 0
+        tr()
+        calls[name] = tr.calls[0] / args.n_layers
+    ref_loss = res["PEFT eager"][2]
+    rows, mems = [], []
+    for name, (_, step, loss) in res.items():
+        pair = PAIRS.get(name)
+        tps = n_tok / step
+        peak = peaks[name]["Total"]
+        target = ""
+        if pair:
+            r_t, r_m = res[pair][1] / step, peak / peaks[pair]["Total"]
+            target = (f"tokens/s {r_t:.3f} ≥ 1: {'met' if r_t >= 1 else 'NOT met'}; "
+                      f"peak {r_m:.3f} ≤ 1: {'met' if r_m <= 1 else 'NOT met'}")
+        close = abs(loss - ref_loss) <= 2e-2 * abs(ref_loss)
+        rows.append([name, f"{step * 1e3:.1f}", f"{tps:,.0f}", f"{tps * res['PEFT eager'][1] / n_tok:.3f}",
+                     f"{tps * res['PEFT sdpa'][1] / n_tok:.3f}", f"{peak / MiB:.2f}",
+                     f"{loss:.6f}" + ("" if close else " **differs**"), f"{calls[name]:.0f}", target])
+        print(f"  {name:10s} step {step * 1e3:7.1f} ms  {tps:8,.0f} tok/s  peak {peak / MiB:6.1f} MiB  "
+              f"first loss {loss:.6f}  attn forwards/block/step {calls[name]:.0f}  {target}")
+    for name, peak in list(peaks.items()) + [(n + " no GC", p) for n, p in peaks_nogc.items()]:
+        mems.append([name] + [f"{peak.get(c, 0) / MiB:.1f}" for c in CATEGORIES] + [f"**{peak['Total'] / MiB:.2f}**"]
+                    + [f"{calls[name]:.0f}"])
+        print(f"  {name:17s} " + "  ".join(f"{c} {peak.get(c, 0) / MiB:.1f}" for c in CATEGORIES)
+              + f"  peak {peak['Total'] / MiB:.1f} MiB")
+    if profile:
+        profile_steps(trainers, ["ours math", "PEFT eager"])
+    return rows, mems
 
 
 def main() -> None:
@@ -248,6 +366,7 @@ def main() -> None:
     p.add_argument("--preset", help="model preset (default 'bench'; 'tiny' with --quick)")
     p.add_argument("--batch", type=int, help="sequences per step (default 4; 2 with --quick)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 128; 32 with --quick)")
+    p.add_argument("--sections", default="abc", help="which sections to run (default abc)")
     p.add_argument("--rss-child", help=argparse.SUPPRESS)  # internal: one peak-RSS measurement
     opts = p.parse_args()
     preset, batch, seq = ("tiny", 2, 32) if opts.quick else ("bench", 4, 128)
@@ -266,26 +385,43 @@ def main() -> None:
            f"Python {platform.python_version()}, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
            f"load average {os.getloadavg()[0]:.2f} at start")
     print(env)
-    print(f"a. LoRA vs full, preset {preset!r}, batch {batch} x {seq}")
-    times, mems = bench_lora_vs_full(preset, tokens, opts.repeats, not opts.no_rss)
-    print("b. ours vs PEFT, LoRA wq,wv / q_proj,v_proj")
-    peft_rows = bench_vs_peft(args, tokens, opts.repeats, opts.profile)
+    t_start, secs = time.perf_counter(), opts.sections
+    if "a" in secs:
+        print(f"a. LoRA vs full, preset {preset!r}, batch {batch} x {seq}")
+        times, mems = bench_lora_vs_full(preset, tokens, opts.repeats, not opts.no_rss)
+    if "b" in secs:
+        print("b. ours vs PEFT, LoRA wq,wv / q_proj,v_proj")
+        peft_rows = bench_vs_peft(args, tokens, opts.repeats, opts.profile)
+    if "c" in secs:
+        print("c. ours vs PEFT, LoRA + gradient checkpointing + bf16 autocast, AdamW")
+        mixed_rows, mixed_mems = bench_mixed(args, tokens, opts.repeats, opts.profile)
+    print(f"run time {time.perf_counter() - t_start:.0f} s")
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 
-    mem_header = (["model"] + [f"{c} MiB" for c in CATEGORIES] + ["peak MiB", "/ full", "/ full w/o buffers"]
+    mem_header = (["model"] + [f"{c} MiB" for c in CATEGORIES] + ["peak MiB", "/ full"]
                   + ([] if opts.no_rss else ["peak RSS Δ MiB"]))
-    text = "\n\n".join([
+    parts = [
         f"{env}, {os.getloadavg()[0]:.2f} at end\n\nAll figures: fp32, preset {preset!r}, batch {batch} x {seq} "
         f"random tokens, LoRA r={RANK} alpha={ALPHA} dropout={DROPOUT}, SGD lr={LR}; times are the median of "
-        f"{opts.repeats} steps after 2 warm-up steps, contenders interleaved.",
+        f"{opts.repeats} steps after 2 warm-up steps, contenders interleaved. Section c: bf16 autocast, frozen base "
+        f"stored in bf16, fp32 adapters, AdamW lr={LR}, gradient checkpointing on every block.",
         "### a. LoRA vs full fine-tuning: step time\n\n" + markdown(
             ["model", "trainable params", "fwd+bwd ms", "/ full", "step ms (incl. SGD + zero_grad)", "/ full"],
-            times),
-        "### a. LoRA vs full fine-tuning: peak memory (MemTracker, one step)\n\n" + markdown(mem_header, mems),
+            times) if "a" in secs else "",
+        "### a. LoRA vs full fine-tuning: peak memory (MemTracker, one step)\n\n" + markdown(mem_header, mems)
+        if "a" in secs else "",
         "### b. Ours vs PEFT (LoRA on wq,wv = q_proj,v_proj)\n\n" + markdown(
             ["implementation", "fwd+bwd ms", "step ms", "fwd+bwd / PEFT eager", "step / PEFT eager",
-             "step / PEFT sdpa", "peak MiB", "peak w/o buffers MiB", "loss of step 1", "target"], peft_rows),
-    ]) + "\n"
+             "step / PEFT sdpa", "peak MiB", "loss of step 1", "target"], peft_rows)
+        if "b" in secs else "",
+        "### c. Ours vs PEFT: LoRA wq,wv + gradient checkpointing (all blocks) + bf16 autocast, AdamW\n\n" + markdown(
+            ["implementation", "step ms", "tokens/s", "tokens/s / PEFT eager", "tokens/s / PEFT sdpa", "peak MiB",
+             "loss of step 1", "attention forwards / block / step", "target (vs PEFT, same attention kind)"], mixed_rows)
+        + "\n\n#### c. peak memory by category (MemTracker, one step)\n\n" + markdown(
+            ["model"] + [f"{c} MiB" for c in CATEGORIES] + ["peak MiB", "attention forwards / block / step"], mixed_mems)
+        if "c" in secs else "",
+    ]
+    text = "\n\n".join(x for x in parts if x) + "\n"
     if opts.out:
         with open(opts.out, "w") as f:
             f.write(text)
