@@ -123,7 +123,9 @@ class LoRALinear(nn.Linear, LoRALayer):
         result = F.linear(x, self.weight, self.bias)
         if self.merged:
             return result
-        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):  # under autocast F.linear casts; a copy would only cost
+            h = h.to(self.lora_A.dtype)
         update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # (…, r) then (…, out)
         return result + update.to(result.dtype)
 
