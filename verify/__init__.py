@@ -1,0 +1,13 @@
+"""The verification library: one check per property, each returning a CheckResult, and the bug zoo that proves it."""
+from .checkpointing import check_gradient_checkpointing
+from .compare import Comparison, compare, compare_calibrated, compare_grads
+from .grad_accum import check_grad_accumulation
+from .kv_cache import check_kv_cache
+from .lora_merge import check_lora_merge
+from .mixed_precision import check_mixed_precision
+from .result import CheckResult
+from .tolerances import Tolerance, tolerance
+
+__all__ = ["CheckResult", "Comparison", "Tolerance", "check_grad_accumulation", "check_gradient_checkpointing",
+           "check_kv_cache", "check_lora_merge", "check_mixed_precision", "compare", "compare_calibrated",
+           "compare_grads", "tolerance"]
