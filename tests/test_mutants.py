@@ -82,3 +82,10 @@ def test_cli_exits_1_when_a_check_fails(capsys):
 
 def test_inputs_are_shared_by_all_checks():
     assert Inputs(seed=3).seed == 3
+
+
+def test_cli_bad_checkpoint_is_a_message_not_a_traceback(tmp_path, capsys):
+    from verify.__main__ import main
+
+    assert main(["--ckpt-dir", str(tmp_path), "--tokenizer", str(tmp_path / "tokenizer.model")]) == 2
+    assert "llama-verify: error: tokenizer model" in capsys.readouterr().err

@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except (FileNotFoundError, ValueError) as e:  # bad paths, checkpoints, tokenizers: a message, not a traceback
+        print(f"llama-verify: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.ckpt_dir and not args.tokenizer:
         _parser().error("--ckpt-dir needs --tokenizer")
