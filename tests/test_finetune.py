@@ -2,7 +2,6 @@
 batch in the logged losses, resume is bit-exact, every flag combination runs, failures are reported."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest

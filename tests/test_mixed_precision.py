@@ -16,7 +16,8 @@ from llama_ref.default import default_args, default_model
 from llama_ref.finetune import TrainConfig, build_model
 from llama_ref.lora import lora_layers
 from llama_ref.model import RMSNorm, Transformer, init_weights
-from verify.mixed_precision import OpRecorder, autocast_observed, check_mixed_precision, precision_policy_problems
+from verify.mixed_precision import check_mixed_precision
+from verify.precision_policy import MATMULS, OpRecorder, autocast_observed, precision_policy_problems
 from verify.mutants import MUTANTS, inject, mutants_for
 from verify.strategies import model_args, seeds
 
@@ -90,7 +91,7 @@ def test_every_linear_and_attention_matmul_runs_in_half_and_reductions_in_fp32(d
         T.token_loss_sum(model(batch["input_ids"]), batch["labels"])
     rec.remove()
     assert precision_policy_problems(rec, model, dtype) == []
-    linear_mms = [dt for name, m, op, dt in rec.ops if isinstance(m, torch.nn.Linear) and op in MP.MATMULS]
+    linear_mms = [dt for name, m, op, dt in rec.ops if isinstance(m, torch.nn.Linear) and op in MATMULS]
     assert len(linear_mms) == 2 * 7 + 1 and all(set(d) == {dtype} for d in linear_mms)  # 7 per block + output
     assert [dt for _, _, op, dt in rec.ops if op == "_softmax"] == [(torch.float32,)] * 2
 

@@ -43,7 +43,7 @@ from llama_ref.lora import apply_lora_to_llama, lora_layers
 from llama_ref.model import Transformer
 
 from .compare import Comparison, GradComparison, compare, compare_grads
-from .result import CheckResult
+from .result import CheckResult, name_list
 from .tolerances import Tolerance, tolerance
 
 NAME = "gradient_checkpointing"
@@ -120,9 +120,6 @@ def _lora_template(model: Transformer, targets: Sequence[str], dropout: float, s
     return lora
 
 
-def _names(names: Sequence, limit: int = 6) -> str:
-    names = [str(n) for n in names]
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class _Tally:
@@ -248,3 +245,7 @@ def _compare_policy(where: str, template: Transformer, policy: str, plain: _Run,
     tally.add_grads(where, compare_grads(run.grads, plain.grads, tol))
     if len(tally.details) > n_before and run.warned:
         tally.details.append(f"{where}: torch warned: {_names(sorted(set(run.warned)), 2)}")
+
+
+def _names(names: Sequence, limit: int = 6) -> str:
+    return name_list(names, limit)

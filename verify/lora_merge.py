@@ -25,6 +25,7 @@ from llama_ref.model import Transformer
 
 from .compare import compare, compare_calibrated
 from .result import CheckResult
+from .result import name_list as _names
 from .tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "lora_merge"
@@ -139,8 +140,6 @@ def _row_scale(logits: torch.Tensor) -> torch.Tensor:
     return logits.abs().amax(dim=-1, keepdim=True)
 
 
-def _names(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _gradient_problems(model: Transformer, tokens: torch.Tensor, g: torch.Generator) -> list[str]:

@@ -49,31 +49,27 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
-from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama_ref.finetune as FT
 import llama_ref.trainer as T
 from llama_ref.data import IGNORE_INDEX
 from llama_ref.lora import apply_lora_to_llama, lora_layers
-from llama_ref.model import RMSNorm, Transformer
+from llama_ref.model import Transformer
 
 from .compare import CalibratedComparison, compare, compare_calibrated
+from .precision_policy import OpRecorder, autocast_observed, precision_policy_problems
+from .precision_policy import dtype_names as _dt
 from .result import CheckResult
+from .result import name_list as _names
 from .tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "mixed_precision"
 FACTORS = CALIBRATION_FACTORS  # "mixed_precision" and "mixed_precision_curve", measured in verify/tolerances.py
 CURVE_FLOOR = 0.1  # × eps(half)·||fp32 curve||: the rounded start can land closer than MP's per-step rounding allows
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "dot"}
-UPCAST_REDUCTIONS = {"_softmax", "softmax", "_log_softmax", "log_softmax", "nll_loss_forward", "nll_loss2d_forward"}
-NORM_REDUCTIONS = {"mean", "sum", "var", "norm", "linalg_vector_norm"}
 Batch = dict[str, torch.Tensor]
 
 
@@ -136,92 +132,6 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
                  f"{FACTORS['mixed_precision_curve']:g}x; half matmuls, fp32 reductions, fp32 master, scaler")
     return CheckResult(NAME, not failures, worst_abs, worst_ratio, tolerance(dtype), failures + notes, case,
                        error=error, criterion=criterion)
-
-
-# ---- observation: which dtype each op really ran in -----------------------------------------------------------
-
-class OpRecorder(TorchDispatchMode):
-    """Records ``(module path, module, aten op name, input dtypes)`` of every op dispatched while active.
-
-    The module path comes from forward hooks on ``model``'s submodules (innermost module running); ops of the loss
-    and of backward run outside every module (path ``""``) unless a checkpointed block is being recomputed.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.ops: list[tuple[str, nn.Module | None, str, tuple[torch.dtype, ...]]] = []
-        self._stack: list[tuple[str, nn.Module]] = []
-        self._handles = []
-        for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: self._stack.append((name, m))))
-            self._handles.append(module.register_forward_hook(self._pop))
-
-    def _pop(self, module: nn.Module, args, out) -> None:
-        self._stack.pop()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat = list(args) + list((kwargs or {}).values())
-        dtypes = tuple(a.dtype for a in flat if isinstance(a, torch.Tensor) and a.is_floating_point())
-        name, module = self._stack[-1] if self._stack else ("", None)
-        self.ops.append((name, module, func.overloadpacket.__name__, dtypes))
-        return func(*args, **(kwargs or {}))
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-def _is_matmul(op: str) -> bool:
-    return op in MATMULS or op.startswith("_scaled_dot_product")
-
-
-def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dtype) -> list[str]:
-    """Linear and attention matmuls in ``half``; softmax, log-softmax, NLL and RMSNorm reductions in fp32 (or fp64)."""
-    wide = (torch.float32, torch.float64)
-    linear_ops: dict[str, list[tuple[str, tuple]]] = defaultdict(list)
-    other_mm, narrow_reductions, narrow_norms = [], [], []
-    for name, module, op, dtypes in rec.ops:
-        if _is_matmul(op) and module is not None:
-            if isinstance(module, nn.Linear):
-                linear_ops[name].append((op, dtypes))
-            elif any(d != half for d in dtypes):
-                other_mm.append(f"{name or 'model'} {op}({_dt(dtypes)})")
-        elif op in UPCAST_REDUCTIONS and any(d not in wide for d in dtypes):
-            narrow_reductions.append(f"{op}({_dt(dtypes)}) in {name or 'the loss'}")
-        elif isinstance(module, RMSNorm) and op in NORM_REDUCTIONS and any(d not in wide for d in dtypes):
-            narrow_norms.append(f"{name} {op}({_dt(dtypes)})")
-    problems = []
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    idle = [n for n in linears if not linear_ops.get(n)]
-    not_half = [f"{n} {op}({_dt(d)})" for n in linears for op, d in linear_ops.get(n, []) if any(x != half for x in d)]
-    if not_half:
-        problems.append(f"Linear matmuls not in {_dt((half,))} under autocast: {_names(not_half)}")
-    if idle:
-        problems.append(f"Linear modules that ran no matmul under observation: {_names(idle)}")
-    if other_mm:
-        problems.append(f"attention matmuls not in {_dt((half,))}: {_names(other_mm)}")
-    if narrow_reductions:
-        problems.append(f"softmax / loss reductions not upcast to fp32: {_names(narrow_reductions)}")
-    if narrow_norms:
-        problems.append(f"RMSNorm reductions not upcast to fp32: {_names(narrow_norms)}")
-    return problems
-
-
-def autocast_observed(device_type: str, dtype: torch.dtype) -> tuple[bool, str]:
-    """Does ``torch.autocast(device_type, dtype)`` really run a matmul in ``dtype`` here (observed, not asked of
-    ``llama_ref.trainer.autocast_supported``)? And if not, why."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            a = torch.ones(2, 2, device=device_type)
-            with torch.autocast(device_type, dtype=dtype):
-                out = a @ a
-        if out.dtype != dtype:
-            return False, f"torch {torch.__version__}: autocast({device_type!r}, {dtype}) gave {out.dtype}"
-        return True, ""
-    except Exception as e:
-        return False, f"torch {torch.__version__}: autocast({device_type!r}, {dtype}) raised {type(e).__name__}: {e}"
 
 
 # ---- autocast forward/backward vs float64 and the plain half path ---------------------------------------------
@@ -557,13 +467,8 @@ def _random_batch(p, g: torch.Generator, device: torch.device, batch: int = 2, l
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
-def _dt(dtypes: Sequence[torch.dtype]) -> str:
-    return ",".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def _curve(losses: torch.Tensor) -> str:
     return "[" + " ".join(f"{v:.4f}" for v in losses.tolist()) + "]"
 
-
-def _names(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

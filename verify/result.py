@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .tolerances import Tolerance
 
@@ -38,3 +38,9 @@ class CheckResult:
                 f"({self.criterion or self.tol}) {self.case}")
         lines = [head] + ([f"  raised: {self.error}"] if self.error else []) + [f"  {d}" for d in self.details]
         return "\n".join(lines)
+
+
+def name_list(names: Sequence[Any], limit: int = 4) -> str:
+    """``a, b, c, d and 3 more``: the first ``limit`` names of a failure detail."""
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
