@@ -7,7 +7,7 @@ b. Ours vs PEFT: our LoRA model against ``peft.get_peft_model`` (same r/alpha/dr
    transformers' ``LlamaForCausalLM`` holding the same base weights (``verify.oracle_hf.build_hf_model``, train mode);
    attention "math"/"sdpa" for ours, "eager"/"sdpa" for transformers. Target: ours / PEFT step time ≤ 1.0, for
    the same kind of attention (ours "math" vs PEFT "eager", ours "sdpa" vs PEFT "sdpa").
-c. The fine-tuning issue's configuration, LoRA + gradient checkpointing + bf16 mixed precision, ours vs PEFT on the
+c. The seed report's fine-tuning configuration, LoRA + gradient checkpointing + bf16 mixed precision, ours vs PEFT on the
    same weights: ours = ``apply_lora_to_llama`` (wq,wv, fp32 adapters) + ``half_frozen_base(bf16)`` +
    ``set_gradient_checkpointing("all")``; PEFT = ``build_hf_model(base, dtype=bf16)`` (RoPE tables stay fp32) +
    ``gradient_checkpointing_enable(use_reentrant=False)`` + ``get_peft_model`` (adapters upcast to fp32, peft's
