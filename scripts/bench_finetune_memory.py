@@ -1,18 +1,18 @@
-"""Peak memory of one llama-finetune training step per configuration, by category, with torch's MemTracker.
+"""Peak memory of one llama-finetune training step per configuration, measured and predicted, by category.
 
-Builds each model exactly as ``llama-finetune`` does (``build_model``), takes one warm-up step, then tracks the
-second step. Run:  python scripts/bench_finetune_memory.py [--preset bench] [--batch 4] [--seq 128]
+Measured with torch's MemTracker on real tensors (``llama_ref.memory.measure_step_memory``), predicted on fake
+tensors without allocating (``predict_step_memory``); then the seed report's plain Llama 3.2 1B run predicted at
+several sequence lengths against its 11,624 MB. Run:
+    python scripts/bench_finetune_memory.py [--preset bench] [--batch 4] [--seq 128]
 """
 from __future__ import annotations
 
 import argparse
-import types
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 
-from llama_ref.finetune import TrainConfig, build_model
-from llama_ref.trainer import Trainer
+from llama_ref.finetune import TrainConfig
+from llama_ref.memory import SEED_PEAK_MB, measure_step_memory, predict_step_memory, seed_setting_prediction
 
 CONFIGS = {
     "full fp32": {},
@@ -23,25 +23,7 @@ CONFIGS = {
     "LoRA + bf16, half base": dict(lora=True, mp="bf16"),
     "LoRA + bf16 + GC, half base": dict(lora=True, mp="bf16", gc=True),
 }
-
-
-def tracked_step(cfg: TrainConfig, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    model, _ = build_model(cfg)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    trainer = Trainer(model, opt, precision=cfg.mp)
-    trainer.step([batch])  # warm-up: lazily created state exists before tracking
-    tracker = MemTracker()
-    for p in model.parameters():
-        # MemTracker hooks every parameter's gradient, and register_hook raises on a frozen one: mark those as
-        # already hooked (they never get a gradient).
-        if not p.requires_grad:
-            noop = types.SimpleNamespace(remove=lambda: None)
-            tracker._param_to_grad_hook_handles[p] = (noop, noop)
-    tracker.track_external(model, opt, batch["input_ids"])
-    with tracker:
-        trainer.step([batch])
-    (peak,) = tracker.get_tracker_snapshot("peak").values()
-    return {str(getattr(k, "value", k)): v / 2**20 for k, v in peak.items()}
+CATEGORIES = ("parameter", "gradient", "optimizer state", "activation", "temporary")
 
 
 def main() -> None:
@@ -49,18 +31,27 @@ def main() -> None:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    tokens = torch.randint(0, 512, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": tokens, "labels": tokens.clone()}
-    rows = {name: tracked_step(TrainConfig(preset=args.preset, **kw), batch) for name, kw in CONFIGS.items()}
-    cats = ["Parameter", "Gradient", "Optstate", "Activation", "Temp", "Total"]
-    base = rows["LoRA fp32"]["Total"]
-    print(f"torch {torch.__version__}, preset {args.preset}, batch {args.batch} x {args.seq}, SGD, MiB\n")
-    print("| configuration | " + " | ".join(cats) + " | / LoRA fp32 |")
-    print("|---|" + "---|" * (len(cats) + 1))
-    for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r.get(c, 0.0):.1f}" for c in cats) + f" | {r['Total'] / base:.2f} |")
+    print(f"torch {torch.__version__}, preset {args.preset}, batch {args.batch} x {args.seq}, {args.optimizer}, MiB\n")
+    print("| configuration | " + " | ".join(CATEGORIES) + " | measured peak | predicted peak | / LoRA fp32 |")
+    print("|---|" + "---|" * (len(CATEGORIES) + 3))
+    rows = {}
+    for name, kw in CONFIGS.items():
+        cfg = TrainConfig(preset=args.preset, optimizer=args.optimizer, **kw)
+        rows[name] = (measure_step_memory(cfg, args.batch, args.seq), predict_step_memory(cfg, args.batch, args.seq))
+    base = rows["LoRA fp32"][0].peak_mb
+    for name, (measured, predicted) in rows.items():
+        cells = [f"{measured.breakdown_mb.get(c, 0.0):.1f}" for c in CATEGORIES]
+        print(f"| {name} | " + " | ".join(cells) + f" | {measured.peak_mb:.1f} | {predicted.peak_mb:.1f} | "
+              f"{measured.peak_mb / base:.2f} |")
+    print(f"\nThe seed report's plain run (llama-3.2-1b, untied output, SGD, fp32, batch 1): {SEED_PEAK_MB:,.2f} MB\n")
+    print("| sequence length | predicted MiB | vs the seed | prediction time s |")
+    print("|---|---|---|---|")
+    for seq_len in (64, 128, 256, 384, 512):
+        r = seed_setting_prediction(seq_len)
+        print(f"| {seq_len} | {r.peak_mb:,.1f} | {100 * (r.peak_mb / SEED_PEAK_MB - 1):+.2f} % | {r.seconds:.1f} |")
 
 
 if __name__ == "__main__":
