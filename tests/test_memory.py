@@ -92,7 +92,6 @@ def test_seed_plain_run_within_3_percent():
     assert report.peak_mb == pytest.approx(SEED_PEAK_MB, rel=0.03)
     assert report.breakdown_mb["parameter"] == pytest.approx(1_498_482_688 * 4 / 2**20, rel=1e-3)
     assert report.breakdown_mb["optimizer state"] == 0.0  # SGD without momentum
-    assert report.seconds < 10
 
 
 @needs_memtracker
