@@ -153,6 +153,12 @@ def build_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
             raise ValueError(f"preset {cfg.preset!r} has vocab_size {args.vocab_size} but the tokenizer has "
                              f"{tokenizer.n_words} tokens; pass the model's own --tokenizer")
         model = init_weights(Transformer(args), cfg.seed).to(cfg.device)
+    return prepare_for_training(model, cfg), tokenizer
+
+
+def prepare_for_training(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """What ``cfg`` does to a model before training, in place: cache off, LoRA (fp32 adapters; the frozen base in
+    the half dtype with ``--mp``), gradient checkpointing, train mode."""
     model.kv_caching = False  # training never uses the cache
     if cfg.lora:
         apply_lora_to_llama(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets,
@@ -161,7 +167,7 @@ def build_model(cfg: TrainConfig) -> tuple[Transformer, Tokenizer]:
             half_frozen_base(model, PRECISIONS[cfg.mp])
     if cfg.gc:
         model.set_gradient_checkpointing(cfg.gc_policy)
-    return model.train(), tokenizer
+    return model.train()
 
 
 def half_frozen_base(model: Transformer, half: torch.dtype) -> Transformer:

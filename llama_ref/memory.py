@@ -28,10 +28,9 @@ from typing import Any, Optional, Union
 import torch
 
 from .args import ModelArgs
-from .finetune import TrainConfig, build_model, half_frozen_base
-from .lora import apply_lora_to_llama
+from .finetune import TrainConfig, build_model, prepare_for_training
 from .model import Transformer
-from .trainer import PRECISIONS, Trainer
+from .trainer import Trainer
 
 MiB = 2 ** 20
 CATEGORIES = ("parameter", "gradient", "optimizer state", "activation", "temporary", "buffer", "other")
@@ -196,16 +195,7 @@ def _model_args(cfg_or_args: Union[TrainConfig, ModelArgs, str], cfg: TrainConfi
 
 def _build_like_finetune(args: ModelArgs, cfg: TrainConfig) -> Transformer:
     """``build_model`` without the weights' values (never read for memory) and without the tokenizer."""
-    model = Transformer(args)
-    model.kv_caching = False
-    if cfg.lora:
-        apply_lora_to_llama(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets,
-                            merge_weights=False, lora_dtype=torch.float32)
-        if PRECISIONS[cfg.mp] is not None and cfg.half_base is not False:
-            half_frozen_base(model, PRECISIONS[cfg.mp])
-    if cfg.gc:
-        model.set_gradient_checkpointing(cfg.gc_policy)
-    return model.train()
+    return prepare_for_training(Transformer(args), cfg)
 
 
 def _fake_step(trainer: Trainer, batch: dict[str, torch.Tensor], n_tokens: int) -> None:

@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from bench_common import cpu_model, markdown
 
 from llama_ref.args import ModelArgs
 from llama_ref.generation import Llama
@@ -190,17 +191,8 @@ def profile_decode(llm: Llama, args: ModelArgs, n: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

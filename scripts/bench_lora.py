@@ -47,6 +47,7 @@ import warnings
 from typing import Callable
 
 import torch
+from bench_common import cpu_model, markdown
 import torch.nn.functional as F
 from torch import nn
 
@@ -179,17 +180,8 @@ def profile_steps(trainers: dict[str, Trainer], names: list[str]) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def bench_lora_vs_full(preset: str, tokens: torch.Tensor, repeats: int, rss: bool
