@@ -80,9 +80,6 @@ def test_cli_exits_1_when_a_check_fails(capsys):
     assert code == 1 and "FAIL" in capsys.readouterr().out
 
 
-def test_inputs_are_shared_by_all_checks():
-    assert Inputs(seed=3).seed == 3
-
 
 def test_cli_bad_checkpoint_is_a_message_not_a_traceback(tmp_path, capsys):
     from verify.__main__ import main
