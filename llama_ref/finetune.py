@@ -58,6 +58,8 @@ class TrainConfig:
     lora_targets: str = _opt("comma-separated targets among wq,wk,wv,wo,w1,w2,w3", default="wq,wv")
     gc: bool = _opt("gradient checkpointing", default=False)
     gc_policy: str = _opt("which blocks: all, seed (i %% 3 != 0) or every:K", default="all")
+    loss_chunk: int = _opt("compute the loss this many positions at a time, each chunk's logits recomputed in "
+                           "backward instead of kept (0: full logits)", default=0)
     # optimisation
     batch_size: int = _opt("sequences per micro-batch", default=1)
     lr: float = _opt("learning rate", default=1e-3)
@@ -82,6 +84,8 @@ class TrainConfig:
     progress: bool = _opt("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        if self.loss_chunk < 0:
+            raise ValueError(f"--loss-chunk must be >= 0 (0: full logits), got {self.loss_chunk}")
         for name in ("ga", "batch_size", "epochs", "lora_r", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -280,7 +284,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                  else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     trainer = Trainer(model, optimizer, scheduler=make_scheduler(optimizer, cfg.schedule, total_steps,
                                                                  cfg.warmup_steps),
-                      precision=cfg.mp, clip=cfg.clip or None, device_type=torch.device(cfg.device).type)
+                      precision=cfg.mp, clip=cfg.clip or None, device_type=torch.device(cfg.device).type,
+                      loss_chunk=cfg.loss_chunk or None)
     start = _restore(out / STATE_FILE, model, trainer, cfg) if cfg.resume else 0
     print(f"llama-finetune: {total_steps} steps of {cfg.ga} x {cfg.batch_size} sequences; "
           f"trainable {trainable:,} of {total:,} parameters ({percent:.4f} %); mp={cfg.mp} lora={cfg.lora} "

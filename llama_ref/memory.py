@@ -151,7 +151,8 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
     optimizer = _optimizer(cfg, model)
     device = torch.device(cfg.device)
-    trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type=device.type)
+    trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type=device.type,
+                      loss_chunk=cfg.loss_chunk or None)
     batch = _random_batch(model.vocab_size, batch_size, seq_len, device, cfg.seed)
     for _ in range(steps - 1):  # warm-up: lazily created state (optimizer moments, RoPE table) exists before
         trainer.step([batch])
@@ -240,7 +241,8 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = _build_like_finetune(args, cfg)
         optimizer = _optimizer(cfg, model, foreach=True if target.type == "cuda" else None)
-        trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu")
+        trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu",
+                          loss_chunk=cfg.loss_chunk or None)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         batch = {"input_ids": tokens, "labels": tokens.clone()}
         n_tokens = batch_size * (seq_len - 1)  # random tokens: no IGNORE_INDEX label

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
+from .loss import chunked_token_loss_sum, token_loss_sum
 
 # Llama 3.1 frequency-scaling constants (Meta's ``apply_scaling``); the factor itself is ModelArgs.rope_scale_factor.
 ROPE_LOW_FREQ_FACTOR = 1.0
@@ -281,7 +282,21 @@ class Transformer(nn.Module):
                                                         p.rope_scale_factor, device=device, dtype=key[1])
         return self._freqs_cis[key][start_pos:start_pos + seqlen]
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, labels: Optional[torch.Tensor] = None,
+                loss_chunk: Optional[int] = None) -> torch.Tensor:
+        """Logits (B, T, V); with ``labels`` (B, T), the summed next-token loss instead (fp32 scalar, see
+        ``llama_ref.loss``), from full logits or, with ``loss_chunk``, never more than that many positions' logits
+        at once."""
+        hidden = self.hidden_states(tokens, start_pos)
+        if labels is None:
+            return upcast(self.output(hidden))
+        if loss_chunk is None:
+            return token_loss_sum(upcast(self.output(hidden)), labels)
+        return chunked_token_loss_sum(self.output, hidden, labels, loss_chunk)
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """The final normed hidden states (B, T, D) that ``output`` projects to logits: what a loss that projects
+        a few positions at a time (``llama_ref.trainer.chunked_token_loss_sum``) starts from."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         bsz, seqlen = tokens.shape
@@ -296,8 +311,7 @@ class Transformer(nn.Module):
         mask = causal_mask(seqlen, kv_len, h.device)
         for i, layer in enumerate(self.layers):
             h = run_block(layer, h, start_pos, freqs_cis, mask, i in self.checkpointed_layers)
-        h = self.norm(h)
-        return upcast(self.output(h))
+        return self.norm(h)
 
 
 @torch.no_grad()

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, count_target_tokens
+from .data import count_target_tokens
+from .loss import token_loss_sum
 
 PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = dict[str, torch.Tensor]
@@ -38,15 +38,6 @@ def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
 
 class NonFiniteLossError(FloatingPointError):
     """The loss of a window is NaN or infinite: the step was not taken."""
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies (fp32) over the targets ``labels[:, 1:] != IGNORE_INDEX``.
-
-    ``logits`` (B, T, V) predict position t+1 from position t; ``labels`` (B, T) are the unshifted token ids.
-    """
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def windows(micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
@@ -91,12 +82,17 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, precision: str = "off",
-                 clip: Optional[float] = None, device_type: Optional[str] = None):
+                 clip: Optional[float] = None, device_type: Optional[str] = None,
+                 loss_chunk: Optional[int] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
         if clip is not None and not clip > 0:
             raise ValueError(f"clip must be > 0 (or None), got {clip!r}")
+        if loss_chunk is not None and not (loss_chunk >= 1 and hasattr(model, "hidden_states")):
+            raise ValueError(f"loss_chunk={loss_chunk!r}: needs a positive number of positions and a model whose "
+                             "forward takes labels and loss_chunk (llama_ref.model.Transformer)")
         self.model, self.optimizer, self.scheduler, self.clip = model, optimizer, scheduler, clip
+        self.loss_chunk = loss_chunk
         self.device_type = device_type or next(model.parameters()).device.type
         self.dtype = PRECISIONS[precision]
         if self.dtype is not None and not autocast_supported(self.device_type, self.dtype):
@@ -114,11 +110,16 @@ class Trainer:
     def micro_step(self, batch: Batch, window_tokens: int) -> torch.Tensor:
         """Forward and backward of one micro-batch, its loss sum divided by the window's token count."""
         with self.autocast():
-            logits = self.model(batch["input_ids"], 0)
-            loss_sum = token_loss_sum(logits, batch["labels"])
+            loss_sum = self.loss_sum(batch)
         loss = loss_sum / window_tokens
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss_sum.detach()
+
+    def loss_sum(self, batch: Batch) -> torch.Tensor:
+        """The micro-batch's summed token loss (fp32): from full logits, or ``loss_chunk`` positions at a time."""
+        if self.loss_chunk is None:
+            return token_loss_sum(self.model(batch["input_ids"], 0), batch["labels"])
+        return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_chunk=self.loss_chunk)
 
     def step(self, window: Sequence[Batch]) -> StepResult:
         """Accumulate ``window`` and take one optimizer step (clip after unscale, then schedule).

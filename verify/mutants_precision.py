@@ -19,6 +19,7 @@ import llama_ref.finetune as FT
 import llama_ref.model as M
 import llama_ref.trainer as T
 import verify.mixed_precision as MP
+from llama_ref.data import IGNORE_INDEX
 
 from .mutants import Patch, mutant
 
@@ -144,7 +145,7 @@ def _softmax_in_half() -> list[Patch]:
 def _loss_on_half_logits() -> list[Patch]:
     def token_loss_sum(logits, labels):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                               ignore_index=T.IGNORE_INDEX, reduction="sum")
+                               ignore_index=IGNORE_INDEX, reduction="sum")
     return [(T, "token_loss_sum", token_loss_sum)]
 
 

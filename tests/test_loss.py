@@ -1,0 +1,124 @@
+"""The chunked loss (``--loss-chunk``) is the full-logits loss: the same summed loss and the same gradients for every
+chunk size, padding and prompt masking — and a chunking that drops a tail or forgets the shift is caught."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_ref.args import ModelArgs
+from llama_ref.data import IGNORE_INDEX
+from llama_ref.loss import chunked_token_loss_sum, token_loss_sum
+from llama_ref.model import Transformer, init_weights
+from llama_ref.trainer import Trainer
+
+B, T = 2, 11  # 22 positions: chunks of 1, 5 (a ragged tail), 22, and more than there are
+
+
+def _model(dtype=torch.float64) -> Transformer:
+    return init_weights(Transformer(ModelArgs.preset("tiny", n_layers=1)), 0).to(dtype)
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 512, (B, T), generator=g)
+    labels = tokens.clone()
+    labels[0, 8:] = IGNORE_INDEX  # padding
+    labels[1, :4] = IGNORE_INDEX  # a prompt (the ragged tail of 5-position chunks, positions 20-21, has a target)
+    return tokens, labels
+
+
+def _loss_and_grads(model: Transformer, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    tokens, labels = _batch()
+    loss = loss_fn(model, tokens, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _full(model, tokens, labels):
+    return token_loss_sum(model(tokens, 0), labels)
+
+
+def _chunked(chunk):
+    return lambda model, tokens, labels: model(tokens, 0, labels=labels, loss_chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, B * T, 64])
+def test_chunked_loss_and_gradients_equal_the_full_logits_ones(chunk):
+    model = _model()
+    loss, grads = _loss_and_grads(model, _full)
+    chunked_loss, chunked_grads = _loss_and_grads(model, _chunked(chunk))
+    # Per-token losses and logit gradients are computed row by row either way; only the order of the sums over
+    # positions differs (the loss is fp32 by design, the fp64 model's gradients keep fp64 precision).
+    torch.testing.assert_close(chunked_loss, loss)
+    assert chunked_loss.dtype == torch.float32
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_labels_without_chunking_return_the_full_logits_loss():
+    model = _model()
+    tokens, labels = _batch()
+    torch.testing.assert_close(model(tokens, 0, labels=labels), _full(model, tokens, labels), rtol=0, atol=0)
+
+
+def _drops_the_tail(output, hidden, labels, chunk):
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    flat = hidden.flatten(0, 1)
+    end = flat.shape[0] - flat.shape[0] % chunk
+    return sum(F.cross_entropy(output(flat[s:s + chunk]).float(), targets[s:s + chunk], ignore_index=IGNORE_INDEX,
+                               reduction="sum") for s in range(0, end, chunk))
+
+
+def _forgets_the_shift(output, hidden, labels, chunk):
+    return F.cross_entropy(output(hidden.flatten(0, 1)).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@pytest.mark.parametrize("wrong", [_drops_the_tail, _forgets_the_shift])
+def test_the_comparison_catches_a_wrong_chunking(wrong, monkeypatch):
+    import llama_ref.model as M
+
+    model = _model()
+    loss, _ = _loss_and_grads(model, _full)
+    monkeypatch.setattr(M, "chunked_token_loss_sum", wrong)
+    wrong_loss, _ = _loss_and_grads(model, _chunked(5))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(wrong_loss, loss)
+
+
+def test_trainer_step_with_a_chunked_loss_is_the_same_step():
+    # fp32 end to end, AdamW + clipping: the step's loss and the updated weights agree to fp32 rounding.
+    reference, chunked = _model(torch.float32), _model(torch.float32)
+    results, states = [], []
+    for model, loss_chunk in ((reference, None), (chunked, 4)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        trainer = Trainer(model, opt, clip=1.0, loss_chunk=loss_chunk)
+        tokens, labels = _batch(1)
+        results.append(trainer.step([{"input_ids": tokens, "labels": labels}]))
+        states.append(copy.deepcopy(model.state_dict()))
+    assert results[1].loss == pytest.approx(results[0].loss, rel=1e-6)
+    assert results[1].n_tokens == results[0].n_tokens
+    for name, value in states[0].items():
+        torch.testing.assert_close(states[1][name], value, msg=lambda m: f"{name}: {m}")
+
+
+def test_chunked_loss_under_no_grad_needs_no_checkpoint():
+    model = _model()
+    tokens, labels = _batch()
+    with torch.no_grad():
+        loss = model(tokens, 0, labels=labels, loss_chunk=3)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _full(model, tokens, labels).detach())
+
+
+@pytest.mark.parametrize("chunk", [0, -2])
+def test_a_chunk_below_one_position_is_refused(chunk):
+    hidden, labels = torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="loss chunk must be >= 1"):
+        chunked_token_loss_sum(torch.nn.Linear(8, 3), hidden, labels, chunk)
+    with pytest.raises(ValueError, match="loss_chunk"):
+        Trainer(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), loss_chunk=chunk)
