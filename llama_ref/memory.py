@@ -52,6 +52,7 @@ class MemoryReport:
     device: str = "cpu"
     method: str = "MemTracker"
     seconds: float = 0.0  # wall time of the measurement or prediction
+    category_peaks_mb: dict[str, float] = field(default_factory=dict)  # each category's own maximum
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v:,.1f}" for k, v in self.breakdown_mb.items() if v)
@@ -79,11 +80,24 @@ def _fast_tracker_class():
         return MemTracker
 
     class _GlobalPeakTracker(MemTracker):
+        def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+            # A root module's second forward (the next micro-batch of an accumulation window) is refused by
+            # MemTracker unless its per-module stats are reset; the global peak, all we read, survives the reset.
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                if set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
+                    self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
+
         def _update_peak_stats(self, peak_state: Any) -> None:
+            peaks = self.__dict__.setdefault("category_peaks", {})
             for dev, dev_snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < dev_snap[total_key]:
                     self._peak_mem[dev] = dev_snap[total_key]
                     self._peak_mem_snap[dev] = dict(dev_snap)
+                dev_peaks = peaks.setdefault(dev, {})
+                for k, v in dev_snap.items():
+                    if dev_peaks.get(k, 0) < v:
+                        dev_peaks[k] = v
 
     return _GlobalPeakTracker
 
@@ -114,6 +128,37 @@ def _peak_breakdown(tracker) -> tuple[float, dict[str, float]]:
         if name in _TRACKER_NAMES:
             out[_TRACKER_NAMES[name]] += v / MiB
     return snap.get("Total", sum(v for k, v in snap.items() if str(getattr(k, "value", k)) != "Total")) / MiB, out
+
+
+def _category_peaks(tracker) -> dict[str, float]:
+    """Each category's own maximum over the tracked block (MiB; the largest device's), whenever it happened: the
+    activations' peak is at the end of forward, the gradients' at the end of backward, and so on."""
+    out = {c: 0.0 for c in CATEGORIES}
+    for dev_peaks in getattr(tracker, "category_peaks", {}).values():
+        for k, v in dev_peaks.items():
+            name = _TRACKER_NAMES.get(str(getattr(k, "value", k)))
+            if name is not None:
+                out[name] = max(out[name], v / MiB)
+    return out
+
+
+class PeakTracker:
+    """MemTracker over a block of training steps: ``peak_mb``, ``breakdown_mb`` (the split of that peak) and
+    ``category_peaks_mb`` (each category's own maximum) after the block; MiB. Raises MemTrackerUnavailable on
+    torch < 2.5."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *inputs: torch.Tensor):
+        self._tracker = _tracker_for(model, optimizer, *inputs)
+        self.peak_mb, self.breakdown_mb, self.category_peaks_mb = 0.0, {}, {}
+
+    def __enter__(self) -> "PeakTracker":
+        self._tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tracker.__exit__(*exc)
+        self.peak_mb, self.breakdown_mb = _peak_breakdown(self._tracker)
+        self.category_peaks_mb = _category_peaks(self._tracker)
 
 
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module, foreach: Optional[bool] = None) -> torch.optim.Optimizer:
@@ -158,7 +203,7 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
         trainer.step([batch])
     cuda = device.type == "cuda"
     try:
-        tracker = _tracker_for(model, optimizer, batch["input_ids"], batch["labels"])
+        tracker = PeakTracker(model, optimizer, batch["input_ids"], batch["labels"])
     except MemTrackerUnavailable:
         if not cuda:
             raise
@@ -168,15 +213,13 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
         torch.cuda.reset_peak_memory_stats(device)
     with tracker if tracker is not None else contextlib.nullcontext():
         trainer.step([batch])
-    breakdown: dict[str, float] = {}
-    if tracker is not None:
-        tracked_peak, breakdown = _peak_breakdown(tracker)
     if cuda:
         torch.cuda.synchronize(device)
         peak, method = torch.cuda.max_memory_allocated(device) / MiB, "cuda allocator"
     else:
-        peak, method = tracked_peak, "MemTracker"
-    return MemoryReport(peak, breakdown, str(device), method, time.perf_counter() - t0)
+        peak, method = tracker.peak_mb, "MemTracker"
+    return MemoryReport(peak, tracker.breakdown_mb if tracker else {}, str(device), method, time.perf_counter() - t0,
+                        tracker.category_peaks_mb if tracker else {})
 
 
 # --- prediction on fake tensors ---------------------------------------------------------------------------------
@@ -199,10 +242,12 @@ def _build_like_finetune(args: ModelArgs, cfg: TrainConfig) -> Transformer:
     return prepare_for_training(Transformer(args), cfg)
 
 
-def _fake_step(trainer: Trainer, batch: dict[str, torch.Tensor], n_tokens: int) -> None:
+def _fake_step(trainer: Trainer, batch: dict[str, torch.Tensor], n_tokens: int, micro_batches: int = 1) -> None:
     """``Trainer.step`` without its data-dependent parts (``float(loss)``, finiteness checks, GradScaler's skip
-    decision): the same forward, loss, backward, clipping, unscaling, optimizer step and zero_grad."""
-    trainer.micro_step(batch, n_tokens)
+    decision): the same forward, loss, backward (``micro_batches`` times: gradient accumulation), clipping,
+    unscaling, optimizer step and zero_grad."""
+    for _ in range(micro_batches):
+        trainer.micro_step(batch, n_tokens * micro_batches)
     if trainer.scaler is not None:
         trainer.scaler.unscale_(trainer.optimizer)
     if trainer.clip is not None:
@@ -246,14 +291,38 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         batch = {"input_ids": tokens, "labels": tokens.clone()}
         n_tokens = batch_size * (seq_len - 1)  # random tokens: no IGNORE_INDEX label
+        # Accumulation: from the second micro-batch on, every micro-batch allocates what the second did (the
+        # gradients exist and are added to); two are the peak of any longer window.
+        micro_batches = min(cfg.ga, 2)
         for _ in range(steps - 1):
-            _fake_step(trainer, batch, n_tokens)
-        tracker = _tracker_for(model, optimizer, batch["input_ids"], batch["labels"])
-        with tracker:
-            _fake_step(trainer, batch, n_tokens)
-    peak, breakdown = _peak_breakdown(tracker)
-    return MemoryReport(peak, breakdown, f"{target} (predicted on fake CPU tensors)", "MemTracker on FakeTensorMode",
-                        time.perf_counter() - t0)
+            _fake_step(trainer, batch, n_tokens, micro_batches)
+        with PeakTracker(model, optimizer, batch["input_ids"], batch["labels"]) as tracker:
+            _fake_step(trainer, batch, n_tokens, micro_batches)
+    return MemoryReport(tracker.peak_mb, tracker.breakdown_mb, f"{target} (predicted on fake CPU tensors)",
+                        "MemTracker on FakeTensorMode", time.perf_counter() - t0, tracker.category_peaks_mb)
+
+
+def predict_step_flops(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: int, seq_len: int,
+                       **options: Any) -> int:
+    """Floating-point operations of one micro-batch's forward and backward (recomputation included), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; elementwise ops are not counted) on fake
+    tensors. Arguments as :func:`predict_step_memory`."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base = cfg_or_args if isinstance(cfg_or_args, TrainConfig) else TrainConfig()
+    cfg = dataclasses.replace(base, batch_size=batch_size, **options)
+    args = _model_args(cfg_or_args, cfg)
+    if not 2 <= seq_len <= args.max_seq_len:
+        raise ValueError(f"seq_len must be in 2..{args.max_seq_len} (the model's max_seq_len), got {seq_len}")
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        model = _build_like_finetune(args, cfg)
+        trainer = Trainer(model, _optimizer(cfg, model), precision=cfg.mp, clip=None, device_type="cpu",
+                          loss_chunk=cfg.loss_chunk or None)
+        tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
+        with FlopCounterMode(display=False) as counter:
+            trainer.micro_step({"input_ids": tokens, "labels": tokens.clone()}, batch_size * (seq_len - 1))
+    return int(counter.get_total_flops())
 
 
 def seed_setting_prediction(seq_len: int, **options: Any) -> MemoryReport:

@@ -1,0 +1,658 @@
+"""``llama-bench``: the seed report's 16-cell benchmark (GA × GC × MP × LoRA), measured or predicted, with where the
+memory goes.
+
+Measured (default): every cell trains ``--steps`` micro-batches in its own Python process (a fresh allocator: no
+cell's memory or cache leaks into the next), on the bundled instruction set packed into ``--batch-size`` ×
+``--seq-len`` blocks (or on synthetic tokens when the model's vocabulary is not the bundled tokenizer's). Peak memory:
+the CUDA allocator's ``max_memory_allocated`` on CUDA; on CPU torch's MemTracker over one more accumulation window
+after the timed ones (which also gives the breakdown on both devices). A cell that runs out of memory is recorded as
+``OOM`` and the run goes on. ``--predict``: the same table from fake tensors (``llama_ref.memory``), any shape, any
+device, nothing allocated.
+
+Writes ``--out DIR``: ``bench.json`` (one record per cell), ``bench.md`` (the seed's two tables, the breakdown, and the
+seed's qualitative "Performance Analysis" table measured) and, with matplotlib, ``loss_curves.png`` and
+``memory_breakdown.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from .finetune import TrainConfig
+
+MiB = 2 ** 20
+BREAKDOWN = ("parameter", "gradient", "optimizer state", "activation", "temporary")
+STATUSES = ("ok", "OOM", "nonfinite", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the seed's table: which of the four techniques are on."""
+    ga: bool
+    gc: bool
+    mp: bool
+    lora: bool
+
+    @property
+    def name(self) -> str:
+        on = [n for n, v in (("GA", self.ga), ("GC", self.gc), ("MP", self.mp), ("LoRA", self.lora)) if v]
+        return "+".join(on) or "plain"
+
+    @classmethod
+    def parse(cls, name: str) -> "Cell":
+        parts = {p.strip().upper() for p in name.split("+") if p.strip()}
+        if parts == {"PLAIN"}:
+            parts = set()
+        unknown = parts - {"GA", "GC", "MP", "LORA"}
+        if unknown or not name.strip():
+            raise ValueError(f"unknown cell {name!r}: write e.g. plain, LoRA, GC+MP+LoRA, GA+GC+MP+LoRA")
+        return cls("GA" in parts, "GC" in parts, "MP" in parts, "LORA" in parts)
+
+
+# The seed's order: the table with GA, then without; GC off/on, then MP off/on, then LoRA off/on.
+CELLS = tuple(Cell(ga, gc, mp, lora) for ga in (True, False) for gc in (False, True) for mp in (False, True)
+              for lora in (False, True))
+
+# The seed report's figures (MB, s); None: out of memory ("x").
+SEED_TABLE: dict[Cell, tuple[Optional[float], Optional[float]]] = dict(zip(CELLS, [
+    (13993.84, 38.02), (7523.20, 22.64), (None, None), (9630.22, 27.00),
+    (13358.04, 40.99), (6864.00, 29.13), (None, None), (7958.86, 39.57),
+    (11624.06, 35.79), (7521.13, 22.71), (11624.91, 50.50), (9620.55, 27.07),
+    (11623.09, 41.23), (6857.48, 28.48), (11623.79, 57.52), (7954.38, 34.54),
+]))
+
+# The seed's qualitative "Performance Analysis" table: technique -> row -> arrow.
+SEED_ANALYSIS = {
+    "GA": {"parameter": "—", "activation": "↓", "gradient": "↑", "optimizer state": "↑", "FLOPs": "—",
+           "runtime": "↑"},
+    "GC": {"parameter": "—", "activation": "↓", "gradient": "↑", "optimizer state": "—", "FLOPs": "↑",
+           "runtime": "↑"},
+    "MP": {"parameter": "—", "activation": "↓", "gradient": "↓", "optimizer state": "↓", "FLOPs": "—",
+           "runtime": "↓"},
+    "LoRA": {"parameter": "↓", "activation": "—", "gradient": "↓", "optimizer state": "↓", "FLOPs": "—",
+             "runtime": "—"},
+}
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    return field(default=kw.pop("default"), metadata={"help": help, **kw})
+
+
+@dataclass
+class BenchConfig:
+    preset: str = _opt("model preset (ignored with --ckpt-dir)", default="bench")
+    ckpt_dir: Optional[str] = _opt("Meta checkpoint directory (needs --tokenizer)", default=None)
+    tokenizer: Optional[str] = _opt("tokenizer.model of --ckpt-dir", default=None)
+    steps: int = _opt("micro-batches per cell (the seed's steps; a GA cell takes steps / ga optimizer steps)",
+                      default=32)
+    batch_size: int = _opt("sequences per micro-batch", default=4)
+    seq_len: int = _opt("tokens per sequence", default=256)
+    ga: int = _opt("micro-batches per optimizer step in the GA cells (the seed used 8)", default=8)
+    mp: str = _opt("the half dtype of the MP cells", default="bf16", choices=("bf16", "fp16"))
+    gc_policy: str = _opt("which blocks the GC cells recompute: all, seed or every:K", default="all")
+    loss_chunk: int = _opt("loss computed this many positions at a time in every cell (0: full logits)", default=0)
+    optimizer: str = _opt("optimizer (the seed's peaks are plain SGD's)", default="sgd", choices=("sgd", "adamw"))
+    lr: float = _opt("learning rate (with clipping at 1, SGD moves at most this far per step)", default=0.5)
+    clip: float = _opt("clip the gradient norm to this (0: no clipping)", default=1.0)
+    data: str = _opt("instructions: the bundled set packed into blocks; synthetic: seeded tokens from a "
+                     "skewed distribution (any vocabulary); auto: instructions when the vocabulary allows",
+                     default="auto", choices=("auto", "instructions", "synthetic"))
+    cells: Optional[str] = _opt("comma-separated cells to run (default: all 16), e.g. plain,LoRA,GC+MP+LoRA",
+                                default=None)
+    predict: bool = _opt("predict every cell on fake tensors instead of running it", default=False)
+    device: str = _opt("torch device", default="cpu")
+    threads: Optional[int] = _opt("torch CPU threads per cell", default=None)
+    memory_limit_mb: Optional[float] = _opt("give each cell at most this much memory beyond what its process "
+                                            "holds at start (CUDA: of the device); more is an OOM", default=None)
+    timeout: float = _opt("seconds per cell before it is stopped and recorded as timeout", default=1800.0)
+    seed: int = _opt("seed of weights, data and LoRA init", default=0)
+    out: str = _opt("output directory", default="bench-out")
+    plots: bool = _opt("write PNG plots (needs matplotlib: pip install .[bench])", default=True)
+    progress: bool = _opt("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "ga"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be >= 2 (the loss predicts token t+1 from token t), got {self.seq_len}")
+        if self.loss_chunk < 0 or not self.lr > 0 or self.clip < 0 or not self.timeout > 0:
+            raise ValueError("--loss-chunk and --clip must be >= 0, --lr and --timeout > 0")
+        if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
+            raise ValueError(f"--memory-limit-mb must be > 0, got {self.memory_limit_mb}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
+        if self.ckpt_dir and not self.tokenizer:
+            raise ValueError("--ckpt-dir needs --tokenizer")
+        self.selected_cells()  # validates --cells
+
+    def selected_cells(self) -> list[Cell]:
+        if not self.cells:
+            return list(CELLS)
+        wanted = [Cell.parse(name) for name in self.cells.split(",") if name.strip()]
+        return [c for c in CELLS if c in wanted]
+
+    def train_config(self, cell: Cell) -> TrainConfig:
+        """llama-finetune's configuration of ``cell``."""
+        return TrainConfig(preset=self.preset, ckpt_dir=self.ckpt_dir, tokenizer=self.tokenizer,
+                           max_seq_len=self.seq_len, ga=self.ga if cell.ga else 1, mp=self.mp if cell.mp else "off",
+                           lora=cell.lora, gc=cell.gc, gc_policy=self.gc_policy, loss_chunk=self.loss_chunk,
+                           batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer, clip=self.clip,
+                           seed=self.seed, device=self.device, threads=self.threads, progress=False)
+
+
+# --- one measured cell (runs in its own process) ----------------------------------------------------------------
+
+def _build(bench: BenchConfig, cfg: TrainConfig):
+    from .args import ModelArgs
+    from .finetune import build_model, prepare_for_training
+    from .model import Transformer, init_weights
+    from .tokenizer import Tokenizer, default_tokenizer_path
+
+    if bench.ckpt_dir:
+        model, tokenizer = build_model(cfg)
+        return model, tokenizer
+    args = ModelArgs.preset(bench.preset, max_seq_len=max(bench.seq_len, 2),
+                            max_batch_size=bench.batch_size)
+    tokenizer = Tokenizer(default_tokenizer_path())
+    model = init_weights(Transformer(args), bench.seed).to(bench.device)
+    return prepare_for_training(model, cfg), (tokenizer if tokenizer.n_words == args.vocab_size else None)
+
+
+def packed_blocks(examples: Sequence[dict[str, torch.Tensor]], batch_size: int, seq_len: int
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """Examples concatenated (input_ids and their labels) and cut into (batch_size, seq_len) micro-batches, cycling
+    through the examples as often as needed. A block may start inside an example; an example's first token is its
+    BOS, whose label is IGNORE_INDEX, so no token is ever trained to predict the next example. A block without any
+    target (all prompt) is skipped."""
+    from .data import DataError, count_target_tokens
+
+    ids = torch.cat([e["input_ids"] for e in examples])
+    labels = torch.cat([e["labels"] for e in examples])
+    n = batch_size * seq_len
+    repeats = max(1, math.ceil(n / len(ids)))
+    ids, labels = ids.repeat(repeats), labels.repeat(repeats)
+    start, since_last = 0, 0
+    while True:
+        if start + n > len(ids):
+            start = 0
+        block = {"input_ids": ids[start:start + n].view(batch_size, seq_len),
+                 "labels": labels[start:start + n].view(batch_size, seq_len)}
+        start += n
+        if count_target_tokens(block["labels"]) > 0:
+            since_last = 0
+            yield block
+        else:
+            since_last += n
+            if since_last > len(ids) + n:
+                raise DataError(f"no {batch_size} x {seq_len} block of the examples has a target token")
+
+
+def synthetic_blocks(vocab: int, batch_size: int, seq_len: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Seeded tokens from a fixed Zipf-like distribution over (at most) the first 1,024 ids: a random model starts
+    near or above log(vocab) and learns the distribution within a few steps, so the loss visibly falls."""
+    support = min(vocab, 1024)
+    weights = 1.0 / torch.arange(1, support + 1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        tokens = torch.multinomial(weights, batch_size * seq_len, replacement=True, generator=g)
+        tokens = tokens.view(batch_size, seq_len)
+        yield {"input_ids": tokens, "labels": tokens.clone()}
+
+
+def _micro_batches(bench: BenchConfig, tokenizer, vocab: int) -> tuple[str, Iterator[dict[str, torch.Tensor]]]:
+    kind = bench.data
+    if kind == "auto":
+        kind = "instructions" if tokenizer is not None else "synthetic"
+    if kind == "instructions":
+        if tokenizer is None:
+            raise ValueError("--data instructions needs a model whose vocabulary is the bundled tokenizer's "
+                             f"({vocab} tokens here); use --data synthetic")
+        from .data import InstructionDataset, default_dataset_path, load_records
+        # Whole examples (packing, not truncation, fits them to the blocks).
+        dataset = InstructionDataset(load_records(default_dataset_path()), tokenizer, 1 << 30)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(bench.seed)).tolist()
+        return kind, packed_blocks([dataset[i] for i in order], bench.batch_size, bench.seq_len)
+    return kind, synthetic_blocks(vocab, bench.batch_size, bench.seq_len, bench.seed)
+
+
+def _limit_memory(bench: BenchConfig) -> None:
+    if bench.memory_limit_mb is None:
+        return
+    if bench.device.startswith("cuda"):
+        device = torch.device(bench.device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, bench.memory_limit_mb * MiB / total), device)
+        return
+    with open("/proc/self/status") as f:  # the address space this process already maps (Linux)
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + int(bench.memory_limit_mb * MiB), resource.RLIM_INFINITY))
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
+def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[dict[str, torch.Tensor]],
+                     micro_batches: int) -> dict[str, Any]:
+    """Train ``model`` as ``cfg`` says on ``micro_batches`` micro-batches of ``stream`` (whole windows of ``cfg.ga``)
+    and measure: window losses, runtime, tokens/s; then one more window under MemTracker for the breakdown. Peak:
+    the CUDA allocator's since this call began (the model is already there), or MemTracker's on CPU."""
+    from .memory import MemTrackerUnavailable, PeakTracker
+    from .trainer import Trainer, windows
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
+                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None,
+                      device_type=torch.device(cfg.device).type, loss_chunk=cfg.loss_chunk or None)
+    to_device = ({k: v.to(cfg.device) for k, v in b.items()} for b in stream)
+    n_windows = max(1, micro_batches // cfg.ga)
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, tokens, consumed = [], 0, 0
+    t0 = time.perf_counter()
+    for window in windows(to_device, cfg.ga):
+        result = trainer.step(window)
+        consumed += len(window)
+        tokens += sum(b["input_ids"].numel() for b in window)
+        losses.append({"micro_batches": consumed, "loss": result.loss})
+        if len(losses) == n_windows:
+            break
+    if cuda:
+        torch.cuda.synchronize()
+    runtime = time.perf_counter() - t0
+    # One more window under MemTracker: the breakdown (and the peak on CPU), outside the timed loop.
+    window = [next(to_device) for _ in range(cfg.ga)]
+    try:
+        tracker: Optional[PeakTracker] = PeakTracker(model, optimizer, window[0]["input_ids"], window[0]["labels"])
+    except MemTrackerUnavailable:
+        tracker = None
+    with tracker if tracker is not None else contextlib.nullcontext():
+        trainer.step(window)
+    if cuda:
+        peak, method = torch.cuda.max_memory_allocated() / MiB, "cuda max_memory_allocated"
+    elif tracker is not None:
+        peak, method = tracker.peak_mb, "MemTracker"
+    else:
+        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    values = [r["loss"] for r in losses]
+    return dict(peak_mb=peak, peak_method=method,
+                breakdown_mb=_pick(tracker.breakdown_mb) if tracker else {},
+                category_peaks_mb=_pick(tracker.category_peaks_mb) if tracker else {},
+                runtime_s=runtime, tokens_per_s=tokens / runtime if runtime > 0 else None,
+                micro_batches=consumed, optimizer_steps=len(losses), final_loss=values[-1],
+                avg_loss=sum(values) / len(values), losses=losses)
+
+
+def run_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
+    """Build and train ``cell`` for ``bench.steps`` micro-batches in this process; return its record (status ``ok``,
+    ``OOM``, ``nonfinite`` or ``error``: a failure is recorded, never raised)."""
+    from .trainer import NonFiniteLossError
+
+    cfg = bench.train_config(cell)
+    record: dict[str, Any] = {**_cell_fields(cell), "status": "running"}
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    torch.manual_seed(bench.seed)
+    try:
+        model, tokenizer = _build(bench, cfg)
+        record["data"], stream = _micro_batches(bench, tokenizer, model.vocab_size)
+        record.update(status="ok", **measure_training(model, cfg, stream, bench.steps))
+    except NonFiniteLossError as e:
+        record.update(status="nonfinite", error=str(e))
+    except Exception as e:  # noqa: BLE001 — every failure of a cell is recorded, never fatal to the run
+        if _is_oom(e):
+            record.update(status="OOM", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        else:
+            record.update(status="error", error=f"{type(e).__name__}: {e}")
+    return record
+
+
+def _pick(mb: dict[str, float]) -> dict[str, float]:
+    return {k: mb.get(k, 0.0) for k in BREAKDOWN}
+
+
+def _cell_fields(cell: Cell) -> dict[str, Any]:
+    return {"cell": cell.name, "ga": cell.ga, "gc": cell.gc, "mp": cell.mp, "lora": cell.lora}
+
+
+def _run_isolated(bench: BenchConfig, cell: Cell, workdir: Path) -> dict[str, Any]:
+    """``run_cell`` in a child process; a crash, a kill or a timeout is a record too."""
+    job, result = workdir / f"{cell.name}.job.json", workdir / f"{cell.name}.result.json"
+    job.write_text(json.dumps({"bench": dataclasses.asdict(bench), "cell": dataclasses.asdict(cell)}))
+    cmd = [sys.executable, "-m", "llama_ref.bench", "--run-cell", str(job), str(result)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.timeout)
+    except subprocess.TimeoutExpired:
+        return {**_cell_fields(cell), "status": "timeout", "error": f"stopped after {bench.timeout:.0f} s"}
+    if result.is_file():
+        return json.loads(result.read_text())
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    if proc.returncode == -9:  # SIGKILL: on Linux, the kernel's OOM killer
+        return {**_cell_fields(cell), "status": "OOM", "error": "killed by SIGKILL (out of memory)"}
+    return {**_cell_fields(cell), "status": "error",
+            "error": f"cell process exited with {proc.returncode}: " + " | ".join(tail)}
+
+
+# --- predicted cells ----------------------------------------------------------------------------------------------
+
+def predict_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
+    from .memory import predict_step_flops, predict_step_memory
+
+    cfg = bench.train_config(cell)
+    record: dict[str, Any] = {**_cell_fields(cell)}
+    try:
+        report = predict_step_memory(cfg, bench.batch_size, bench.seq_len)
+        flops = predict_step_flops(cfg, bench.batch_size, bench.seq_len)
+    except ValueError as e:
+        return {**record, "status": "error", "error": str(e)}
+    return {**record, "status": "ok", "peak_mb": report.peak_mb, "peak_method": report.method,
+            "breakdown_mb": _pick(report.breakdown_mb), "category_peaks_mb": _pick(report.category_peaks_mb),
+            "flops_per_micro_batch": flops, "seconds": report.seconds}
+
+
+def _add_flops(bench: BenchConfig, records: list[dict[str, Any]]) -> None:
+    from .memory import predict_step_flops
+    for r in records:
+        if "flops_per_micro_batch" not in r:
+            try:
+                r["flops_per_micro_batch"] = predict_step_flops(bench.train_config(Cell.parse(r["cell"])),
+                                                                bench.batch_size, bench.seq_len)
+            except ValueError:
+                r["flops_per_micro_batch"] = None
+
+
+# --- reports ------------------------------------------------------------------------------------------------------
+
+def _fmt(value: Optional[float], status: str = "ok", digits: int = 2) -> str:
+    if status == "OOM":
+        return "OOM"
+    if status != "ok" or value is None:
+        return status if status != "ok" else "—"
+    return f"{value:,.{digits}f}"
+
+
+def seed_layout(records: dict[Cell, dict[str, Any]], ga: bool, title: str, runtime: bool = True) -> str:
+    """One of the seed's tables: GC / MP / LoRA header rows, Peak Mem (MB) and Runtime (secs) rows."""
+    cells = [c for c in CELLS if c.ga == ga]
+    onoff = lambda v: "ON" if v else "OFF"  # noqa: E731
+    lines = [f"### {title}", "",
+             "| GC | " + " | ".join(onoff(c.gc) for c in cells) + " |",
+             "|---|" + "---|" * len(cells),
+             "| **MP** | " + " | ".join(onoff(c.mp) for c in cells) + " |",
+             "| **LoRA** | " + " | ".join(onoff(c.lora) for c in cells) + " |"]
+    row = lambda key: [_fmt(records[c].get(key), records[c]["status"]) if c in records else "not run"  # noqa: E731
+                       for c in cells]
+    lines.append("| **Peak Mem (MB)** | " + " | ".join(row("peak_mb")) + " |")
+    if runtime:
+        lines.append("| **Runtime (secs)** | " + " | ".join(row("runtime_s")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def breakdown_table(records: list[dict[str, Any]]) -> str:
+    head = "| cell | " + " | ".join(BREAKDOWN) + " | peak MiB | FLOPs / micro-batch |"
+    lines = [head, "|---|" + "---|" * (len(BREAKDOWN) + 2)]
+    for r in records:
+        b = r.get("breakdown_mb") or {}
+        flops = r.get("flops_per_micro_batch")
+        lines.append(f"| {r['cell']} | " + " | ".join(_fmt(b.get(k), r["status"], 1) if b else "—" for k in BREAKDOWN)
+                     + f" | {_fmt(r.get('peak_mb'), r['status'], 1)} | "
+                     + (f"{flops / 1e9:,.2f} G" if flops else "—") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_arrow(ratio: float) -> str:
+    return "↓" if ratio < 0.95 else "↑" if ratio > 1.05 else "—"
+
+
+ANALYSIS_ROWS = ("parameter", "activation", "gradient", "optimizer state", "temporary", "peak", "FLOPs", "runtime")
+
+
+def _value(record: dict[str, Any], row: str) -> Optional[float]:
+    if row == "peak":
+        return record.get("peak_mb")
+    if row == "FLOPs":
+        return record.get("flops_per_micro_batch")
+    if row == "runtime":
+        return record.get("runtime_s")
+    return (record.get("category_peaks_mb") or {}).get(row)
+
+
+def analysis(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The seed's qualitative table, measured: for each technique and quantity, the on/off ratios over every pair
+    of finished cells that differ only in that technique (memory categories: each category's own peak), their
+    median and range, the arrow the median gives (↓ below 0.95, ↑ above 1.05), and the seed's arrow."""
+    by_cell = {Cell.parse(r["cell"]): r for r in records if r["status"] == "ok"}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for tech in ("GA", "GC", "MP", "LoRA"):
+        out[tech] = {}
+        for row in ANALYSIS_ROWS:
+            ratios, zero_pairs = [], 0
+            for off, record in by_cell.items():
+                on = dataclasses.replace(off, **{tech.lower(): True})
+                if getattr(off, tech.lower()) or on not in by_cell:
+                    continue
+                a, b = _value(record, row), _value(by_cell[on], row)
+                if a is None or b is None:
+                    continue
+                if a == 0 and b == 0:
+                    zero_pairs += 1
+                else:
+                    ratios.append(b / a if a > 0 else math.inf)
+            ratios.sort()
+            median = ratios[len(ratios) // 2] if len(ratios) % 2 else (
+                (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2 if ratios else None)
+            arrow = _ratio_arrow(median) if median is not None else ("—" if zero_pairs else "n/a")
+            out[tech][row] = {"median": median, "range": (ratios[0], ratios[-1]) if ratios else None,
+                              "pairs": len(ratios), "zero_pairs": zero_pairs, "arrow": arrow,
+                              "seed": SEED_ANALYSIS[tech].get(row)}
+    return out
+
+
+def analysis_table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
+    techs = list(result)
+    lines = ["| | " + " | ".join(techs) + " |", "|---|" + "---|" * len(techs)]
+    for row in ANALYSIS_ROWS:
+        cells = []
+        for tech in techs:
+            e = result[tech][row]
+            if e["median"] is None:
+                text = "— (0 in every pair)" if e["zero_pairs"] else "not measured"
+            else:
+                lo, hi = e["range"]
+                text = f"{e['arrow']} ×{e['median']:.2f} ({lo:.2f}–{hi:.2f})"
+            if e["seed"] is not None and e["median"] is not None:
+                text += f"; seed {e['seed']}" + ("" if e["seed"] == e["arrow"] else " **wrong**")
+            cells.append(text)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, bench: BenchConfig, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    by_cell = {Cell.parse(r["cell"]): r for r in records}
+    mode = "predicted" if bench.predict else "measured"
+    parts = [f"# llama-bench ({mode})", "",
+             f"Model: {meta['model']}; {bench.steps} micro-batches of {bench.batch_size} x {bench.seq_len} tokens "
+             f"per cell; GA cells accumulate {bench.ga}; MP = {bench.mp}; optimizer {bench.optimizer}; "
+             f"loss chunk {bench.loss_chunk or 'off'}; device {meta['device']}; torch {meta['torch']}. "
+             f"Peak memory in MiB ({meta['peak_method']}).", ""]
+    parts.append(seed_layout(by_cell, True, f"Performance Benchmark with Gradient Accumulation ({mode})",
+                             runtime=not bench.predict))
+    parts.append(seed_layout(by_cell, False, f"Performance Benchmark without Gradient Accumulation ({mode})",
+                             runtime=not bench.predict))
+    parts += ["### Where the memory is at the peak (MiB, MemTracker's categories)", "", breakdown_table(records)]
+    parts += ["### Performance Analysis, measured", "",
+              "On/off ratio of each quantity for each technique: the median (and range) over the pairs of cells "
+              "that differ only in that technique; a memory category's value is its own peak during the step (not "
+              "its share of the total peak); FLOPs are counted per micro-batch on fake tensors; ↓ below 0.95, ↑ "
+              "above 1.05. The seed's claimed arrow follows, marked **wrong** where the measurement disagrees.",
+              "", analysis_table(analysis(records))]
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        parts += ["### Cells that did not finish", ""] + [f"- {r['cell']}: {r['status']} — {r.get('error', '')}"
+                                                          for r in failed] + [""]
+    path.write_text("\n".join(parts))
+
+
+def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
+    """``loss_curves.png`` (measured runs) and ``memory_breakdown.png``; [] when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("llama-bench: matplotlib is not installed (pip install .[bench]): no plots", file=sys.stderr)
+        return []
+    written = []
+    ok = [r for r in records if r["status"] == "ok"]
+    curves = [r for r in ok if r.get("losses")]
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, ga in zip(axes, (True, False)):
+            for r in (r for r in curves if r["ga"] == ga):
+                ax.plot([p["micro_batches"] for p in r["losses"]], [p["loss"] for p in r["losses"]],
+                        marker="o" if ga else None, ms=3, label=r["cell"])
+            ax.set_title("with GA" if ga else "without GA")
+            ax.set_xlabel("micro-batches")
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("window loss (mean token cross-entropy)")
+        fig.tight_layout()
+        fig.savefig(out / "loss_curves.png", dpi=100)
+        plt.close(fig)
+        written.append(out / "loss_curves.png")
+    with_breakdown = [r for r in ok if r.get("breakdown_mb")]
+    if with_breakdown:
+        fig, ax = plt.subplots(figsize=(12, 5))
+        names = [r["cell"] for r in with_breakdown]
+        bottom = [0.0] * len(names)
+        for k in BREAKDOWN:
+            values = [r["breakdown_mb"].get(k, 0.0) for r in with_breakdown]
+            ax.bar(names, values, bottom=bottom, label=k)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_ylabel("MiB at the peak")
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "memory_breakdown.png", dpi=100)
+        plt.close(fig)
+        written.append(out / "memory_breakdown.png")
+    return written
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _model_description(bench: BenchConfig) -> str:
+    if bench.ckpt_dir:
+        return f"checkpoint {bench.ckpt_dir}"
+    return f"preset {bench.preset!r} (random weights)"
+
+
+def run(bench: BenchConfig) -> list[dict[str, Any]]:
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = bench.selected_cells()
+    meta = {"mode": "predicted" if bench.predict else "measured", "model": _model_description(bench),
+            "device": bench.device, "torch": torch.__version__,
+            "peak_method": "MemTracker on FakeTensorMode" if bench.predict else
+            ("cuda max_memory_allocated" if bench.device.startswith("cuda") else "MemTracker")}
+    records: list[dict[str, Any]] = []
+    bar = _progress(len(cells), bench.progress)
+    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
+        for cell in cells:
+            bar.set_postfix_str(cell.name)
+            record = predict_cell(bench, cell) if bench.predict else _run_isolated(bench, cell, Path(tmp))
+            records.append(record)
+            _write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
+            bar.update(1)
+    bar.close()
+    if not bench.predict:
+        _add_flops(bench, records)
+    _write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
+    write_markdown(out / "bench.md", bench, records, meta)
+    if bench.plots:
+        write_plots(out, records)
+    return records
+
+
+class _NoBar:
+    def set_postfix_str(self, s: str) -> None: ...
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama-bench", description=__doc__.split("\n\n")[0])
+    hints = typing.get_type_hints(BenchConfig)
+    for f in fields(BenchConfig):
+        kind = hints[f.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        kw: dict[str, Any] = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+        if base is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=base, choices=f.metadata.get("choices"), **kw)
+    parser.add_argument("--run-cell", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
+    return parser
+
+
+def _child(job: Path, result: Path) -> int:
+    spec = json.loads(job.read_text())
+    bench = BenchConfig(**spec["bench"])
+    _limit_memory(bench)  # this process only: it exists for this one cell
+    record = run_cell(bench, Cell(**spec["cell"]))
+    _write_json(result, record)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    run_cell_args = ns.pop("run_cell")
+    if run_cell_args:
+        return _child(Path(run_cell_args[0]), Path(run_cell_args[1]))
+    try:
+        bench = BenchConfig(**ns)
+    except ValueError as e:
+        parser.error(str(e))
+    records = run(bench)
+    ok = sum(r["status"] == "ok" for r in records)
+    print(f"llama-bench: {ok}/{len(records)} cells ok; wrote {Path(bench.out) / 'bench.json'} and bench.md")
+    print((Path(bench.out) / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
