@@ -20,20 +20,18 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from .finetune import TrainConfig
+from .finetune import TrainConfig, check_choices, dataclass_parser, option
 
 MiB = 2 ** 20
 BREAKDOWN = ("parameter", "gradient", "optimizer state", "activation", "temporary")
@@ -89,41 +87,37 @@ SEED_ANALYSIS = {
 }
 
 
-def _opt(help: str, **kw: Any) -> Any:
-    return field(default=kw.pop("default"), metadata={"help": help, **kw})
-
-
 @dataclass
 class BenchConfig:
-    preset: str = _opt("model preset (ignored with --ckpt-dir)", default="bench")
-    ckpt_dir: Optional[str] = _opt("Meta checkpoint directory (needs --tokenizer)", default=None)
-    tokenizer: Optional[str] = _opt("tokenizer.model of --ckpt-dir", default=None)
-    steps: int = _opt("micro-batches per cell (the seed's steps; a GA cell takes steps / ga optimizer steps)",
+    preset: str = option("model preset (ignored with --ckpt-dir)", default="bench")
+    ckpt_dir: Optional[str] = option("Meta checkpoint directory (needs --tokenizer)", default=None)
+    tokenizer: Optional[str] = option("tokenizer.model of --ckpt-dir", default=None)
+    steps: int = option("micro-batches per cell (the seed's steps; a GA cell takes steps / ga optimizer steps)",
                       default=32)
-    batch_size: int = _opt("sequences per micro-batch", default=4)
-    seq_len: int = _opt("tokens per sequence", default=256)
-    ga: int = _opt("micro-batches per optimizer step in the GA cells (the seed used 8)", default=8)
-    mp: str = _opt("the half dtype of the MP cells", default="bf16", choices=("bf16", "fp16"))
-    gc_policy: str = _opt("which blocks the GC cells recompute: all, seed or every:K", default="all")
-    loss_chunk: int = _opt("loss computed this many positions at a time in every cell (0: full logits)", default=0)
-    optimizer: str = _opt("optimizer (the seed's peaks are plain SGD's)", default="sgd", choices=("sgd", "adamw"))
-    lr: float = _opt("learning rate (with clipping at 1, SGD moves at most this far per step)", default=0.5)
-    clip: float = _opt("clip the gradient norm to this (0: no clipping)", default=1.0)
-    data: str = _opt("instructions: the bundled set packed into blocks; synthetic: seeded tokens from a "
+    batch_size: int = option("sequences per micro-batch", default=4)
+    seq_len: int = option("tokens per sequence", default=256)
+    ga: int = option("micro-batches per optimizer step in the GA cells (the seed used 8)", default=8)
+    mp: str = option("the half dtype of the MP cells", default="bf16", choices=("bf16", "fp16"))
+    gc_policy: str = option("which blocks the GC cells recompute: all, seed or every:K", default="all")
+    loss_chunk: int = option("loss computed this many positions at a time in every cell (0: full logits)", default=0)
+    optimizer: str = option("optimizer (the seed's peaks are plain SGD's)", default="sgd", choices=("sgd", "adamw"))
+    lr: float = option("learning rate (with clipping at 1, SGD moves at most this far per step)", default=0.5)
+    clip: float = option("clip the gradient norm to this (0: no clipping)", default=1.0)
+    data: str = option("instructions: the bundled set packed into blocks; synthetic: seeded tokens from a "
                      "skewed distribution (any vocabulary); auto: instructions when the vocabulary allows",
                      default="auto", choices=("auto", "instructions", "synthetic"))
-    cells: Optional[str] = _opt("comma-separated cells to run (default: all 16), e.g. plain,LoRA,GC+MP+LoRA",
+    cells: Optional[str] = option("comma-separated cells to run (default: all 16), e.g. plain,LoRA,GC+MP+LoRA",
                                 default=None)
-    predict: bool = _opt("predict every cell on fake tensors instead of running it", default=False)
-    device: str = _opt("torch device", default="cpu")
-    threads: Optional[int] = _opt("torch CPU threads per cell", default=None)
-    memory_limit_mb: Optional[float] = _opt("give each cell at most this much memory beyond what its process "
+    predict: bool = option("predict every cell on fake tensors instead of running it", default=False)
+    device: str = option("torch device", default="cpu")
+    threads: Optional[int] = option("torch CPU threads per cell", default=None)
+    memory_limit_mb: Optional[float] = option("give each cell at most this much memory beyond what its process "
                                             "holds at start (CUDA: of the device); more is an OOM", default=None)
-    timeout: float = _opt("seconds per cell before it is stopped and recorded as timeout", default=1800.0)
-    seed: int = _opt("seed of weights, data and LoRA init", default=0)
-    out: str = _opt("output directory", default="bench-out")
-    plots: bool = _opt("write PNG plots (needs matplotlib: pip install .[bench])", default=True)
-    progress: bool = _opt("show a progress bar", default=True)
+    timeout: float = option("seconds per cell before it is stopped and recorded as timeout", default=1800.0)
+    seed: int = option("seed of weights, data and LoRA init", default=0)
+    out: str = option("output directory", default="bench-out")
+    plots: bool = option("write PNG plots (needs matplotlib: pip install .[bench])", default=True)
+    progress: bool = option("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "ga"):
@@ -135,10 +129,7 @@ class BenchConfig:
             raise ValueError("--loss-chunk and --clip must be >= 0, --lr and --timeout > 0")
         if self.memory_limit_mb is not None and not self.memory_limit_mb > 0:
             raise ValueError(f"--memory-limit-mb must be > 0, got {self.memory_limit_mb}")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
+        check_choices(self)
         if self.ckpt_dir and not self.tokenizer:
             raise ValueError("--ckpt-dir needs --tokenizer")
         self.selected_cells()  # validates --cells
@@ -562,9 +553,8 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .finetune import _write_atomic
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def _model_description(bench: BenchConfig) -> str:
@@ -614,16 +604,7 @@ def _progress(total: int, enabled: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-bench", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(BenchConfig)
-    for f in fields(BenchConfig):
-        kind = hints[f.name]
-        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
-        kw: dict[str, Any] = dict(default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
-        if base is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=base, choices=f.metadata.get("choices"), **kw)
+    parser = dataclass_parser(BenchConfig, "llama-bench", __doc__.split("\n\n")[0])
     parser.add_argument("--run-cell", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
     return parser
 

@@ -34,54 +34,63 @@ EXIT_OOM, EXIT_NONFINITE = 3, 4
 STATE_FILE, METRICS_FILE = "train_state.pt", "metrics.json"
 
 
-def _opt(help: str, **kw: Any) -> Any:
+def option(help: str, **kw: Any) -> Any:
+    """A config field that is also a command-line flag (see ``dataclass_parser``): its default, help and choices."""
     return field(default=kw.pop("default"), metadata={"help": help, **kw})
+
+
+def check_choices(config: Any) -> None:
+    """ValueError naming the flag whose value is not among its field's ``choices``."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(config, f.name)!r}")
 
 
 @dataclass
 class TrainConfig:
     # model and data
-    preset: str = _opt("model preset (ignored with --ckpt-dir)", default="tiny")
-    ckpt_dir: Optional[str] = _opt("Meta checkpoint directory (params.json + consolidated.*.pth)", default=None)
-    tokenizer: Optional[str] = _opt("tokenizer.model (default: the bundled SentencePiece model)", default=None)
-    data: Optional[str] = _opt("Alpaca-style JSON/JSONL (default: the bundled instruction set)", default=None)
-    max_seq_len: Optional[int] = _opt("truncate examples to this many tokens (default: the model's)", default=None)
+    preset: str = option("model preset (ignored with --ckpt-dir)", default="tiny")
+    ckpt_dir: Optional[str] = option("Meta checkpoint directory (params.json + consolidated.*.pth)", default=None)
+    tokenizer: Optional[str] = option("tokenizer.model (default: the bundled SentencePiece model)", default=None)
+    data: Optional[str] = option("Alpaca-style JSON/JSONL (default: the bundled instruction set)", default=None)
+    max_seq_len: Optional[int] = option("truncate examples to this many tokens (default: the model's)", default=None)
     # the seed report's four techniques
-    ga: int = _opt("micro-batches per optimizer step (gradient accumulation; the seed used 8)", default=1)
-    mp: str = _opt("mixed precision", default="off", choices=tuple(PRECISIONS))
-    half_base: Optional[bool] = _opt("with --mp and --lora, store the frozen base in the half dtype "
+    ga: int = option("micro-batches per optimizer step (gradient accumulation; the seed used 8)", default=1)
+    mp: str = option("mixed precision", default="off", choices=tuple(PRECISIONS))
+    half_base: Optional[bool] = option("with --mp and --lora, store the frozen base in the half dtype "
                                      "(default: on)", default=None)
-    lora: bool = _opt("train LoRA adapters only", default=False)
-    lora_r: int = _opt("LoRA rank", default=16)
-    lora_alpha: float = _opt("LoRA alpha (scaling alpha / r)", default=32.0)
-    lora_dropout: float = _opt("dropout on the LoRA branch input", default=0.05)
-    lora_targets: str = _opt("comma-separated targets among wq,wk,wv,wo,w1,w2,w3", default="wq,wv")
-    gc: bool = _opt("gradient checkpointing", default=False)
-    gc_policy: str = _opt("which blocks: all, seed (i %% 3 != 0) or every:K", default="all")
-    loss_chunk: int = _opt("compute the loss this many positions at a time, each chunk's logits recomputed in "
+    lora: bool = option("train LoRA adapters only", default=False)
+    lora_r: int = option("LoRA rank", default=16)
+    lora_alpha: float = option("LoRA alpha (scaling alpha / r)", default=32.0)
+    lora_dropout: float = option("dropout on the LoRA branch input", default=0.05)
+    lora_targets: str = option("comma-separated targets among wq,wk,wv,wo,w1,w2,w3", default="wq,wv")
+    gc: bool = option("gradient checkpointing", default=False)
+    gc_policy: str = option("which blocks: all, seed (i %% 3 != 0) or every:K", default="all")
+    loss_chunk: int = option("compute the loss this many positions at a time, each chunk's logits recomputed in "
                            "backward instead of kept (0: full logits)", default=0)
     # optimisation
-    batch_size: int = _opt("sequences per micro-batch", default=1)
-    lr: float = _opt("learning rate", default=1e-3)
-    optimizer: str = _opt("optimizer", default="adamw", choices=("sgd", "adamw"))
-    weight_decay: float = _opt("AdamW weight decay", default=0.0)
-    schedule: str = _opt("LR schedule", default="constant", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = _opt("linear warm-up steps", default=0)
-    clip: float = _opt("clip the gradient norm to this (0: no clipping)", default=1.0)
-    epochs: int = _opt("passes over the data", default=1)
-    max_steps: Optional[int] = _opt("train for this many optimizer steps (the schedule's length)", default=None)
-    stop_after: Optional[int] = _opt("end this invocation after this many steps, keeping the schedule of the "
+    batch_size: int = option("sequences per micro-batch", default=1)
+    lr: float = option("learning rate", default=1e-3)
+    optimizer: str = option("optimizer", default="adamw", choices=("sgd", "adamw"))
+    weight_decay: float = option("AdamW weight decay", default=0.0)
+    schedule: str = option("LR schedule", default="constant", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = option("linear warm-up steps", default=0)
+    clip: float = option("clip the gradient norm to this (0: no clipping)", default=1.0)
+    epochs: int = option("passes over the data", default=1)
+    max_steps: Optional[int] = option("train for this many optimizer steps (the schedule's length)", default=None)
+    stop_after: Optional[int] = option("end this invocation after this many steps, keeping the schedule of the "
                                      "whole run (continue later with --resume)", default=None)
-    seed: int = _opt("seed of weights (presets), data order, LoRA init and dropout", default=0)
-    device: str = _opt("torch device", default="cpu")
-    threads: Optional[int] = _opt("torch CPU threads (default: torch's choice; 1 is fastest for tiny models on "
+    seed: int = option("seed of weights (presets), data order, LoRA init and dropout", default=0)
+    device: str = option("torch device", default="cpu")
+    threads: Optional[int] = option("torch CPU threads (default: torch's choice; 1 is fastest for tiny models on "
                                   "a busy machine)", default=None)
     # output
-    out: Optional[str] = _opt("directory for metrics.json, the result and train_state.pt", default=None)
-    resume: bool = _opt("continue from --out DIR/train_state.pt, bit-exactly", default=False)
-    log_every: int = _opt("print the window loss every N steps", default=10)
-    sample: bool = _opt("print greedy generations on the seed's four prompts before and after", default=False)
-    progress: bool = _opt("show a progress bar", default=True)
+    out: Optional[str] = option("directory for metrics.json, the result and train_state.pt", default=None)
+    resume: bool = option("continue from --out DIR/train_state.pt, bit-exactly", default=False)
+    log_every: int = option("print the window loss every N steps", default=10)
+    sample: bool = option("print greedy generations on the seed's four prompts before and after", default=False)
+    progress: bool = option("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
         if self.loss_chunk < 0:
@@ -96,10 +105,7 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("--clip, --warmup-steps and --weight-decay must be >= 0")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {choices}, got {getattr(self, f.name)!r}")
+        check_choices(self)
         checkpoint_policy_layers(self.gc_policy, 1)  # validates the policy's syntax
         if self.half_base and not (self.lora and self.mp != "off"):
             raise ValueError("--half-base needs --lora and --mp fp16/bf16 (a trained weight must stay fp32)")
@@ -115,9 +121,15 @@ class TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from TrainConfig's fields (names, types, defaults, help, choices)."""
-    parser = argparse.ArgumentParser(prog="llama-finetune", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
+    return dataclass_parser(TrainConfig, "llama-finetune", __doc__.split("\n\n")[0])
+
+
+def dataclass_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """A command line with one ``--flag`` per field of the dataclass ``cls`` (declared with ``_opt``): bools as
+    ``--x/--no-x``, ``Optional[T]`` as ``T``, choices and help from the field's metadata."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
