@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -31,60 +32,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from .bench_report import BREAKDOWN, CELLS, Cell, write_markdown, write_plots
 from .finetune import TrainConfig, check_choices, dataclass_parser, option
 
 MiB = 2 ** 20
-BREAKDOWN = ("parameter", "gradient", "optimizer state", "activation", "temporary")
-STATUSES = ("ok", "OOM", "nonfinite", "timeout", "error")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell of the seed's table: which of the four techniques are on."""
-    ga: bool
-    gc: bool
-    mp: bool
-    lora: bool
-
-    @property
-    def name(self) -> str:
-        on = [n for n, v in (("GA", self.ga), ("GC", self.gc), ("MP", self.mp), ("LoRA", self.lora)) if v]
-        return "+".join(on) or "plain"
-
-    @classmethod
-    def parse(cls, name: str) -> "Cell":
-        parts = {p.strip().upper() for p in name.split("+") if p.strip()}
-        if parts == {"PLAIN"}:
-            parts = set()
-        unknown = parts - {"GA", "GC", "MP", "LORA"}
-        if unknown or not name.strip():
-            raise ValueError(f"unknown cell {name!r}: write e.g. plain, LoRA, GC+MP+LoRA, GA+GC+MP+LoRA")
-        return cls("GA" in parts, "GC" in parts, "MP" in parts, "LORA" in parts)
-
-
-# The seed's order: the table with GA, then without; GC off/on, then MP off/on, then LoRA off/on.
-CELLS = tuple(Cell(ga, gc, mp, lora) for ga in (True, False) for gc in (False, True) for mp in (False, True)
-              for lora in (False, True))
-
-# The seed report's figures (MB, s); None: out of memory ("x").
-SEED_TABLE: dict[Cell, tuple[Optional[float], Optional[float]]] = dict(zip(CELLS, [
-    (13993.84, 38.02), (7523.20, 22.64), (None, None), (9630.22, 27.00),
-    (13358.04, 40.99), (6864.00, 29.13), (None, None), (7958.86, 39.57),
-    (11624.06, 35.79), (7521.13, 22.71), (11624.91, 50.50), (9620.55, 27.07),
-    (11623.09, 41.23), (6857.48, 28.48), (11623.79, 57.52), (7954.38, 34.54),
-]))
-
-# The seed's qualitative "Performance Analysis" table: technique -> row -> arrow.
-SEED_ANALYSIS = {
-    "GA": {"parameter": "—", "activation": "↓", "gradient": "↑", "optimizer state": "↑", "FLOPs": "—",
-           "runtime": "↑"},
-    "GC": {"parameter": "—", "activation": "↓", "gradient": "↑", "optimizer state": "—", "FLOPs": "↑",
-           "runtime": "↑"},
-    "MP": {"parameter": "—", "activation": "↓", "gradient": "↓", "optimizer state": "↓", "FLOPs": "—",
-           "runtime": "↓"},
-    "LoRA": {"parameter": "↓", "activation": "—", "gradient": "↓", "optimizer state": "↓", "FLOPs": "—",
-             "runtime": "—"},
-}
 
 
 @dataclass
@@ -93,7 +44,7 @@ class BenchConfig:
     ckpt_dir: Optional[str] = option("Meta checkpoint directory (needs --tokenizer)", default=None)
     tokenizer: Optional[str] = option("tokenizer.model of --ckpt-dir", default=None)
     steps: int = option("micro-batches per cell (the seed's steps; a GA cell takes steps / ga optimizer steps)",
-                      default=32)
+                        default=32)
     batch_size: int = option("sequences per micro-batch", default=4)
     seq_len: int = option("tokens per sequence", default=256)
     ga: int = option("micro-batches per optimizer step in the GA cells (the seed used 8)", default=8)
@@ -104,15 +55,16 @@ class BenchConfig:
     lr: float = option("learning rate (with clipping at 1, SGD moves at most this far per step)", default=0.5)
     clip: float = option("clip the gradient norm to this (0: no clipping)", default=1.0)
     data: str = option("instructions: the bundled set packed into blocks; synthetic: seeded tokens from a "
-                     "skewed distribution (any vocabulary); auto: instructions when the vocabulary allows",
-                     default="auto", choices=("auto", "instructions", "synthetic"))
+                       "skewed distribution (any vocabulary); auto: instructions when the vocabulary allows",
+                       default="auto", choices=("auto", "instructions", "synthetic"))
     cells: Optional[str] = option("comma-separated cells to run (default: all 16), e.g. plain,LoRA,GC+MP+LoRA",
-                                default=None)
+                                  default=None)
     predict: bool = option("predict every cell on fake tensors instead of running it", default=False)
+    jobs: Optional[int] = option("processes predicting cells in parallel (default: one per CPU)", default=None)
     device: str = option("torch device", default="cpu")
     threads: Optional[int] = option("torch CPU threads per cell", default=None)
     memory_limit_mb: Optional[float] = option("give each cell at most this much memory beyond what its process "
-                                            "holds at start (CUDA: of the device); more is an OOM", default=None)
+                                              "holds at start (CUDA: of the device); more is an OOM", default=None)
     timeout: float = option("seconds per cell before it is stopped and recorded as timeout", default=1800.0)
     seed: int = option("seed of weights, data and LoRA init", default=0)
     out: str = option("output directory", default="bench-out")
@@ -350,6 +302,7 @@ def _run_isolated(bench: BenchConfig, cell: Cell, workdir: Path) -> dict[str, An
 # --- predicted cells ----------------------------------------------------------------------------------------------
 
 def predict_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
+    """``cell``'s memory and FLOPs predicted on fake tensors; a bad shape is an ``error`` record."""
     from .memory import predict_step_flops, predict_step_memory
 
     cfg = bench.train_config(cell)
@@ -364,6 +317,26 @@ def predict_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
             "flops_per_micro_batch": flops, "seconds": report.seconds}
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _predict_all(bench: BenchConfig, cells: list[Cell], done) -> list[dict[str, Any]]:
+    """Every cell's prediction, in ``bench.jobs`` processes (fake tensors allocate nothing, so cells are
+    independent); ``done(record)`` is called as each finishes. Records come back in ``cells``' order."""
+    jobs = min(len(cells), bench.jobs or os.cpu_count() or 1)
+    if jobs <= 1:
+        return [done(predict_cell(bench, cell)) for cell in cells]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_one_thread) as pool:
+        futures = {pool.submit(predict_cell, bench, cell): cell for cell in cells}
+        by_cell = {futures[f]: done(f.result()) for f in concurrent.futures.as_completed(futures)}
+    return [by_cell[cell] for cell in cells]
+
+
 def _add_flops(bench: BenchConfig, records: list[dict[str, Any]]) -> None:
     from .memory import predict_step_flops
     for r in records:
@@ -373,183 +346,6 @@ def _add_flops(bench: BenchConfig, records: list[dict[str, Any]]) -> None:
                                                                 bench.batch_size, bench.seq_len)
             except ValueError:
                 r["flops_per_micro_batch"] = None
-
-
-# --- reports ------------------------------------------------------------------------------------------------------
-
-def _fmt(value: Optional[float], status: str = "ok", digits: int = 2) -> str:
-    if status == "OOM":
-        return "OOM"
-    if status != "ok" or value is None:
-        return status if status != "ok" else "—"
-    return f"{value:,.{digits}f}"
-
-
-def seed_layout(records: dict[Cell, dict[str, Any]], ga: bool, title: str, runtime: bool = True) -> str:
-    """One of the seed's tables: GC / MP / LoRA header rows, Peak Mem (MB) and Runtime (secs) rows."""
-    cells = [c for c in CELLS if c.ga == ga]
-    onoff = lambda v: "ON" if v else "OFF"  # noqa: E731
-    lines = [f"### {title}", "",
-             "| GC | " + " | ".join(onoff(c.gc) for c in cells) + " |",
-             "|---|" + "---|" * len(cells),
-             "| **MP** | " + " | ".join(onoff(c.mp) for c in cells) + " |",
-             "| **LoRA** | " + " | ".join(onoff(c.lora) for c in cells) + " |"]
-    row = lambda key: [_fmt(records[c].get(key), records[c]["status"]) if c in records else "not run"  # noqa: E731
-                       for c in cells]
-    lines.append("| **Peak Mem (MB)** | " + " | ".join(row("peak_mb")) + " |")
-    if runtime:
-        lines.append("| **Runtime (secs)** | " + " | ".join(row("runtime_s")) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def breakdown_table(records: list[dict[str, Any]]) -> str:
-    head = "| cell | " + " | ".join(BREAKDOWN) + " | peak MiB | FLOPs / micro-batch |"
-    lines = [head, "|---|" + "---|" * (len(BREAKDOWN) + 2)]
-    for r in records:
-        b = r.get("breakdown_mb") or {}
-        flops = r.get("flops_per_micro_batch")
-        lines.append(f"| {r['cell']} | " + " | ".join(_fmt(b.get(k), r["status"], 1) if b else "—" for k in BREAKDOWN)
-                     + f" | {_fmt(r.get('peak_mb'), r['status'], 1)} | "
-                     + (f"{flops / 1e9:,.2f} G" if flops else "—") + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _ratio_arrow(ratio: float) -> str:
-    return "↓" if ratio < 0.95 else "↑" if ratio > 1.05 else "—"
-
-
-ANALYSIS_ROWS = ("parameter", "activation", "gradient", "optimizer state", "temporary", "peak", "FLOPs", "runtime")
-
-
-def _value(record: dict[str, Any], row: str) -> Optional[float]:
-    if row == "peak":
-        return record.get("peak_mb")
-    if row == "FLOPs":
-        return record.get("flops_per_micro_batch")
-    if row == "runtime":
-        return record.get("runtime_s")
-    return (record.get("category_peaks_mb") or {}).get(row)
-
-
-def analysis(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """The seed's qualitative table, measured: for each technique and quantity, the on/off ratios over every pair
-    of finished cells that differ only in that technique (memory categories: each category's own peak), their
-    median and range, the arrow the median gives (↓ below 0.95, ↑ above 1.05), and the seed's arrow."""
-    by_cell = {Cell.parse(r["cell"]): r for r in records if r["status"] == "ok"}
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for tech in ("GA", "GC", "MP", "LoRA"):
-        out[tech] = {}
-        for row in ANALYSIS_ROWS:
-            ratios, zero_pairs = [], 0
-            for off, record in by_cell.items():
-                on = dataclasses.replace(off, **{tech.lower(): True})
-                if getattr(off, tech.lower()) or on not in by_cell:
-                    continue
-                a, b = _value(record, row), _value(by_cell[on], row)
-                if a is None or b is None:
-                    continue
-                if a == 0 and b == 0:
-                    zero_pairs += 1
-                else:
-                    ratios.append(b / a if a > 0 else math.inf)
-            ratios.sort()
-            median = ratios[len(ratios) // 2] if len(ratios) % 2 else (
-                (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2 if ratios else None)
-            arrow = _ratio_arrow(median) if median is not None else ("—" if zero_pairs else "n/a")
-            out[tech][row] = {"median": median, "range": (ratios[0], ratios[-1]) if ratios else None,
-                              "pairs": len(ratios), "zero_pairs": zero_pairs, "arrow": arrow,
-                              "seed": SEED_ANALYSIS[tech].get(row)}
-    return out
-
-
-def analysis_table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
-    techs = list(result)
-    lines = ["| | " + " | ".join(techs) + " |", "|---|" + "---|" * len(techs)]
-    for row in ANALYSIS_ROWS:
-        cells = []
-        for tech in techs:
-            e = result[tech][row]
-            if e["median"] is None:
-                text = "— (0 in every pair)" if e["zero_pairs"] else "not measured"
-            else:
-                lo, hi = e["range"]
-                text = f"{e['arrow']} ×{e['median']:.2f} ({lo:.2f}–{hi:.2f})"
-            if e["seed"] is not None and e["median"] is not None:
-                text += f"; seed {e['seed']}" + ("" if e["seed"] == e["arrow"] else " **wrong**")
-            cells.append(text)
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_markdown(path: Path, bench: BenchConfig, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    by_cell = {Cell.parse(r["cell"]): r for r in records}
-    mode = "predicted" if bench.predict else "measured"
-    parts = [f"# llama-bench ({mode})", "",
-             f"Model: {meta['model']}; {bench.steps} micro-batches of {bench.batch_size} x {bench.seq_len} tokens "
-             f"per cell; GA cells accumulate {bench.ga}; MP = {bench.mp}; optimizer {bench.optimizer}; "
-             f"loss chunk {bench.loss_chunk or 'off'}; device {meta['device']}; torch {meta['torch']}. "
-             f"Peak memory in MiB ({meta['peak_method']}).", ""]
-    parts.append(seed_layout(by_cell, True, f"Performance Benchmark with Gradient Accumulation ({mode})",
-                             runtime=not bench.predict))
-    parts.append(seed_layout(by_cell, False, f"Performance Benchmark without Gradient Accumulation ({mode})",
-                             runtime=not bench.predict))
-    parts += ["### Where the memory is at the peak (MiB, MemTracker's categories)", "", breakdown_table(records)]
-    parts += ["### Performance Analysis, measured", "",
-              "On/off ratio of each quantity for each technique: the median (and range) over the pairs of cells "
-              "that differ only in that technique; a memory category's value is its own peak during the step (not "
-              "its share of the total peak); FLOPs are counted per micro-batch on fake tensors; ↓ below 0.95, ↑ "
-              "above 1.05. The seed's claimed arrow follows, marked **wrong** where the measurement disagrees.",
-              "", analysis_table(analysis(records))]
-    failed = [r for r in records if r["status"] != "ok"]
-    if failed:
-        parts += ["### Cells that did not finish", ""] + [f"- {r['cell']}: {r['status']} — {r.get('error', '')}"
-                                                          for r in failed] + [""]
-    path.write_text("\n".join(parts))
-
-
-def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
-    """``loss_curves.png`` (measured runs) and ``memory_breakdown.png``; [] when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("llama-bench: matplotlib is not installed (pip install .[bench]): no plots", file=sys.stderr)
-        return []
-    written = []
-    ok = [r for r in records if r["status"] == "ok"]
-    curves = [r for r in ok if r.get("losses")]
-    if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for ax, ga in zip(axes, (True, False)):
-            for r in (r for r in curves if r["ga"] == ga):
-                ax.plot([p["micro_batches"] for p in r["losses"]], [p["loss"] for p in r["losses"]],
-                        marker="o" if ga else None, ms=3, label=r["cell"])
-            ax.set_title("with GA" if ga else "without GA")
-            ax.set_xlabel("micro-batches")
-            ax.legend(fontsize=7)
-        axes[0].set_ylabel("window loss (mean token cross-entropy)")
-        fig.tight_layout()
-        fig.savefig(out / "loss_curves.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "loss_curves.png")
-    with_breakdown = [r for r in ok if r.get("breakdown_mb")]
-    if with_breakdown:
-        fig, ax = plt.subplots(figsize=(12, 5))
-        names = [r["cell"] for r in with_breakdown]
-        bottom = [0.0] * len(names)
-        for k in BREAKDOWN:
-            values = [r["breakdown_mb"].get(k, 0.0) for r in with_breakdown]
-            ax.bar(names, values, bottom=bottom, label=k)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_ylabel("MiB at the peak")
-        ax.tick_params(axis="x", rotation=60, labelsize=8)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "memory_breakdown.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "memory_breakdown.png")
-    return written
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -573,13 +369,20 @@ def run(bench: BenchConfig) -> list[dict[str, Any]]:
             ("cuda max_memory_allocated" if bench.device.startswith("cuda") else "MemTracker")}
     records: list[dict[str, Any]] = []
     bar = _progress(len(cells), bench.progress)
-    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
-        for cell in cells:
-            bar.set_postfix_str(cell.name)
-            record = predict_cell(bench, cell) if bench.predict else _run_isolated(bench, cell, Path(tmp))
-            records.append(record)
-            _write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
-            bar.update(1)
+
+    def done(record: dict[str, Any]) -> dict[str, Any]:
+        records.append(record)  # partial results survive an interrupted run
+        _write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
+        bar.set_postfix_str(record["cell"])
+        bar.update(1)
+        return record
+
+    if bench.predict:
+        records = _predict_all(bench, cells, done)
+    else:
+        with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
+            for cell in cells:
+                done(_run_isolated(bench, cell, Path(tmp)))
     bar.close()
     if not bench.predict:
         _add_flops(bench, records)

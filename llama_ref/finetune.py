@@ -59,7 +59,7 @@ class TrainConfig:
     ga: int = option("micro-batches per optimizer step (gradient accumulation; the seed used 8)", default=1)
     mp: str = option("mixed precision", default="off", choices=tuple(PRECISIONS))
     half_base: Optional[bool] = option("with --mp and --lora, store the frozen base in the half dtype "
-                                     "(default: on)", default=None)
+                                       "(default: on)", default=None)
     lora: bool = option("train LoRA adapters only", default=False)
     lora_r: int = option("LoRA rank", default=16)
     lora_alpha: float = option("LoRA alpha (scaling alpha / r)", default=32.0)
@@ -68,7 +68,7 @@ class TrainConfig:
     gc: bool = option("gradient checkpointing", default=False)
     gc_policy: str = option("which blocks: all, seed (i %% 3 != 0) or every:K", default="all")
     loss_chunk: int = option("compute the loss this many positions at a time, each chunk's logits recomputed in "
-                           "backward instead of kept (0: full logits)", default=0)
+                             "backward instead of kept (0: full logits)", default=0)
     # optimisation
     batch_size: int = option("sequences per micro-batch", default=1)
     lr: float = option("learning rate", default=1e-3)
@@ -80,11 +80,11 @@ class TrainConfig:
     epochs: int = option("passes over the data", default=1)
     max_steps: Optional[int] = option("train for this many optimizer steps (the schedule's length)", default=None)
     stop_after: Optional[int] = option("end this invocation after this many steps, keeping the schedule of the "
-                                     "whole run (continue later with --resume)", default=None)
+                                       "whole run (continue later with --resume)", default=None)
     seed: int = option("seed of weights (presets), data order, LoRA init and dropout", default=0)
     device: str = option("torch device", default="cpu")
     threads: Optional[int] = option("torch CPU threads (default: torch's choice; 1 is fastest for tiny models on "
-                                  "a busy machine)", default=None)
+                                    "a busy machine)", default=None)
     # output
     out: Optional[str] = option("directory for metrics.json, the result and train_state.pt", default=None)
     resume: bool = option("continue from --out DIR/train_state.pt, bit-exactly", default=False)

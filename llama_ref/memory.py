@@ -266,16 +266,18 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
 
     ``cfg_or_args``: a TrainConfig (its preset, checkpoint's params.json or max_seq_len give the shape; ``options``
     override its fields), or a ModelArgs (any shape; ``options`` are TrainConfig fields: lora, mp, gc, optimizer,
-    clip, device, ...). ``device`` is the target: "cuda" picks the optimizer kernels torch would pick there. Runs build, autocast, loss, backward, clipping and the optimizer on fake tensors, on CPU kernels'
-    dtype rules (autocast "cpu"), with MemTracker counting their storages.
+    clip, device, ...). ``device`` is the target: "cuda" picks the optimizer kernels torch would pick there. Runs
+    build, autocast, loss, backward, clipping and the optimizer on fake tensors, on CPU kernels' dtype rules
+    (autocast "cpu"), with MemTracker counting their storages. The first step creates state the later ones keep
+    (AdamW's moments, GradScaler's scale); the default predicts the second, as ``measure_step_memory`` measures it.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _mem_tracker_class()  # fail early, before any work
     base = cfg_or_args if isinstance(cfg_or_args, TrainConfig) else TrainConfig()
     cfg = dataclasses.replace(base, batch_size=batch_size, **options)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     target = torch.device(cfg.device)
     args = _model_args(cfg_or_args, cfg)
     if seq_len > args.max_seq_len:
@@ -306,7 +308,8 @@ def predict_step_flops(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: i
                        **options: Any) -> int:
     """Floating-point operations of one micro-batch's forward and backward (recomputation included), counted by
     ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention; elementwise ops are not counted) on fake
-    tensors. Arguments as :func:`predict_step_memory`."""
+    tensors. Arguments as :func:`predict_step_memory`. A run of its own: FlopCounterMode's module hooks keep
+    tensors alive, so counting inside the memory prediction would change the memory it predicts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from llama_ref.bench import (CELLS, SEED_TABLE, BenchConfig, Cell, analysis, analysis_table, main, packed_blocks,
-                             synthetic_blocks)
+from llama_ref.bench import BenchConfig, main, packed_blocks, synthetic_blocks
+from llama_ref.bench_report import CELLS, SEED_TABLE, Cell, analysis, analysis_table
 from llama_ref.data import IGNORE_INDEX
 from llama_ref.memory import predict_step_memory
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from llama_ref.args import ModelArgs
-from llama_ref.bench import CELLS, Cell, measure_training
+from llama_ref.bench import measure_training
+from llama_ref.bench_report import CELLS, Cell
 from llama_ref.finetune import TrainConfig, prepare_for_training
 from llama_ref.model import Transformer, init_weights
 
