@@ -57,8 +57,8 @@ def test_prediction_matches_measurement(name):
 
 @pytest.fixture(scope="module")
 def bench():
-    """Predictions on the bench preset, AdamW, batch 2 x 128."""
-    return {name: predict_step_memory(TrainConfig(preset="bench", **kw), 2, 128) for name, kw in CONFIGS.items()
+    """Measurements (MemTracker, real tensors) on the bench preset, AdamW, batch 2 x 128."""
+    return {name: measure_step_memory(TrainConfig(preset="bench", **kw), 2, 128) for name, kw in CONFIGS.items()
             if "sgd" not in name}
 
 
