@@ -220,7 +220,7 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
         result = trainer.step(window)
         consumed += len(window)
         tokens += sum(b["input_ids"].numel() for b in window)
-        losses.append({"micro_batches": consumed, "loss": result.loss})
+        losses.append({"micro_batches": consumed, "loss": result.loss, "grad_norm": result.grad_norm})
         if len(losses) == n_windows:
             break
     if cuda:

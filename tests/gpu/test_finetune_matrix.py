@@ -190,9 +190,13 @@ def test_measured_peak_is_within_10_percent_of_the_prediction(matrix):
         assert abs(r["peak_mb"] / predicted - 1) <= 0.10, (cell.name, r["peak_mb"], predicted, r["peak_method"])
 
 
-def test_accumulation_gives_the_large_batch_window_losses(matrix):
+def test_accumulation_gives_the_large_batch_window_losses_and_gradient_norms(matrix):
+    # The gradient norm (before clipping) too: clipping binds at this learning rate, so a gradient off by a
+    # constant factor (a loss not divided by the window's token count) would leave the losses unchanged.
     for cell, big in matrix["large_batch"].items():
-        ga = [p["loss"] for p in matrix["cells"][cell]["losses"]]
-        large = [p["loss"] for p in big["losses"]]
-        torch.testing.assert_close(torch.tensor(ga, dtype=torch.float64), torch.tensor(large, dtype=torch.float64),
-                                   rtol=GA_RTOL[cell.mp], atol=0, msg=lambda m: f"{cell.name}: {m}")
+        for key in ("loss", "grad_norm"):
+            ga = [p[key] for p in matrix["cells"][cell]["losses"]]
+            large = [p[key] for p in big["losses"]]
+            torch.testing.assert_close(torch.tensor(ga, dtype=torch.float64),
+                                       torch.tensor(large, dtype=torch.float64), rtol=GA_RTOL[cell.mp], atol=0,
+                                       msg=lambda m: f"{cell.name} {key}: {m}")
