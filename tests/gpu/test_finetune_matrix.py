@@ -10,9 +10,11 @@ micro-batches concatenated): accumulation must give the same window losses.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gc
 import itertools
+import multiprocessing
 import os
 from typing import Any
 
@@ -55,16 +57,21 @@ def _model_args(device: str) -> ModelArgs:
     ckpt = os.environ.get("LLAMA_CKPT_DIR")
     if ckpt:
         from llama_ref.checkpoint import load_params
-        return load_params(ckpt).replace(max_seq_len=SETUPS[device].seq_len, max_batch_size=GA)
+        args = load_params(ckpt)
+        if args.vocab_size <= 0:  # Llama 2's params.json leaves it to the tokenizer
+            raise ValueError(f"LLAMA_CKPT_DIR={ckpt}: params.json has vocab_size {args.vocab_size}; the matrix needs "
+                             "a checkpoint whose params.json states it (Llama 3.x)")
+        return args.replace(max_seq_len=SETUPS[device].seq_len, max_batch_size=GA)
     return ModelArgs.preset("llama-3.2-1b", max_seq_len=SETUPS[device].seq_len, max_batch_size=GA)
 
 
-def _base_state(args: ModelArgs) -> dict[str, torch.Tensor]:
+def _base_state(args: ModelArgs, device: str) -> dict[str, torch.Tensor]:
     """The weights every configuration starts from, on CPU (never on the device: they would count in its peak)."""
     ckpt = os.environ.get("LLAMA_CKPT_DIR")
-    if ckpt and args.dim > 256:
+    if ckpt and device == "cuda":
         from llama_ref.checkpoint import load_model
-        return load_model(ckpt, dtype=torch.float32, max_seq_len=args.max_seq_len).state_dict()
+        return load_model(ckpt, dtype=torch.float32, max_seq_len=args.max_seq_len,
+                          max_batch_size=args.max_batch_size).state_dict()
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device="cpu")
@@ -114,31 +121,45 @@ def matrix(request) -> dict[str, Any]:
 
 
 def run_matrix(device: str) -> dict[str, Any]:
-    """Every cell (and each GA cell's large batch) trained and measured on ``device``, with its prediction."""
+    """Every cell (and each GA cell's large batch) trained and measured on ``device``, with its prediction.
+
+    On CUDA the 16 predictions (seconds each on CPU for the 1B shape) run in CPU processes while the GPU trains."""
     from llama_ref.memory import predict_step_memory
 
     setup, args = SETUPS[device], _model_args(device)
-    state, window = _base_state(args), _window(args, setup)
-    results: dict[Cell, dict[str, Any]] = {}
-    large_batch: dict[Cell, dict[str, Any]] = {}
+    jobs = min(len(CELLS), os.cpu_count() or 1) if device == "cuda" else 1
+    pool = (concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            if jobs > 1 else None)
+    predictions = {}
     for cell in CELLS:
         cfg = _config(cell, setup, setup.batch_size)
-        model = _fresh(args, state, cfg)
-        stream = itertools.cycle(window if cell.ga else window[:1])
-        record = measure_training(model, cfg, stream, STEPS * cfg.ga)
-        record["predicted"] = predict_step_memory(args, setup.batch_size, setup.seq_len,
-                                                  **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                                                     if f.name not in ("batch_size", "max_seq_len")})
-        results[cell] = record
-        del model
-        _release()
-        if cell.ga:  # the same window as one batch, without accumulation
-            big = {k: torch.cat([b[k] for b in window]) for k in ("input_ids", "labels")}
-            cfg = _config(dataclasses.replace(cell, ga=False), setup, setup.batch_size * GA)
+        options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                   if f.name not in ("batch_size", "max_seq_len")}
+        call = (predict_step_memory, args, setup.batch_size, setup.seq_len)
+        predictions[cell] = pool.submit(*call, **options) if pool else call[0](*call[1:], **options)
+    state, window = _base_state(args, device), _window(args, setup)
+    results: dict[Cell, dict[str, Any]] = {}
+    large_batch: dict[Cell, dict[str, Any]] = {}
+    try:
+        for cell in CELLS:
+            cfg = _config(cell, setup, setup.batch_size)
             model = _fresh(args, state, cfg)
-            large_batch[cell] = measure_training(model, cfg, itertools.repeat(big), STEPS)
+            stream = itertools.cycle(window if cell.ga else window[:1])
+            results[cell] = measure_training(model, cfg, stream, STEPS * cfg.ga)
             del model
             _release()
+            if cell.ga:  # the same window as one batch, without accumulation
+                big = {k: torch.cat([b[k] for b in window]) for k in ("input_ids", "labels")}
+                cfg = _config(dataclasses.replace(cell, ga=False), setup, setup.batch_size * GA)
+                model = _fresh(args, state, cfg)
+                large_batch[cell] = measure_training(model, cfg, itertools.repeat(big), STEPS)
+                del model
+                _release()
+        for cell, prediction in predictions.items():
+            results[cell]["predicted"] = prediction.result() if pool else prediction
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     return {"device": device, "setup": setup, "cells": results, "large_batch": large_batch}
 
 
