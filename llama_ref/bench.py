@@ -210,10 +210,11 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
                       device_type=torch.device(cfg.device).type, loss_chunk=cfg.loss_chunk or None)
     to_device = ({k: v.to(cfg.device) for k, v in b.items()} for b in stream)
     n_windows = max(1, micro_batches // cfg.ga)
-    cuda = torch.device(cfg.device).type == "cuda"
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     losses, tokens, consumed = [], 0, 0
     t0 = time.perf_counter()
     for window in windows(to_device, cfg.ga):
@@ -224,7 +225,7 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
         if len(losses) == n_windows:
             break
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     runtime = time.perf_counter() - t0
     # One more window under MemTracker: the breakdown (and the peak on CPU), outside the timed loop.
     window = [next(to_device) for _ in range(cfg.ga)]
@@ -235,7 +236,7 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     with tracker if tracker is not None else contextlib.nullcontext():
         trainer.step(window)
     if cuda:
-        peak, method = torch.cuda.max_memory_allocated() / MiB, "cuda max_memory_allocated"
+        peak, method = torch.cuda.max_memory_allocated(device) / MiB, "cuda max_memory_allocated"
     elif tracker is not None:
         peak, method = tracker.peak_mb, "MemTracker"
     else:

@@ -8,6 +8,7 @@ and ``train_state.pt`` for ``--resume``, each written atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -211,6 +212,28 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
+@contextlib.contextmanager
+def _step_tracker(model: Transformer, optimizer: torch.optim.Optimizer, window: Sequence[Batch], step: int,
+                  metrics: dict[str, Any]) -> Iterator[None]:
+    """Around the second step of a run (the first that starts with the optimizer's state in place), torch's
+    MemTracker: ``metrics["step_memory"]`` gets that step's peak and its split by category (MiB) — one step's, on
+    its batch's length, not the run's peak (``peak_memory_mb``). Elsewhere, or without MemTracker (torch < 2.5),
+    nothing."""
+    from .memory import MemTrackerUnavailable, PeakTracker
+    tracker = None
+    if step == 1:
+        try:
+            tracker = PeakTracker(model, optimizer, window[0]["input_ids"], window[0]["labels"])
+        except MemTrackerUnavailable:
+            pass
+    if tracker is None:
+        yield
+        return
+    with tracker:
+        yield
+    metrics["step_memory"] = {"step": step + 1, "peak_mb": tracker.peak_mb, "breakdown_mb": tracker.breakdown_mb}
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -315,7 +338,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if step >= total_steps or (cfg.stop_after is not None and step >= cfg.stop_after):
                 break
             try:
-                result = trainer.step(window)
+                with _step_tracker(model, optimizer, window, step, metrics):
+                    result = trainer.step(window)
             except NonFiniteLossError as e:
                 metrics["status"] = "nonfinite"
                 metrics["error"] = (f"step {step + 1}: {e}; kept the state after step {step} (the last update "
@@ -352,6 +376,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         print(f"Avg Loss: {metrics['avg_loss']:.4f}")
         print(f"Training time: {elapsed:.2f} s")
         print(f"Peak memory usage: {mem:.1f} MB ({mem_kind})")
+        if "step_memory" in metrics:
+            sm = metrics["step_memory"]
+            print(f"Step {sm['step']} tensors (MemTracker): {sm['peak_mb']:.1f} MiB at its peak: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sm["breakdown_mb"].items() if v >= 0.05))
         print(f"Trainable parameters: {trainable:,} / {total:,} ({percent:.4f} %)")
         print(f"Tokens/s: {metrics['tokens_per_s']:.1f}")
         if cfg.sample:

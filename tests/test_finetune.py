@@ -77,6 +77,15 @@ def test_out_dir_holds_metrics_and_the_result(tmp_path):
     for key in ("avg_loss", "runtime_s", "peak_memory_mb", "tokens_per_s", "config"):
         assert saved[key] is not None, key
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
+    except ImportError:  # torch < 2.5: no per-step breakdown to check
+        pass
+    else:
+        step_memory = saved["step_memory"]
+        assert step_memory["step"] == 2 and step_memory["peak_mb"] > 0
+        assert sum(step_memory["breakdown_mb"].values()) == pytest.approx(step_memory["peak_mb"], rel=1e-6)
+        assert step_memory["breakdown_mb"]["optimizer state"] > 0  # AdamW's moments of the adapters exist by step 2
     _run(tmp_path / "full", max_steps=1)
     assert (tmp_path / "full" / "checkpoint" / "consolidated.00.pth").is_file()
 
