@@ -63,8 +63,10 @@ class BenchConfig:
     jobs: Optional[int] = option("processes predicting cells in parallel (default: one per CPU)", default=None)
     device: str = option("torch device", default="cpu")
     threads: Optional[int] = option("torch CPU threads per cell", default=None)
-    memory_limit_mb: Optional[float] = option("give each cell at most this much memory beyond what its process "
-                                              "holds at start (CUDA: of the device); more is an OOM", default=None)
+    memory_limit_mb: Optional[float] = option("an allocation past this is an OOM: on CUDA, MiB of the device; on "
+                                              "CPU, MiB of address space (RLIMIT_AS, which also counts allocator "
+                                              "arenas and thread stacks) beyond what the cell's process maps at "
+                                              "start", default=None)
     timeout: float = option("seconds per cell before it is stopped and recorded as timeout", default=1800.0)
     seed: int = option("seed of weights, data and LoRA init", default=0)
     out: str = option("output directory", default="bench-out")
@@ -75,6 +77,9 @@ class BenchConfig:
         for name in ("steps", "batch_size", "ga"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.steps % self.ga:
+            raise ValueError(f"--steps {self.steps} must be a multiple of --ga {self.ga}: GA cells and the others "
+                             "must train the same micro-batches for their runtimes to compare")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2 (the loss predicts token t+1 from token t), got {self.seq_len}")
         if self.loss_chunk < 0 or not self.lr > 0 or self.clip < 0 or not self.timeout > 0:
@@ -181,8 +186,9 @@ def _limit_memory(bench: BenchConfig) -> None:
         return
     if bench.device.startswith("cuda"):
         device = torch.device(bench.device)
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, bench.memory_limit_mb * MiB / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, bench.memory_limit_mb * MiB / total), index)
         return
     with open("/proc/self/status") as f:  # the address space this process already maps (Linux)
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -209,7 +215,9 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None,
                       device_type=torch.device(cfg.device).type, loss_chunk=cfg.loss_chunk or None)
     to_device = ({k: v.to(cfg.device) for k, v in b.items()} for b in stream)
-    n_windows = max(1, micro_batches // cfg.ga)
+    if micro_batches < cfg.ga or micro_batches % cfg.ga:
+        raise ValueError(f"{micro_batches} micro-batches is not a whole number of windows of {cfg.ga}")
+    n_windows = micro_batches // cfg.ga
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -275,7 +283,9 @@ def run_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
 
 
 def _pick(mb: dict[str, float]) -> dict[str, float]:
-    return {k: mb.get(k, 0.0) for k in BREAKDOWN}
+    picked = {k: mb.get(k, 0.0) for k in BREAKDOWN}
+    picked["other"] += mb.get("buffer", 0.0)
+    return picked
 
 
 def _cell_fields(cell: Cell) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from .bench import BenchConfig
 
-BREAKDOWN = ("parameter", "gradient", "optimizer state", "activation", "temporary")
+# MemTracker's categories; "other" also takes its "buffer" (none in this model) and holds what no module owns,
+# e.g. the batches of tokens.
+BREAKDOWN = ("parameter", "gradient", "optimizer state", "activation", "temporary", "other")
 
 
 @dataclass(frozen=True)

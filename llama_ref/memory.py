@@ -179,7 +179,8 @@ def _random_batch(vocab: int, batch_size: int, seq_len: int, device: Any, seed: 
 
 
 def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, steps: int = 2) -> MemoryReport:
-    """Build the model as llama-finetune does, run ``steps`` Trainer steps on random tokens, measure the last.
+    """Build the model as llama-finetune does, run ``steps`` Trainer steps (each a window of ``cfg.ga``
+    micro-batches) on random tokens, measure the last.
 
     CPU: MemTracker's peak (every tensor's storage, by category). CUDA: ``torch.cuda.max_memory_allocated`` over
     the last step (after ``reset_peak_memory_stats``), with MemTracker's breakdown when available.
@@ -199,8 +200,9 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
     trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type=device.type,
                       loss_chunk=cfg.loss_chunk or None)
     batch = _random_batch(model.vocab_size, batch_size, seq_len, device, cfg.seed)
+    window = [batch] * cfg.ga  # a whole accumulation window per step
     for _ in range(steps - 1):  # warm-up: lazily created state (optimizer moments, RoPE table) exists before
-        trainer.step([batch])
+        trainer.step(window)
     cuda = device.type == "cuda"
     try:
         tracker = PeakTracker(model, optimizer, batch["input_ids"], batch["labels"])
@@ -212,7 +214,7 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     with tracker if tracker is not None else contextlib.nullcontext():
-        trainer.step([batch])
+        trainer.step(window)
     if cuda:
         torch.cuda.synchronize(device)
         peak, method = torch.cuda.max_memory_allocated(device) / MiB, "cuda allocator"

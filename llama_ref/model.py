@@ -296,7 +296,7 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """The final normed hidden states (B, T, D) that ``output`` projects to logits: what a loss that projects
-        a few positions at a time (``llama_ref.trainer.chunked_token_loss_sum``) starts from."""
+        a few positions at a time (``llama_ref.loss.chunked_token_loss_sum``) starts from."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         bsz, seqlen = tokens.shape
