@@ -124,6 +124,10 @@ def _release() -> None:
 def matrix(request) -> dict[str, Any]:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA: torch.cuda.is_available() is False on this machine")
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
+    except ImportError:
+        pytest.skip(f"torch {torch.__version__} has no MemTracker (torch >= 2.5): no prediction, no breakdown")
     return run_matrix(request.param)
 
 
