@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .bench_report import BREAKDOWN, CELLS, Cell, write_markdown, write_plots
-from .finetune import TrainConfig, check_choices, dataclass_parser, option
+from .finetune import TrainConfig, _progress, check_choices, dataclass_parser, option
 
 MiB = 2 ** 20
 
@@ -206,12 +206,10 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     """Train ``model`` as ``cfg`` says on ``micro_batches`` micro-batches of ``stream`` (whole windows of ``cfg.ga``)
     and measure: window losses, runtime, tokens/s; then one more window under MemTracker for the breakdown. Peak:
     the CUDA allocator's since this call began (the model is already there), or MemTracker's on CPU."""
-    from .memory import MemTrackerUnavailable, PeakTracker
+    from .memory import MemTrackerUnavailable, PeakTracker, _optimizer
     from .trainer import Trainer, windows
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.SGD(params, lr=cfg.lr) if cfg.optimizer == "sgd"
-                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    optimizer = _optimizer(cfg, model)
     trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None,
                       device_type=torch.device(cfg.device).type, loss_chunk=cfg.loss_chunk or None)
     to_device = ({k: v.to(cfg.device) for k, v in b.items()} for b in stream)
@@ -379,7 +377,7 @@ def run(bench: BenchConfig) -> list[dict[str, Any]]:
             "peak_method": "MemTracker on FakeTensorMode" if bench.predict else
             ("cuda max_memory_allocated" if bench.device.startswith("cuda") else "MemTracker")}
     records: list[dict[str, Any]] = []
-    bar = _progress(len(cells), bench.progress)
+    bar = _progress(len(cells), 0, bench.progress, unit="cell")
 
     def done(record: dict[str, Any]) -> dict[str, Any]:
         records.append(record)  # partial results survive an interrupted run
@@ -402,19 +400,6 @@ def run(bench: BenchConfig) -> list[dict[str, Any]]:
     if bench.plots:
         write_plots(out, records)
     return records
-
-
-class _NoBar:
-    def set_postfix_str(self, s: str) -> None: ...
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
