@@ -2,7 +2,7 @@
 memory goes.
 
 Measured (default): every cell trains ``--steps`` micro-batches in its own Python process (a fresh allocator: no
-cell's memory or cache leaks into the next), on the bundled instruction set packed into ``--batch-size`` ×
+cell's memory or cache leaks into the next; ``--no-isolate``: one after the other in this process), on the bundled instruction set packed into ``--batch-size`` ×
 ``--seq-len`` blocks (or on synthetic tokens when the model's vocabulary is not the bundled tokenizer's). Peak memory:
 the CUDA allocator's ``max_memory_allocated`` on CUDA; on CPU torch's MemTracker over one more accumulation window
 after the timed ones (which also gives the breakdown on both devices). A cell that runs out of memory is recorded as
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -66,8 +67,14 @@ class BenchConfig:
     memory_limit_mb: Optional[float] = option("an allocation past this is an OOM: on CUDA, MiB of the device; on "
                                               "CPU, MiB of address space (RLIMIT_AS, which also counts allocator "
                                               "arenas and thread stacks) beyond what the cell's process maps at "
-                                              "start", default=None)
+                                              "start (each CPU record's address_space_mb says how much it needed)",
+                                              default=None)
     timeout: float = option("seconds per cell before it is stopped and recorded as timeout", default=1800.0)
+    isolate: bool = option("run each measured cell in a process of its own (a fresh allocator: nothing of one cell "
+                           "is left in the next); --no-isolate runs them one after the other in this process, "
+                           "without the start-up cost of a process per cell (CPU peaks are MemTracker's count of "
+                           "live tensors, so they do not change; --memory-limit-mb and --timeout need isolation)",
+                           default=True)
     seed: int = option("seed of weights, data and LoRA init", default=0)
     out: str = option("output directory", default="bench-out")
     plots: bool = option("write PNG plots (needs matplotlib: pip install .[bench])", default=True)
@@ -89,6 +96,9 @@ class BenchConfig:
         check_choices(self)
         if self.ckpt_dir and not self.tokenizer:
             raise ValueError("--ckpt-dir needs --tokenizer")
+        if self.memory_limit_mb is not None and not self.isolate and not self.predict:
+            raise ValueError("--memory-limit-mb needs isolated cells (it limits the cell's own process): drop "
+                             "--no-isolate")
         self.selected_cells()  # validates --cells
 
     def selected_cells(self) -> list[Cell]:
@@ -190,9 +200,19 @@ def _limit_memory(bench: BenchConfig) -> None:
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench.memory_limit_mb * MiB / total), index)
         return
-    with open("/proc/self/status") as f:  # the address space this process already maps (Linux)
-        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    vm = _address_space("VmSize")  # what this process already maps
+    if vm is None:
+        raise ValueError("--memory-limit-mb on CPU needs Linux (/proc/self/status gives the address space)")
     resource.setrlimit(resource.RLIMIT_AS, (vm + int(bench.memory_limit_mb * MiB), resource.RLIM_INFINITY))
+
+
+def _address_space(key: str) -> Optional[int]:
+    """Bytes of this process's ``VmSize`` (mapped now) or ``VmPeak`` (mapped at most), from /proc (Linux only)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -202,10 +222,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[dict[str, torch.Tensor]],
-                     micro_batches: int) -> dict[str, Any]:
+                     micro_batches: int, *, memory: bool = True) -> dict[str, Any]:
     """Train ``model`` as ``cfg`` says on ``micro_batches`` micro-batches of ``stream`` (whole windows of ``cfg.ga``)
     and measure: window losses, runtime, tokens/s; then one more window under MemTracker for the breakdown. Peak:
-    the CUDA allocator's since this call began (the model is already there), or MemTracker's on CPU."""
+    the CUDA allocator's since this call began (the model is already there), or MemTracker's on CPU.
+    ``memory=False``: the losses, runtime and tokens/s only (no extra window; the record has no peak)."""
     from .memory import MemTrackerUnavailable, PeakTracker, _optimizer
     from .trainer import Trainer, windows
 
@@ -233,6 +254,12 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     if cuda:
         torch.cuda.synchronize(device)
     runtime = time.perf_counter() - t0
+    values = [r["loss"] for r in losses]
+    record = dict(runtime_s=runtime, tokens_per_s=tokens / runtime if runtime > 0 else None,
+                  micro_batches=consumed, optimizer_steps=len(losses), final_loss=values[-1],
+                  avg_loss=sum(values) / len(values), losses=losses)
+    if not memory:
+        return record
     # One more window under MemTracker: the breakdown (and the peak on CPU), outside the timed loop.
     window = [next(to_device) for _ in range(cfg.ga)]
     try:
@@ -247,13 +274,9 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
         peak, method = tracker.peak_mb, "MemTracker"
     else:
         peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
-    values = [r["loss"] for r in losses]
     return dict(peak_mb=peak, peak_method=method,
                 breakdown_mb=_pick(tracker.breakdown_mb) if tracker else {},
-                category_peaks_mb=_pick(tracker.category_peaks_mb) if tracker else {},
-                runtime_s=runtime, tokens_per_s=tokens / runtime if runtime > 0 else None,
-                micro_batches=consumed, optimizer_steps=len(losses), final_loss=values[-1],
-                avg_loss=sum(values) / len(values), losses=losses)
+                category_peaks_mb=_pick(tracker.category_peaks_mb) if tracker else {}, **record)
 
 
 def run_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
@@ -278,6 +301,20 @@ def run_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
         else:
             record.update(status="error", error=f"{type(e).__name__}: {e}")
     return record
+
+
+def _run_in_process(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
+    """``run_cell`` in this process, leaving its RNG state and thread count as they were."""
+    threads = torch.get_num_threads()
+    cuda = bench.device.startswith("cuda") and torch.cuda.is_available()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+            return run_cell(bench, cell)
+    finally:
+        torch.set_num_threads(threads)
+        gc.collect()  # the cell's model and optimizer state, before the next cell measures
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _pick(mb: dict[str, float]) -> dict[str, float]:
@@ -347,14 +384,22 @@ def _predict_all(bench: BenchConfig, cells: list[Cell], done) -> list[dict[str, 
 
 
 def _add_flops(bench: BenchConfig, records: list[dict[str, Any]]) -> None:
+    """FLOPs per micro-batch of each measured record, counted once per distinct count: a micro-batch's matmuls do
+    not depend on GA (a window is the same micro-batches) or on MP (autocast changes dtypes, not shapes), so the 16
+    cells have 4 (GC x LoRA) — checked equal across GA and MP in tests/test_bench.py."""
     from .memory import predict_step_flops
+    counted: dict[tuple[bool, bool], Optional[int]] = {}
     for r in records:
-        if "flops_per_micro_batch" not in r:
+        if "flops_per_micro_batch" in r:
+            continue
+        cell = Cell.parse(r["cell"])
+        key = (cell.gc, cell.lora)
+        if key not in counted:
             try:
-                r["flops_per_micro_batch"] = predict_step_flops(bench.train_config(Cell.parse(r["cell"])),
-                                                                bench.batch_size, bench.seq_len)
+                counted[key] = predict_step_flops(bench.train_config(cell), bench.batch_size, bench.seq_len)
             except ValueError:
-                r["flops_per_micro_batch"] = None
+                counted[key] = None
+        r["flops_per_micro_batch"] = counted[key]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -391,7 +436,7 @@ def run(bench: BenchConfig) -> list[dict[str, Any]]:
     else:
         with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
             for cell in cells:
-                done(_run_isolated(bench, cell, Path(tmp)))
+                done(_run_isolated(bench, cell, Path(tmp)) if bench.isolate else _run_in_process(bench, cell))
     bar.close()
     if not bench.predict:
         _add_flops(bench, records)
@@ -411,8 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _child(job: Path, result: Path) -> int:
     spec = json.loads(job.read_text())
     bench = BenchConfig(**spec["bench"])
+    start = _address_space("VmSize")
     _limit_memory(bench)  # this process only: it exists for this one cell
     record = run_cell(bench, Cell(**spec["cell"]))
+    peak = _address_space("VmPeak")
+    if start is not None and peak is not None and not bench.device.startswith("cuda"):
+        # What --memory-limit-mb limits on CPU: the address space the cell mapped beyond its start.
+        record["address_space_mb"] = (peak - start) / MiB
     _write_json(result, record)
     return 0
 

@@ -92,8 +92,10 @@ def test_seed_plain_run_within_3_percent():
     # (5,716 MiB), all gradients but the embedding's, and the embedding's gradient being written (temporary,
     # 1,002 MiB): 11,436 MiB at any length from 256 to 512 (-1.6 %). The seed's manual loss also kept the fp32
     # logits alive through backward (0.49 MiB per token): 188 MiB more at 384 tokens.
+    # One step each: plain SGD (no momentum, no GradScaler) creates no state in its first step that the second
+    # starts with, so the two steps' peaks are equal (measured to the byte at 256 and 512 tokens).
     for seq_len in (256, 512):
-        report = seed_setting_prediction(seq_len)
+        report = seed_setting_prediction(seq_len, steps=1)
         assert report.peak_mb == pytest.approx(SEED_PEAK_MB, rel=0.03), seq_len
     assert report.breakdown_mb["parameter"] == pytest.approx(1_498_482_688 * 4 / 2**20, rel=1e-3)
     assert report.breakdown_mb["optimizer state"] == 0.0  # SGD without momentum
@@ -108,7 +110,9 @@ def test_lora_gc_bf16_on_llama_3_2_1b_fits_in_1_25x_the_bf16_weights_with_a_chun
     bf16_weight_mb = 1_498_482_688 * 2 / 2**20
     options = dict(lora=True, mp="bf16", gc=True)
     chunked = predict_step_memory(args, 1, 512, loss_chunk=128, **options)
-    full_logits = predict_step_memory(args, 1, 512, **options)
+    # The full logits' first step only: it lacks the AdamW moments the second step starts with (13 MiB here), so
+    # its peak is at most the second step's and the difference asserted below can only be understated.
+    full_logits = predict_step_memory(args, 1, 512, steps=1, **options)
     assert chunked.peak_mb <= 1.25 * bf16_weight_mb
     assert full_logits.peak_mb - chunked.peak_mb > 400  # at least the fp32 logits and their gradient (2 x 250 MiB)
     assert chunked.breakdown_mb["parameter"] == pytest.approx(bf16_weight_mb + 1_703_936 * 4 / 2**20, rel=1e-3)
