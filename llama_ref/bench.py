@@ -2,8 +2,9 @@
 memory goes.
 
 Measured (default): every cell trains ``--steps`` micro-batches in its own Python process (a fresh allocator: no
-cell's memory or cache leaks into the next; ``--no-isolate``: one after the other in this process), on the bundled instruction set packed into ``--batch-size`` ×
-``--seq-len`` blocks (or on synthetic tokens when the model's vocabulary is not the bundled tokenizer's). Peak memory:
+cell's memory or cache leaks into the next; ``--no-isolate``: one after the other in this process), on the bundled
+instruction set packed into ``--batch-size`` × ``--seq-len`` blocks (or on synthetic tokens when the model's
+vocabulary is not the bundled tokenizer's). Peak memory:
 the CUDA allocator's ``max_memory_allocated`` on CUDA; on CPU torch's MemTracker over one more accumulation window
 after the timed ones (which also gives the breakdown on both devices). A cell that runs out of memory is recorded as
 ``OOM`` and the run goes on. ``--predict``: the same table from fake tensors (``llama_ref.memory``), any shape, any

@@ -79,6 +79,23 @@ def test_sixteen_cells_on_tiny_write_valid_files(tmp_path):
 
 
 @needs_memtracker
+def test_an_isolated_cell_is_the_in_process_cell(tmp_path):
+    # The default path: the cell runs in a child process (its record carries the address space only a process of
+    # its own can report) and trains exactly as it would in this process.
+    argv = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--ga", "2", "--threads", "1",
+            "--no-progress", "--no-plots", "--cells", "GA+LoRA"]
+    assert main(argv + ["--out", str(tmp_path / "child")]) == 0
+    assert main(argv + ["--no-isolate", "--out", str(tmp_path / "here")]) == 0
+    (child,) = json.loads((tmp_path / "child" / "bench.json").read_text())["cells"]
+    (here,) = json.loads((tmp_path / "here" / "bench.json").read_text())["cells"]
+    assert child["status"] == here["status"] == "ok"
+    assert child["address_space_mb"] > 0 and "address_space_mb" not in here
+    assert [p["loss"] for p in child["losses"]] == [p["loss"] for p in here["losses"]]
+    assert child["peak_mb"] == here["peak_mb"]  # MemTracker counts the same tensors in either process
+
+
+@needs_memtracker
+@pytest.mark.slow  # three cell processes, at the 8 x 256 tokens whose contrast makes the limit robust
 def test_an_out_of_memory_cell_is_recorded_and_the_run_goes_on(tmp_path):
     # The limit comes from a baseline measured by the same mechanism: first the small cell alone, unlimited, says
     # how much address space it needs (RLIMIT_AS counts tensors and also the allocator's, libraries' and threads'
@@ -102,8 +119,12 @@ def test_an_out_of_memory_cell_is_recorded_and_the_run_goes_on(tmp_path):
 
 
 @needs_memtracker
-def test_predicted_table_is_llama_ref_memory_s_prediction(tmp_path):
-    assert main(TINY + ["--predict", "--cells", "plain,GA+GC+MP+LoRA", "--ga", "4", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("jobs", [pytest.param(1, id="in-process"),
+                                  # spawned processes each import torch: seconds of start-up for two cells
+                                  pytest.param(2, id="two-processes", marks=pytest.mark.slow)])
+def test_predicted_table_is_llama_ref_memory_s_prediction(tmp_path, jobs):
+    argv = TINY + ["--predict", "--cells", "plain,GA+GC+MP+LoRA", "--ga", "4", "--jobs", str(jobs)]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["mode"] == "predicted"
     bench = BenchConfig(**{**data["config"]})

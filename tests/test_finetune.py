@@ -32,6 +32,9 @@ def test_the_cli_is_generated_from_the_config_and_agrees_on_every_default():
 
 
 def test_loss_falls_on_the_bundled_data():
+    # Measured (torch 2.13, CPU): the mean of the last 10 window losses is 2.01 below the first 10's (5.91 -> 3.90;
+    # 2.0-3.3 over seeds 0-3). The bound, 1.0, is half that: another torch changes the rounding of 60 AdamW steps,
+    # not their direction; an untrained or diverging run drops by <= 0.
     losses = _losses(_run(max_steps=60, batch_size=4))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first - 1.0, (first, last)

@@ -68,6 +68,44 @@ CALIBRATION_FACTORS: dict[str, float] = {
 }
 
 
+# Two independent fp32 implementations of the same function compared with each other (the tests' oracles), by name.
+# Each states the worst error measured and the headroom its bound leaves.
+IMPLEMENTATIONS: dict[str, Tolerance] = {
+    # llama_ref vs transformers' LlamaForCausalLM (complex vs cos/sin RoPE, other reduction orders), logits. Measured
+    # over 900 drawn configs: <= 3.5e-6 untied; <= 4.6e-5 tied, where the output matrix is the N(0, 1) embedding and
+    # |logits| reach ~130 (a few ulp of fp32 there). A wrong index costs > 1e-2 (tests/test_oracle_hf.py's teeth).
+    "hf_logits": Tolerance(0.0, 1e-4),
+    # llama_ref + our LoRA vs transformers + PEFT on the same adapter: the logits bound above, the LoRA branch
+    # adding one more matmul of the same size (measured <= 3.4e-6 on the tiny preset, up to all seven targets).
+    "peft_logits": Tolerance(0.0, 1e-4),
+    # SDPA attention vs the math path, whole-model logits. Measured over 300 drawn configs (hypothesis, tied and
+    # untied, GQA, scaled RoPE): max |diff| 3.1e-5, at most 1.1e-5 above 1e-5·|logit|; the bound leaves ~3x.
+    "sdpa_vs_math_logits": Tolerance(1e-5, 1e-4),
+    # Our fp32 RoPE (complex multiply on a precomputed table) vs the rotation written out in float64, positions
+    # 0-25. Measured over 300 draws: 7.8e-7; the bound leaves ~13x, far below a pair rotated by a wrong angle (~1).
+    "rope_rotation": Tolerance(1e-5, 1e-5),
+    # The angles of the fp32 RoPE table at position 1 vs the inverse frequencies transformers computes: one fp32
+    # rounding of each (~6e-8 relative); 1e-6 leaves 16x.
+    "rope_inv_freq": Tolerance(1e-6, 0.0),
+}
+
+# The GPU matrix's GA cells vs one large batch: window losses and pre-clip gradient norms, relative, keyed by
+# "mixed precision on". The same tokens and mathematics, summed in another order and, under bf16 autocast, through
+# matmuls of other shapes (other blocking, so other bf16 roundings). Measured on its CPU setup (bench preset, 2
+# layers, 32 tokens, 3 steps): 1.9e-7 (fp32), 3.2e-4 (bf16; the loss 1.7e-4). Bounds: 1e-5 in fp32, one bf16 eps
+# (2**-8) in bf16 — 12x headroom for the GPU's other kernels; a loss divided by the micro-batch count (the seed's
+# log) is off by 75 %.
+GA_LARGE_BATCH_RTOL: dict[bool, float] = {False: 1e-5, True: 2.0 ** -8}
+
+
+def implementation_tolerance(name: str) -> Tolerance:
+    """The bound for comparing two implementations named ``name`` in :data:`IMPLEMENTATIONS`."""
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"no implementation tolerance {name!r}; known: {sorted(IMPLEMENTATIONS)}") from None
+
+
 def tolerance(dtype: torch.dtype, check: Optional[str] = None) -> Tolerance:
     """The (rtol, atol) for comparing tensors of ``dtype`` in ``check``; unknown dtypes are an error."""
     if check is not None and (check, dtype) in OVERRIDES:
