@@ -33,7 +33,7 @@ from .tokenizer import Tokenizer
 __all__ = ["IGNORE_INDEX", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_NO_INPUT", "DataError", "InstructionDataset",
            "collate", "count_target_tokens", "default_dataset_path", "format_prompt", "load_records"]
 
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+from .loss import IGNORE_INDEX  # noqa: E402  (defined with the loss: the model needs it without the data pipeline)
 
 # Stanford Alpaca's templates, verbatim.
 PROMPT_TEMPLATE = (

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of a position nothing is learned at; torch.nn.functional.cross_entropy's default
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
