@@ -192,7 +192,8 @@ def _micro_batches(bench: BenchConfig, tokenizer, vocab: int) -> tuple[str, Iter
     return kind, synthetic_blocks(vocab, bench.batch_size, bench.seq_len, bench.seed)
 
 
-def _limit_memory(bench: BenchConfig) -> None:
+def _limit_memory(bench: BenchConfig, mapped: Optional[int]) -> None:
+    """Apply ``--memory-limit-mb`` to this process; ``mapped``: the bytes of address space it maps now (VmSize)."""
     if bench.memory_limit_mb is None:
         return
     if bench.device.startswith("cuda"):
@@ -201,10 +202,9 @@ def _limit_memory(bench: BenchConfig) -> None:
         total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, bench.memory_limit_mb * MiB / total), index)
         return
-    vm = _address_space("VmSize")  # what this process already maps
-    if vm is None:
+    if mapped is None:
         raise ValueError("--memory-limit-mb on CPU needs Linux (/proc/self/status gives the address space)")
-    resource.setrlimit(resource.RLIMIT_AS, (vm + int(bench.memory_limit_mb * MiB), resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + int(bench.memory_limit_mb * MiB), resource.RLIM_INFINITY))
 
 
 def _address_space(key: str) -> Optional[int]:
@@ -458,7 +458,7 @@ def _child(job: Path, result: Path) -> int:
     spec = json.loads(job.read_text())
     bench = BenchConfig(**spec["bench"])
     start = _address_space("VmSize")
-    _limit_memory(bench)  # this process only: it exists for this one cell
+    _limit_memory(bench, start)  # this process only: it exists for this one cell
     record = run_cell(bench, Cell(**spec["cell"]))
     peak = _address_space("VmPeak")
     if start is not None and peak is not None and not bench.device.startswith("cuda"):

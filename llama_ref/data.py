@@ -28,12 +28,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .loss import IGNORE_INDEX  # defined with the loss: the model needs it without the data pipeline
 from .tokenizer import Tokenizer
 
 __all__ = ["IGNORE_INDEX", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_NO_INPUT", "DataError", "InstructionDataset",
            "collate", "count_target_tokens", "default_dataset_path", "format_prompt", "load_records"]
-
-from .loss import IGNORE_INDEX  # noqa: E402  (defined with the loss: the model needs it without the data pipeline)
 
 # Stanford Alpaca's templates, verbatim.
 PROMPT_TEMPLATE = (

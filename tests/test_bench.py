@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from llama_ref.args import ModelArgs
 from llama_ref.bench import BenchConfig, main, packed_blocks, synthetic_blocks
 from llama_ref.bench_report import CELLS, SEED_TABLE, Cell, analysis, analysis_table
 from llama_ref.data import IGNORE_INDEX
-from llama_ref.args import ModelArgs
 from llama_ref.memory import predict_step_flops, predict_step_memory
 
 try:
