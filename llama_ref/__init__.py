@@ -5,7 +5,7 @@ import importlib
 from typing import Any
 
 from .args import PRESETS, ModelArgs
-from .checkpoint import CheckpointError, load_model, load_params, save_checkpoint
+from .formats.meta import CheckpointError, load_model, load_params, save_checkpoint
 from .model import Transformer, init_weights
 
 __all__ = ["CheckpointError", "Llama", "ModelArgs", "PRESETS", "Tokenizer", "Transformer", "init_weights",

@@ -67,14 +67,11 @@ class Llama:
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path, max_seq_len: int, max_batch_size: int,
               device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None) -> "Llama":
         """Load a Meta checkpoint directory (``params.json`` + ``consolidated.*.pth``) and its ``tokenizer.model``."""
-        from .checkpoint import load_model, load_params
+        from .formats.meta import load_model
 
         tokenizer = Tokenizer(tokenizer_path)
-        params = load_params(ckpt_dir)
-        overrides: dict = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if params.vocab_size == -1:
-            overrides["vocab_size"] = tokenizer.n_words
-        model = load_model(ckpt_dir, device=device, dtype=dtype, **overrides)
+        model = load_model(ckpt_dir, device=device, dtype=dtype, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                           max_batch_size=max_batch_size)
         return Llama(model.eval(), tokenizer)
 
     @staticmethod

@@ -10,6 +10,12 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100  # the label of a position nothing is learned at; torch.nn.functional.cross_entropy's default
 
 
+def count_target_tokens(labels: torch.Tensor) -> int:
+    """Number of positions the shifted loss averages over: (labels[:, 1:] != IGNORE_INDEX).sum() for labels
+    (B, L) — the denominator for exact gradient accumulation over a window of micro-batches."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies (fp32) over the targets ``labels[:, 1:] != IGNORE_INDEX``.
 

@@ -1,6 +1,6 @@
 """Peak memory of one llama-finetune training step per configuration, measured and predicted, by category.
 
-Measured with torch's MemTracker on real tensors (``llama_ref.memory.measure_step_memory``), predicted on fake
+Measured with torch's MemTracker on real tensors (``llama_ref.perf.memory.measure_step_memory``), predicted on fake
 tensors without allocating (``predict_step_memory``); then the seed report's plain Llama 3.2 1B run predicted at
 several sequence lengths against its 11,624 MB. Run:
     python scripts/bench_finetune_memory.py [--preset bench] [--batch 4] [--seq 128]
@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from llama_ref.finetune import TrainConfig
-from llama_ref.memory import SEED_PEAK_MB, measure_step_memory, predict_step_memory, seed_setting_prediction
+from llama_ref.train.config import TrainConfig
+from llama_ref.perf.memory import SEED_PEAK_MB, measure_step_memory, predict_step_memory, seed_setting_prediction
 
 CONFIGS = {
     "full fp32": {},

@@ -11,7 +11,7 @@ c. The seed report's fine-tuning configuration, LoRA + gradient checkpointing + 
    same weights: ours = ``apply_lora_to_llama`` (wq,wv, fp32 adapters) + ``half_frozen_base(bf16)`` +
    ``set_gradient_checkpointing("all")``; PEFT = ``build_hf_model(base, dtype=bf16)`` (RoPE tables stay fp32) +
    ``gradient_checkpointing_enable(use_reentrant=False)`` + ``get_peft_model`` (adapters upcast to fp32, peft's
-   default ``autocast_adapter_dtype=True``). Both step through ``llama_ref.trainer.Trainer(precision="bf16")``
+   default ``autocast_adapter_dtype=True``). Both step through ``llama_ref.train.trainer.Trainer(precision="bf16")``
    (autocast around forward + ``token_loss_sum``, AdamW on the adapters); transformers sits behind a wrapper that
    maps ``(tokens, start_pos)`` to its logits. Tokens/s and MemTracker peak; targets ours/PEFT tokens/s ≥ 1 and
    peak ≤ 1. Checkpointing is checked by counting block forwards per step (2 = recomputed) and by the activation
@@ -249,13 +249,13 @@ class HFLogits(nn.Module):
 
 
 class MixedStep:
-    """One ``llama_ref.trainer.Trainer`` step (bf16 autocast, AdamW on the trainable parameters) on ``tokens``;
+    """One ``llama_ref.train.trainer.Trainer`` step (bf16 autocast, AdamW on the trainable parameters) on ``tokens``;
     ``attns`` are the blocks' attention modules, whose forward calls are counted: 1 per step without checkpointing,
     2 with (transformers checkpoints a block's ``forward`` inside its ``__call__``, so hooks on the block itself
     would not see the recomputation; hooks on a module inside it do)."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, attns: list[nn.Module]):
-        from llama_ref.trainer import Trainer as OurTrainer
+        from llama_ref.train.trainer import Trainer as OurTrainer
 
         self.model, self.tokens, self.calls = model.train(), tokens, [0]
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -272,7 +272,7 @@ class MixedStep:
 
 
 def ours_mixed(args: ModelArgs, tokens: torch.Tensor, gc: bool) -> MixedStep:
-    from llama_ref.finetune import half_frozen_base
+    from llama_ref.train.config import half_frozen_base
 
     model = base_model(args)
     apply_lora_to_llama(model, RANK, ALPHA, DROPOUT, SEED_TARGETS, merge_weights=False, lora_dtype=torch.float32)

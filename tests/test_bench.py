@@ -1,5 +1,5 @@
 """llama-bench: the 16-cell run writes valid bench.json / bench.md / plots, an out-of-memory cell is recorded and
-the run goes on, the predicted table equals llama_ref.memory's predictions, and the measured "Performance Analysis"
+the run goes on, the predicted table equals llama_ref.perf.memory's predictions, and the measured "Performance Analysis"
 says what the numbers say."""
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ import pytest
 import torch
 
 from llama_ref.args import ModelArgs
-from llama_ref.bench import BenchConfig, main, packed_blocks, synthetic_blocks
-from llama_ref.bench_report import CELLS, SEED_TABLE, Cell, analysis, analysis_table
-from llama_ref.data import IGNORE_INDEX
-from llama_ref.memory import predict_step_flops, predict_step_memory
+from llama_ref.cli.bench import main
+from llama_ref.perf.bench_cell import packed_blocks, synthetic_blocks
+from llama_ref.perf.bench_config import BenchConfig
+from llama_ref.perf.bench_report import CELLS, SEED_TABLE, Cell, analysis, analysis_table
+from llama_ref.train.data import IGNORE_INDEX
+from llama_ref.perf.memory import predict_step_flops, predict_step_memory
+from llama_ref.perf.peak import mem_tracker_available
 
-try:
-    from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
-    HAS_MEMTRACKER = True
-except ImportError:
-    HAS_MEMTRACKER = False
-needs_memtracker = pytest.mark.skipif(not HAS_MEMTRACKER, reason=f"torch {torch.__version__} has no MemTracker "
+needs_memtracker = pytest.mark.skipif(not mem_tracker_available(), reason=f"torch {torch.__version__} has no MemTracker "
                                       "(torch.distributed._tools.mem_tracker appeared in torch 2.5)")
 TINY = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--threads", "1", "--no-progress"]
 

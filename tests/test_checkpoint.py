@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llama_ref.args import ModelArgs
-from llama_ref.checkpoint import (
+from llama_ref.formats.meta import (
     CheckpointError,
     expected_shapes,
     load_model,

@@ -12,7 +12,8 @@ from hypothesis import given, strategies as st
 from llama_ref.default import default_model
 from llama_ref.lora import ALL_TARGETS, apply_lora_to_llama, lora_layers
 from llama_ref.model import Transformer, causal_mask, checkpoint_policy_layers, init_weights
-from verify.checkpointing import check_gradient_checkpointing, policy_layers
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing
+from verify.oracles import policy_layers
 from verify.mutants import inject
 from verify.strategies import model_args, seeds, token_batches
 

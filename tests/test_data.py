@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llama_ref.data import (
+from llama_ref.train.data import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_NO_INPUT,

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from llama_ref import finetune
-from llama_ref.finetune import EXIT_NONFINITE, EXIT_OOM, METRICS_FILE, STATE_FILE, TrainConfig, build_parser, main, run
-from llama_ref.trainer import Trainer
+from llama_ref.train import config as finetune
+from llama_ref.cli.finetune import EXIT_NONFINITE, EXIT_OOM, METRICS_FILE, STATE_FILE, build_parser, main, run
+from llama_ref.train.config import TrainConfig
+from llama_ref.train.trainer import Trainer
 from verify.tolerances import tolerance
 
 
@@ -80,11 +81,8 @@ def test_out_dir_holds_metrics_and_the_result(tmp_path):
     for key in ("avg_loss", "runtime_s", "peak_memory_mb", "tokens_per_s", "config"):
         assert saved[key] is not None, key
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
-    except ImportError:  # torch < 2.5: no per-step breakdown to check
-        pass
-    else:
+    from llama_ref.perf.peak import mem_tracker_available
+    if mem_tracker_available():  # torch < 2.5: no per-step breakdown to check
         step_memory = saved["step_memory"]
         assert step_memory["step"] == 2 and step_memory["peak_mb"] > 0
         assert sum(step_memory["breakdown_mb"].values()) == pytest.approx(step_memory["peak_mb"], rel=1e-6)
@@ -167,7 +165,7 @@ def test_sample_prints_the_seed_prompts_before_and_after(capsys):
 
 
 def test_nonfinite_gradients_are_not_applied(monkeypatch):
-    from llama_ref import trainer as T
+    from llama_ref.train import trainer as T
 
     model, _ = finetune.build_model(TrainConfig())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

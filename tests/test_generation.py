@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from llama_ref.args import ModelArgs
-from llama_ref.checkpoint import save_checkpoint
+from llama_ref.formats.meta import save_checkpoint
 from llama_ref.default import default_model, default_tokenizer
 from llama_ref.generation import SEED_PROMPTS, Llama, sample_top_p
 from llama_ref.model import Transformer, init_weights

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-import llama_ref.trainer as T
-import verify.mutants_grad_accum  # noqa: F401  (registers the GA mutants)
+import llama_ref.train.trainer as T
+from llama_ref.train.optim import make_scheduler
 from llama_ref.args import ModelArgs
-from llama_ref.data import IGNORE_INDEX
+from llama_ref.train.data import IGNORE_INDEX
 from llama_ref.default import default_model
 from llama_ref.model import Transformer, init_weights
-from verify.grad_accum import (NAME, clip_coefficient, check_grad_accumulation, default_splits, lr_factor,
-                               mean_token_loss, random_sequences, total_grad_norm)
+from verify.checks.grad_accum import NAME, check_grad_accumulation, default_splits, random_sequences
+from verify.oracles import clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
 from verify.mutants import inject, mutants_for
 from verify.strategies import chunkings, model_args, seeds
 
@@ -72,7 +72,7 @@ def test_the_oracles_clipping_is_clip_grad_norm(max_norm):
 @pytest.mark.parametrize("warmup", [0, 1, 3])
 def test_the_oracles_schedule_is_the_trainers(kind, warmup):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
-    scheduler = T.make_scheduler(opt, kind, total_steps=7, warmup_steps=warmup)
+    scheduler = make_scheduler(opt, kind, total_steps=7, warmup_steps=warmup)
     for step in range(7):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * lr_factor(step, kind, 7, warmup), abs=1e-15)
         opt.step()

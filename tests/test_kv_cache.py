@@ -8,7 +8,7 @@ from hypothesis import example, given, strategies as st
 from llama_ref.args import ModelArgs
 from llama_ref.generation import Llama
 from llama_ref.model import Transformer, init_weights
-from verify.kv_cache import check_kv_cache, describe_chunking, random_chunking
+from verify.checks.kv_cache import check_kv_cache, describe_chunking, random_chunking
 from verify.strategies import chunkings, model_args, ragged_prompts, seeds
 
 

@@ -13,7 +13,7 @@ from llama_ref.default import default_model
 from llama_ref.lora import (ALL_TARGETS, LoRALinear, apply_lora_to_llama, count_parameters, lora_layers,
                             mark_only_lora_as_trainable, merge_lora, unmerge_lora)
 from llama_ref.model import Transformer, init_weights
-from verify.lora_merge import check_lora_merge
+from verify.checks.lora_merge import check_lora_merge
 from verify.strategies import model_args, seeds
 
 

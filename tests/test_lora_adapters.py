@@ -1,4 +1,4 @@
-"""llama_ref.lora_io: adapter files (ours and PEFT's) round-trip, fail loudly on mismatch, and agree with PEFT on
+"""llama_ref.lora.adapter: adapter files (ours and PEFT's) round-trip, fail loudly on mismatch, and agree with PEFT on
 transformers; merge_and_unload gives a plain Transformer that is an ordinary Meta checkpoint."""
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llama_ref import lora_io
+from llama_ref.lora import adapter as lora_io
 from llama_ref.args import ModelArgs
-from llama_ref.checkpoint import expected_shapes, load_model, save_checkpoint
-from llama_ref.hf_format import (hf_to_meta_key, hf_to_meta_module, meta_to_hf_key, meta_to_hf_module,
+from llama_ref.formats.meta import expected_shapes, load_model, save_checkpoint
+from llama_ref.formats.hf import (hf_to_meta_key, hf_to_meta_module, meta_to_hf_key, meta_to_hf_module,
                                  permute_rotary, rotary_heads, unpermute_rotary)
 from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama, lora_layers, merge_and_unload
-from llama_ref.lora_io import (ADAPTER_WEIGHTS, CONFIG_FILE, PEFT_WEIGHTS, AdapterError, AdapterSpec, adapter_spec,
+from llama_ref.lora.adapter import (ADAPTER_WEIGHTS, CONFIG_FILE, PEFT_WEIGHTS, AdapterError, AdapterSpec, adapter_spec,
                                export_peft_adapter, import_peft_adapter, load_adapter, save_adapter)
 from llama_ref.model import Transformer, init_weights
 from verify.oracle_hf import build_hf_model, hf_logits
@@ -199,7 +199,8 @@ def test_atomic_save_leaves_the_previous_adapter_on_failure(tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise OSError("simulated rename failure")
 
-    monkeypatch.setattr(lora_io.os, "replace", fail)
+    from llama_ref.formats import atomic
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="simulated"):
         save_adapter(_lora_model(seed=5, targets=("wq",)), d)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # untouched, no temp file left

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from llama_ref.args import ModelArgs
-from llama_ref.data import IGNORE_INDEX
+from llama_ref.train.data import IGNORE_INDEX
 from llama_ref.loss import chunked_token_loss_sum, token_loss_sum
 from llama_ref.model import Transformer, init_weights
-from llama_ref.trainer import Trainer
+from llama_ref.train.trainer import Trainer
 
 B, T = 2, 11  # 22 positions: chunks of 1, 5 (a ragged tail), 22, and more than there are
 

@@ -1,4 +1,4 @@
-"""llama_ref.memory: the fake-tensor prediction equals the MemTracker measurement, the breakdown orders as each
+"""llama_ref.perf.memory: the fake-tensor prediction equals the MemTracker measurement, the breakdown orders as each
 technique says, and the seed report's plain Llama 3.2 1B run (11,624 MB) is predicted within 3 %."""
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ import pytest
 import torch
 
 from llama_ref.args import ModelArgs
-from llama_ref.finetune import TrainConfig
-from llama_ref.memory import (CATEGORIES, SEED_PEAK_MB, MemTrackerUnavailable, measure_step_memory,
-                              predict_step_memory, seed_setting_prediction)
+from llama_ref.train.config import TrainConfig
+from llama_ref.perf.memory import SEED_PEAK_MB, measure_step_memory, predict_step_memory, seed_setting_prediction
+from llama_ref.perf.peak import CATEGORIES, MemTrackerUnavailable, mem_tracker_available
 
-try:
-    from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
-    HAS_MEMTRACKER = True
-except ImportError:
-    HAS_MEMTRACKER = False
-needs_memtracker = pytest.mark.skipif(not HAS_MEMTRACKER, reason=f"torch {torch.__version__} has no MemTracker "
+needs_memtracker = pytest.mark.skipif(not mem_tracker_available(), reason=f"torch {torch.__version__} has no MemTracker "
                                       "(torch.distributed._tools.mem_tracker appeared in torch 2.5)")
 
 CONFIGS = {

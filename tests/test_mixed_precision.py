@@ -9,15 +9,15 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import llama_ref.trainer as T
-import verify.mixed_precision as MP
-import verify.mutants_precision  # noqa: F401  (registers the mixed-precision mutants)
+import llama_ref.train.trainer as T
+import verify.checks.mixed_precision as MP
+from verify import oracles
 from llama_ref.default import default_args, default_model
-from llama_ref.finetune import TrainConfig, build_model
+from llama_ref.train.config import TrainConfig, build_model
 from llama_ref.lora import lora_layers
 from llama_ref.model import RMSNorm, Transformer, init_weights
-from verify.mixed_precision import check_mixed_precision
-from verify.precision_policy import MATMULS, OpRecorder, autocast_observed, precision_policy_problems
+from verify.checks.mixed_precision import check_mixed_precision
+from verify.checks.precision_policy import MATMULS, OpRecorder, autocast_observed, precision_policy_problems
 from verify.mutants import MUTANTS, inject, mutants_for
 from verify.strategies import model_args, seeds
 
@@ -121,7 +121,7 @@ def test_token_loss_sum_upcasts_half_logits(dtype):
     logits = (torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
     labels = _batch(64, length=9)["labels"]
     loss = T.token_loss_sum(logits, labels)
-    expected = float(MP._ce_sum(logits.double(), labels))
+    expected = float(oracles.token_loss_sum(logits.double(), labels))
     assert loss.dtype == torch.float32
     assert float(loss) == pytest.approx(expected, rel=20 * torch.finfo(torch.float32).eps)
 

@@ -275,7 +275,7 @@ def test_importing_the_model_loads_no_tokenizer_or_data_pipeline():
     import sys
 
     code = ("import sys, llama_ref.model, llama_ref; "
-            "loaded = {'sentencepiece', 'tiktoken', 'llama_ref.data', 'llama_ref.tokenizer'} & set(sys.modules); "
+            "loaded = {'sentencepiece', 'tiktoken', 'llama_ref.train.data', 'llama_ref.tokenizer'} & set(sys.modules); "
             "assert not loaded, loaded; from llama_ref import Llama, Tokenizer")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

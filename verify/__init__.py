@@ -1,10 +1,10 @@
 """The verification library: one check per property, each returning a CheckResult, and the bug zoo that proves it."""
-from .checkpointing import check_gradient_checkpointing
+from .checks.gradient_checkpointing import check_gradient_checkpointing
 from .compare import Comparison, compare, compare_calibrated, compare_grads
-from .grad_accum import check_grad_accumulation
-from .kv_cache import check_kv_cache
-from .lora_merge import check_lora_merge
-from .mixed_precision import check_mixed_precision
+from .checks.grad_accum import check_grad_accumulation
+from .checks.kv_cache import check_kv_cache
+from .checks.lora_merge import check_lora_merge
+from .checks.mixed_precision import check_mixed_precision
 from .result import CheckResult
 from .tolerances import Tolerance, tolerance
 

@@ -50,14 +50,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         _parser().error(f"--device {args.device}: CUDA is not available")
 
     if args.ckpt_dir:
-        from llama_ref.checkpoint import load_model, load_params
+        from llama_ref.formats.meta import load_model
         from llama_ref.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(args.tokenizer)
-        overrides = dict(max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
-        if load_params(args.ckpt_dir).vocab_size == -1:
-            overrides["vocab_size"] = tokenizer.n_words
-        factory = functools.partial(load_model, args.ckpt_dir, dtype=torch.float32, **overrides)
+        factory = functools.partial(load_model, args.ckpt_dir, dtype=torch.float32, tokenizer=tokenizer,
+                                    max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
         target = f"checkpoint {args.ckpt_dir}"
     else:
         from llama_ref.default import DEFAULT_PRESET, DEFAULT_SEED, default_model, default_tokenizer

@@ -135,3 +135,9 @@ def compare_calibrated(test: torch.Tensor, plain: torch.Tensor, reference: torch
         floor = torch.finfo(test.dtype).eps * float(ref.norm()) if test.dtype.is_floating_point else 0.0
     ok = bool(torch.isfinite(t).all()) and err <= factor * max(plain_err, floor)
     return CalibratedComparison(ok, err, plain_err, factor, floor, float((t - ref).abs().max()))
+
+
+def row_scale(logits: torch.Tensor) -> torch.Tensor:
+    """The largest |logit| of each position (…, 1): the magnitude the rounding error of every logit there scales
+    with, the ``scale`` of a logits comparison."""
+    return logits.abs().amax(dim=-1, keepdim=True)

@@ -6,7 +6,7 @@ its own GQA expansion, its own Llama 3.1 frequency scaling. Equal logits on the 
 than any self-comparison. transformers is an optional dependency (``pip install llama-verify[test]``), imported
 lazily; nothing here downloads anything (models are built from a config, never ``from_pretrained``).
 
-The key mapping and the ``wq``/``wk`` row permutation live in :mod:`llama_ref.hf_format` (re-exported here).
+The key mapping and the ``wq``/``wk`` row permutation live in :mod:`llama_ref.formats.hf` (re-exported here).
 
 Notation used for tensor shapes: H query heads, Hkv key/value heads, Dh head_dim, D dim.
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from llama_ref.args import ModelArgs
-from llama_ref.hf_format import from_hf_state_dict, permute_rotary, to_hf_state_dict, unpermute_rotary
+from llama_ref.formats.hf import from_hf_state_dict, permute_rotary, to_hf_state_dict, unpermute_rotary
 from llama_ref.model import (ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, Transformer,
                              apply_scaling)
 

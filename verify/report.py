@@ -14,11 +14,11 @@ import torch
 
 from llama_ref.model import Transformer
 
-from .checkpointing import check_gradient_checkpointing
-from .grad_accum import check_grad_accumulation
-from .kv_cache import check_kv_cache
-from .lora_merge import check_lora_merge
-from .mixed_precision import check_mixed_precision
+from .checks.gradient_checkpointing import check_gradient_checkpointing
+from .checks.grad_accum import check_grad_accumulation
+from .checks.kv_cache import check_kv_cache
+from .checks.lora_merge import check_lora_merge
+from .checks.mixed_precision import check_mixed_precision
 from .mutants import Mutant, inject
 from .result import CheckResult
 

@@ -4,8 +4,8 @@ their losses and memory behave as each technique promises.
 On CUDA (``-m gpu``) the model is a random-weight Llama 3.2 1B shape (or the checkpoint ``LLAMA_CKPT_DIR`` points
 at: Meta's format, its params.json); on CPU the same bodies run with the bench preset (2 layers) in the default
 suite. Every configuration trains 3 optimizer steps on a fixed window (3 memorising steps: the loss must fall) through
-``llama_ref.bench.measure_training`` — the code ``llama-bench`` measures with — and its peak is compared with
-``llama_ref.memory.predict_step_memory``. Each GA cell is also run as one large batch (GA off, the window's
+``llama_ref.perf.bench_cell.measure_training`` — the code ``llama-bench`` measures with — and its peak is compared with
+``llama_ref.perf.memory.predict_step_memory``. Each GA cell is also run as one large batch (GA off, the window's
 micro-batches concatenated): accumulation must give the same window losses.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from llama_ref.args import ModelArgs
-from llama_ref.bench import measure_training
-from llama_ref.bench_report import CELLS, Cell
-from llama_ref.finetune import TrainConfig, prepare_for_training
+from llama_ref.perf.bench_cell import measure_training
+from llama_ref.perf.bench_report import CELLS, Cell
+from llama_ref.train.config import TrainConfig, prepare_for_training
 from llama_ref.model import Transformer, init_weights
 from verify.tolerances import GA_LARGE_BATCH_RTOL
 
@@ -58,7 +58,7 @@ def _model_args(device: str) -> ModelArgs:
         return ModelArgs.preset("bench", n_layers=2, max_seq_len=SETUPS[device].seq_len, max_batch_size=GA)
     ckpt = os.environ.get("LLAMA_CKPT_DIR")
     if ckpt:
-        from llama_ref.checkpoint import load_params
+        from llama_ref.formats.meta import load_params
         args = load_params(ckpt)
         if args.vocab_size <= 0:  # Llama 2's params.json leaves it to the tokenizer
             raise ValueError(f"LLAMA_CKPT_DIR={ckpt}: params.json has vocab_size {args.vocab_size}; the matrix needs "
@@ -71,7 +71,7 @@ def _base_state(args: ModelArgs, device: str) -> dict[str, torch.Tensor]:
     """The weights every configuration starts from, on CPU (never on the device: they would count in its peak)."""
     ckpt = os.environ.get("LLAMA_CKPT_DIR")
     if ckpt and device == "cuda":
-        from llama_ref.checkpoint import load_model
+        from llama_ref.formats.meta import load_model
         return load_model(ckpt, dtype=torch.float32, max_seq_len=args.max_seq_len,
                           max_batch_size=args.max_batch_size).state_dict()
     return init_weights(_empty(args, "cpu"), 0).state_dict()
@@ -124,9 +124,8 @@ def _release(device: str) -> None:
 def matrix(request) -> dict[str, Any]:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA: torch.cuda.is_available() is False on this machine")
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker  # noqa: F401
-    except ImportError:
+    from llama_ref.perf.peak import mem_tracker_available
+    if not mem_tracker_available():
         pytest.skip(f"torch {torch.__version__} has no MemTracker (torch >= 2.5): no prediction, no breakdown")
     return run_matrix(request.param)
 
@@ -135,7 +134,7 @@ def run_matrix(device: str) -> dict[str, Any]:
     """Every cell (and each GA cell's large batch) trained and measured on ``device``, with its prediction.
 
     On CUDA the 16 predictions (seconds each on CPU for the 1B shape) run in CPU processes while the GPU trains."""
-    from llama_ref.memory import predict_step_memory
+    from llama_ref.perf.memory import predict_step_memory
 
     setup, args = SETUPS[device], _model_args(device)
     jobs = min(len(CELLS), os.cpu_count() or 1) if device == "cuda" else 1

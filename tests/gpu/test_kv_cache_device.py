@@ -7,7 +7,7 @@ import torch
 
 from llama_ref.args import ModelArgs
 from llama_ref.model import Transformer, init_weights
-from verify.kv_cache import check_kv_cache
+from verify.checks.kv_cache import check_kv_cache
 
 DEVICES = [
     pytest.param("cpu", "tiny", id="cpu-tiny"),

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .loss import IGNORE_INDEX  # defined with the loss: the model needs it without the data pipeline
-from .tokenizer import Tokenizer
+from ..loss import IGNORE_INDEX, count_target_tokens  # with the loss: the model needs them without the data pipeline
+from ..tokenizer import Tokenizer
 
 __all__ = ["IGNORE_INDEX", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_NO_INPUT", "DataError", "InstructionDataset",
            "collate", "count_target_tokens", "default_dataset_path", "format_prompt", "load_records"]
@@ -54,7 +54,7 @@ class DataError(ValueError):
 
 def default_dataset_path() -> Path:
     """Path of the instruction data set shipped in llama_ref/assets (made by scripts/make_instructions.py)."""
-    return Path(__file__).resolve().parent / "assets" / "instructions.json"
+    return Path(__file__).resolve().parent.parent / "assets" / "instructions.json"
 
 
 def format_prompt(record: dict[str, Any]) -> str:
@@ -186,9 +186,3 @@ def collate(batch: Sequence[dict[str, torch.Tensor]], pad_id: int | None = None)
         input_ids[b, :n] = item["input_ids"]
         labels[b, :n] = item["labels"]
     return {"input_ids": input_ids, "labels": labels, "lengths": lengths}
-
-
-def count_target_tokens(labels: torch.Tensor) -> int:
-    """Number of positions the shifted loss averages over: (labels[:, 1:] != IGNORE_INDEX).sum() for labels
-    (B, L) — the denominator for exact gradient accumulation over a window of micro-batches."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_ref.model import RMSNorm
 
-from .result import name_list as _names
+from ..result import name_list as _names
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "mv", "dot"}
 UPCAST_REDUCTIONS = {"_softmax", "softmax", "_log_softmax", "log_softmax", "nll_loss_forward", "nll_loss2d_forward"}
@@ -91,7 +91,7 @@ def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dty
 
 def autocast_observed(device_type: str, dtype: torch.dtype) -> tuple[bool, str]:
     """Does ``torch.autocast(device_type, dtype)`` really run a matmul in ``dtype`` here (observed, not asked of
-    ``llama_ref.trainer.autocast_supported``)? And if not, why."""
+    ``llama_ref.train.trainer.autocast_supported``)? And if not, why."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .args import ModelArgs
+from ..args import ModelArgs
 
 __all__ = ["META_TO_HF_TOP_LEVEL", "META_TO_HF_PER_LAYER", "HF_TO_META_TOP_LEVEL", "HF_TO_META_PER_LAYER",
            "meta_to_hf_key", "hf_to_meta_key", "meta_to_hf_module", "hf_to_meta_module", "rotary_heads",

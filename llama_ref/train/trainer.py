@@ -17,8 +17,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import count_target_tokens
-from .loss import token_loss_sum
+from ..loss import count_target_tokens, token_loss_sum
 
 PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = dict[str, torch.Tensor]
@@ -50,22 +49,6 @@ def windows(micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
             window = []
     if window:
         yield window
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
-    """``constant``, ``linear`` (to 0) or ``cosine`` (to 0) after ``warmup_steps`` of linear warm-up."""
-    if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"unknown LR schedule {kind!r}; use constant, linear or cosine")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass(frozen=True)

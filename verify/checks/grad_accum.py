@@ -38,17 +38,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from llama_ref import trainer as T
-from llama_ref.data import IGNORE_INDEX, collate
+from llama_ref.train import trainer as T
+from llama_ref.train.optim import make_scheduler
+from llama_ref.train.data import IGNORE_INDEX, collate
 from llama_ref.lora import ALL_TARGETS, apply_lora_to_llama, lora_layers
 from llama_ref.model import Transformer
 
-from .compare import compare, compare_calibrated
-from .result import CheckResult
-from .tolerances import CALIBRATION_FACTORS, tolerance
+from ..compare import compare, compare_calibrated
+from ..oracles import clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
+from ..result import CheckResult
+from ..tolerances import CALIBRATION_FACTORS, tolerance
 
 NAME = "grad_accum"
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), clamped to 1
 CALIBRATION_FACTOR = CALIBRATION_FACTORS[NAME]  # measured and justified in verify/tolerances.py
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
@@ -60,37 +61,7 @@ OPTIMIZERS = {
 Batch = dict[str, torch.Tensor]
 
 
-# ---- the oracle: written from the definitions, sharing no code with llama_ref.trainer ----------------------------
-
-def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over every target ``labels[:, 1:] != IGNORE_INDEX`` of ``-log softmax(logits[:, :-1])[target]``, in
-    fp32 (fp64 for fp64 logits). ``logits`` (B, T, V), ``labels`` (B, T) unshifted: position t predicts t + 1."""
-    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE_INDEX
-    picked = logp.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return -torch.where(keep, picked, 0.0).sum() / keep.sum()
-
-
-def total_grad_norm(grads: Sequence[torch.Tensor]) -> float:
-    """2-norm of all gradients viewed as one vector (in float64)."""
-    return math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads))
-
-
-def clip_coefficient(norm: float, max_norm: float) -> float:
-    """``min(1, max_norm / (norm + 1e-6))``: what clip_grad_norm_ multiplies every gradient by."""
-    return min(1.0, max_norm / (norm + CLIP_EPS))
-
-
-def lr_factor(step: int, kind: str, total_steps: int, warmup: int) -> float:
-    """Learning-rate multiplier of optimizer step ``step`` (0-based): ``(step+1)/warmup`` during ``warmup`` steps,
-    then ``constant``, or ``linear`` / ``cosine`` decay reaching 0 at ``total_steps``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+# ---- the oracle: written from the definitions, sharing no code with llama_ref.train.trainer ----------------------------
 
 
 def random_sequences(n: int, vocab_size: int, max_len: int, g: torch.Generator) -> list[Batch]:
@@ -198,7 +169,7 @@ def _run(models: tuple[Transformer, Transformer, Transformer], start: dict[str, 
     net.load_state_dict(start)
     net.zero_grad(set_to_none=True)
     opt, ref_opt, exact_opt = _optimizer(kind, net), _optimizer(kind, ref), _optimizer(kind, exact)
-    trainer = T.Trainer(net, opt, scheduler=T.make_scheduler(opt, schedule, len(expected), warmup), clip=clip)
+    trainer = T.Trainer(net, opt, scheduler=make_scheduler(opt, schedule, len(expected), warmup), clip=clip)
     params = _trainable(net)
     captured: list[tuple[dict[str, Optional[torch.Tensor]], float]] = []
     opt.register_step_pre_hook(lambda *_: captured.append((_grads(params), opt.param_groups[0]["lr"])))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,12 @@ from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save as _safetensors_bytes
 from torch import nn
 
-from .checkpoint import _fsync_dir, _listing, _write_temp
-from .hf_format import hf_to_meta_module, meta_to_hf_module, permute_rotary, rotary_heads, unpermute_rotary
-from .lora import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear, apply_lora_to_llama, lora_layers
-from .model import Transformer
+from ..formats.atomic import atomic_write_files
+from ..formats.hf import hf_to_meta_module, meta_to_hf_module, permute_rotary, rotary_heads, unpermute_rotary
+from ..formats.meta import _listing
+from ..model import Transformer
+from .apply import apply_lora_to_llama, lora_layers
+from .layer import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
 
 __all__ = ["AdapterError", "AdapterSpec", "adapter_spec", "save_adapter", "load_adapter", "export_peft_adapter",
            "import_peft_adapter", "ADAPTER_WEIGHTS", "PEFT_WEIGHTS", "CONFIG_FILE"]
@@ -126,19 +127,7 @@ def _write_files(out_dir: Path, files: dict[str, bytes], other_format: str) -> P
     if (out_dir / other_format).exists():
         raise FileExistsError(f"{out_dir}: holds {other_format}, an adapter of the other format, whose "
                               f"{CONFIG_FILE} would be replaced; choose another directory or remove it")
-    tmps: dict[str, Optional[Path]] = {}
-    try:
-        for name, data in files.items():
-            tmps[name] = _write_temp(out_dir, name, lambda f, data=data: f.write(data))
-        for name in files:  # in order: weights first, the config (what makes the directory an adapter) last
-            os.replace(tmps[name], out_dir / name)
-            tmps[name] = None
-    finally:
-        for tmp in tmps.values():
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-    _fsync_dir(out_dir)
-    return out_dir
+    return atomic_write_files(out_dir, files)  # in order: weights first, the config last
 
 
 def _json_bytes(obj: dict[str, Any]) -> bytes:

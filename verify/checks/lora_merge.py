@@ -23,10 +23,10 @@ import torch
 from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama, lora_layers, merge_lora, unmerge_lora
 from llama_ref.model import Transformer
 
-from .compare import compare, compare_calibrated
-from .result import CheckResult
-from .result import name_list as _names
-from .tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
+from ..compare import compare, compare_calibrated, row_scale
+from ..result import CheckResult
+from ..result import name_list as _names
+from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "lora_merge"
 
@@ -82,9 +82,9 @@ def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, 
         # A fresh adapter is the base model, merged (eval) and unmerged (train mode, dropout on the zero update).
         with torch.no_grad():
             record("fresh adapter, merged, vs base", compare(lora.eval()(tokens), base_logits, tol, "logits",
-                                                             scale=_row_scale(base_logits)))
+                                                             scale=row_scale(base_logits)))
             record("fresh adapter, unmerged, vs base", compare(lora.train()(tokens), base_logits, tol, "logits",
-                                                               scale=_row_scale(base_logits)))
+                                                               scale=row_scale(base_logits)))
         if any(layer.merged for layer in layers.values()):
             details.append("train() left layers merged: " + ", ".join(n for n, l in layers.items() if l.merged))
 
@@ -134,12 +134,6 @@ def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, 
     except Exception as e:  # the implementation under test crashed: a failure, with its message
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case,
                            error=f"{type(e).__name__}: {e}")
-
-
-def _row_scale(logits: torch.Tensor) -> torch.Tensor:
-    return logits.abs().amax(dim=-1, keepdim=True)
-
-
 
 
 def _gradient_problems(model: Transformer, tokens: torch.Tensor, g: torch.Generator) -> list[str]:

@@ -21,9 +21,9 @@ import torch
 from llama_ref.generation import Llama
 from llama_ref.model import Transformer
 
-from .compare import compare
-from .result import CheckResult
-from .tolerances import Tolerance, tolerance
+from ..compare import compare, row_scale
+from ..result import CheckResult
+from ..tolerances import Tolerance, tolerance
 
 NAME = "kv_cache"
 
@@ -63,11 +63,6 @@ def _chunked_logits(model: Transformer, tokens: torch.Tensor, chunking: Sequence
         outs.append(model(tokens[:, pos:pos + size], pos))
         pos += size
     return torch.cat(outs, dim=1)
-
-
-def _row_scale(logits: torch.Tensor) -> torch.Tensor:
-    """The largest |logit| of each position: the magnitude the rounding error of every logit there scales with."""
-    return logits.abs().amax(dim=-1, keepdim=True)
 
 
 def _uncached(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -126,7 +121,7 @@ def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
                 expected = _uncached(model, tokens[:b])
                 for chunking in chunkings:
                     got = _chunked_logits(model, tokens[:b], chunking)
-                    c = compare(got, expected, tol, "logits", scale=_row_scale(expected))
+                    c = compare(got, expected, tol, "logits", scale=row_scale(expected))
                     worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
                     if not c.ok:
                         details.append(f"teacher-forced B={b} chunks={describe_chunking(chunking)}: {c}")
@@ -170,7 +165,7 @@ def _check_generation(model: Transformer, prompts: Sequence[Sequence[int]], max_
         if n:
             # Log-probabilities carry the rounding error of the logits they come from: scale by the row's logits.
             seq = torch.tensor([list(prompts[row]) + a[:n]], device=device)
-            scale = _row_scale(_uncached(model, seq)[0, len(prompts[row]) - 1:len(prompts[row]) - 1 + n])[:, 0]
+            scale = row_scale(_uncached(model, seq)[0, len(prompts[row]) - 1:len(prompts[row]) - 1 + n])[:, 0]
             c = compare(torch.tensor(cached_lp[row][:n]), torch.tensor(uncached_lp[row][:n]), tol, "logprobs",
                         scale=scale)
             worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)

@@ -42,29 +42,14 @@ import torch
 from llama_ref.lora import apply_lora_to_llama, lora_layers
 from llama_ref.model import Transformer
 
-from .compare import Comparison, GradComparison, compare, compare_grads
-from .result import CheckResult, name_list
-from .tolerances import Tolerance, tolerance
+from ..compare import Comparison, GradComparison, compare, compare_grads
+from ..oracles import policy_layers
+from ..result import CheckResult, name_list
+from ..tolerances import Tolerance, tolerance
 
 NAME = "gradient_checkpointing"
 LORA_RANK = 4
 LORA_ALPHA = 8
-
-
-def policy_layers(policy: Optional[str], n_layers: int) -> frozenset[int]:
-    """The blocks ``policy`` must recompute, written from the policies' definitions (the oracle; independent of
-    ``llama_ref.model.checkpoint_policy_layers``): ``None``/``"none"`` no block, ``"all"`` every block, ``"seed"``
-    block i when ``i % 3 != 0`` (the seed report's choice), ``"every:K"`` block i when ``i % K == 0`` (K ≥ 1)."""
-    if policy is None or policy == "none":
-        return frozenset()
-    if policy == "all":
-        return frozenset(range(n_layers))
-    if policy == "seed":
-        return frozenset(i for i in range(n_layers) if i % 3 != 0)
-    kind, _, k = policy.partition(":")
-    if kind == "every" and k.isascii() and k.isdigit() and int(k) >= 1:  # ASCII: "²".isdigit() is True
-        return frozenset(range(0, n_layers, int(k)))
-    raise ValueError(f"unknown gradient-checkpointing policy {policy!r}; expected none, all, seed or every:K (K >= 1)")
 
 
 @dataclass
@@ -118,8 +103,6 @@ def _lora_template(model: Transformer, targets: Sequence[str], dropout: float, s
             b = torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(LORA_RANK)
             layer.lora_B.copy_(b.to(layer.lora_B))
     return lora
-
-
 
 
 class _Tally:

@@ -1,5 +1,5 @@
 """The bug zoo of property 5 (mixed precision): mistakes real training code shipped, each the smallest patch of
-``llama_ref`` that reproduces it. Registered in :data:`verify.mutants.MUTANTS` on import.
+``llama_ref`` that reproduces it. Listed in ``verify.mutants``' registry.
 
 Left out, because they are equivalent here: autocast around ``backward()`` or ``optimizer.step()`` (on CPU,
 torch 2.4 and 2.13, it changes no op's dtype and no bit of the gradients or of an AdamW update: backward ops take
@@ -15,20 +15,22 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-import llama_ref.finetune as FT
+import llama_ref.train.config as FT
 import llama_ref.model as M
-import llama_ref.trainer as T
-import verify.mixed_precision as MP
-from llama_ref.data import IGNORE_INDEX
+import llama_ref.train.trainer as T
+import verify.checks.mixed_precision as MP
+from llama_ref.train.data import IGNORE_INDEX
 
-from .mutants import Patch, mutant
+from .base import Mutant, Patch, collector
 
 PROP = MP.NAME
+ZOO: list[Mutant] = []
+mutant = collector(ZOO, PROP)
 
 
 def _trainer_step(self: T.Trainer, window: Sequence[T.Batch], *, clip_first: bool = False,
                   bypass_scaler: bool = False) -> T.StepResult:
-    """``Trainer.step`` as written in llama_ref.trainer (keep in sync), with one of two known mistakes switched on."""
+    """``Trainer.step`` as written in llama_ref.train.trainer (keep in sync), with one of two known mistakes switched on."""
     n_tokens = sum(T.count_target_tokens(b["labels"]) for b in window)
     if n_tokens == 0:
         raise ValueError("a window without target tokens: every label is IGNORE_INDEX")
@@ -67,7 +69,7 @@ def _trainer_step(self: T.Trainer, window: Sequence[T.Batch], *, clip_first: boo
     return T.StepResult(loss, n_tokens, grad_norm, lr, skipped)
 
 
-@mutant("mp_trainable_params_half", PROP, "the model cast to the autocast dtype (model.half()) before training",
+@mutant("mp_trainable_params_half", "the model cast to the autocast dtype (model.half()) before training",
         "`model.half()` + GradScaler: torch's \"Attempting to unscale FP16 gradients\" (forums, HF issues); in bf16 "
         "the master weights silently lose precision")
 def _params_half() -> list[Patch]:
@@ -80,19 +82,19 @@ def _params_half() -> list[Patch]:
     return [(T.Trainer, "__init__", __init__)]
 
 
-@mutant("mp_clip_before_unscale", PROP, "gradients clipped while still multiplied by the loss scale",
+@mutant("mp_clip_before_unscale", "gradients clipped while still multiplied by the loss scale",
         "loops that add clip_grad_norm_ to the AMP recipe without scaler.unscale_ (torch AMP examples warn)")
 def _clip_before_unscale() -> list[Patch]:
     return [(T.Trainer, "step", lambda self, window: _trainer_step(self, window, clip_first=True))]
 
 
-@mutant("mp_optimizer_step_bypasses_scaler", PROP, "optimizer.step() instead of scaler.step(optimizer)",
+@mutant("mp_optimizer_step_bypasses_scaler", "optimizer.step() instead of scaler.step(optimizer)",
         "loops that unscale_ for clipping and then call optimizer.step() themselves: inf/NaN steps are taken")
 def _bypass_scaler() -> list[Patch]:
     return [(T.Trainer, "step", lambda self, window: _trainer_step(self, window, bypass_scaler=True))]
 
 
-@mutant("mp_scaler_step_per_micro_batch", PROP, "scaler.step + scaler.update run for every micro-batch of a window",
+@mutant("mp_scaler_step_per_micro_batch", "scaler.step + scaler.update run for every micro-batch of a window",
         "the AMP recipe pasted inside a gradient-accumulation loop (torch AMP docs: update once per effective batch)")
 def _scaler_per_micro_batch() -> list[Patch]:
     def micro_step(self, batch, window_tokens):
@@ -110,7 +112,7 @@ def _scaler_per_micro_batch() -> list[Patch]:
     return [(T.Trainer, "micro_step", micro_step)]
 
 
-@mutant("mp_autocast_wrong_device", PROP, "autocast for a device type the model is not on: silently fp32",
+@mutant("mp_autocast_wrong_device", "autocast for a device type the model is not on: silently fp32",
         "the seed report's autocast('cuda', ...) hard-coded, run on another device (torch only warns)")
 def _autocast_wrong_device() -> list[Patch]:
     def autocast(self):
@@ -121,13 +123,13 @@ def _autocast_wrong_device() -> list[Patch]:
     return [(T.Trainer, "autocast", autocast)]
 
 
-@mutant("mp_rmsnorm_no_upcast", PROP, "RMSNorm's mean of squares computed in the activations' dtype",
+@mutant("mp_rmsnorm_no_upcast", "RMSNorm's mean of squares computed in the activations' dtype",
         "Meta's RMSNorm with `.float()` / `.type_as(x)` dropped (fp16 squares overflow above 256)")
 def _rmsnorm_no_upcast() -> list[Patch]:
     return [(M.RMSNorm, "forward", lambda self, x: self._norm(x) * self.weight)]
 
 
-@mutant("mp_softmax_in_half", PROP, "attention softmax in the half dtype (mask cast to the scores' dtype)",
+@mutant("mp_softmax_in_half", "attention softmax in the half dtype (mask cast to the scores' dtype)",
         "Meta's attention with `F.softmax(scores.float(), -1).type_as(xq)` reduced to `F.softmax(scores, -1)`",
         attn_impl="math")
 def _softmax_in_half() -> list[Patch]:
@@ -140,7 +142,7 @@ def _softmax_in_half() -> list[Patch]:
             (M, "ATTENTION_IMPLS", {**M.ATTENTION_IMPLS, "math": attention_math})]
 
 
-@mutant("mp_loss_on_half_logits", PROP, "cross-entropy on the logits' own (half) dtype",
+@mutant("mp_loss_on_half_logits", "cross-entropy on the logits' own (half) dtype",
         "HF-style `lm_head(h)` logits fed to cross_entropy without `.float()` (Llama's logits.float() came later)")
 def _loss_on_half_logits() -> list[Patch]:
     def token_loss_sum(logits, labels):
@@ -149,7 +151,7 @@ def _loss_on_half_logits() -> list[Patch]:
     return [(T, "token_loss_sum", token_loss_sum)]
 
 
-@mutant("mp_frozen_base_kept_fp32", PROP, "with --mp --lora the frozen base stays fp32 (half copies made per matmul)",
+@mutant("mp_frozen_base_kept_fp32", "with --mp --lora the frozen base stays fp32 (half copies made per matmul)",
         "the seed report: LoRA+MP took more memory than fp32 LoRA (9,630 vs 7,521 MB): mixed precision saved nothing")
 def _frozen_base_fp32() -> list[Patch]:
     return [(FT, "half_frozen_base", lambda model, half: model)]

@@ -20,18 +20,17 @@ model was saved model-parallel), loaded strictly and safely, saved atomically.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import secrets
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .args import ModelArgs
-from .model import Transformer
+from ..args import ModelArgs
+from ..model import Transformer
+from .atomic import atomic_write_files
 
 PARAMS_FILE = "params.json"
 SHARD_FORMAT = "consolidated.{:02d}.pth"
@@ -72,15 +71,20 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_params(ckpt_dir: str | Path, **overrides: Any) -> ModelArgs:
+def load_params(ckpt_dir: str | Path, *, tokenizer: Any = None, **overrides: Any) -> ModelArgs:
     """``ckpt_dir/params.json`` as ModelArgs, with ``overrides`` (``max_seq_len``, ``max_batch_size``, and
-    ``vocab_size`` for Llama 2, whose file says -1) applied. FileNotFoundError when the file is missing."""
+    ``vocab_size``) applied; a ``vocab_size`` of -1 (Llama 2's files) still left is the ``tokenizer``'s
+    ``n_words`` when one is given — the one place that fix-up is made. FileNotFoundError when the file is
+    missing."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / PARAMS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{ckpt_dir}: no {PARAMS_FILE}; a Meta checkpoint directory holds {PARAMS_FILE} and "
                                 f"{SHARD_FORMAT.format(0)} (then {SHARD_FORMAT.format(1)}, … when model-parallel)")
-    return ModelArgs.from_json(path, **overrides)
+    args = ModelArgs.from_json(path, **overrides)
+    if args.vocab_size == -1 and tokenizer is not None:
+        args = args.replace(vocab_size=tokenizer.n_words)
+    return args
 
 
 def load_state_dict(ckpt_dir: str | Path, args: ModelArgs, *, mmap: bool = True) -> dict[str, torch.Tensor]:
@@ -97,18 +101,18 @@ def load_state_dict(ckpt_dir: str | Path, args: ModelArgs, *, mmap: bool = True)
 
 
 def load_model(ckpt_dir: str | Path, *, device: Optional[torch.device | str] = None,
-               dtype: Optional[torch.dtype] = None, **overrides: Any) -> Transformer:
+               dtype: Optional[torch.dtype] = None, tokenizer: Any = None, **overrides: Any) -> Transformer:
     """``params.json`` (with ``overrides``) and weights → a Transformer on ``device`` (default CPU) in ``dtype``
     (default: the checkpoint's own, e.g. bf16 for Meta's files; only floating tensors are cast).
 
     The model is built on the meta device and takes the loaded tensors over (``assign=True``), so its weights are
     allocated once (on the CPU in the file's dtype they stay memory-mapped, copy-on-write: replace a checkpoint
-    with :func:`save_checkpoint`, never rewrite it in place). ``vocab_size`` -1 (Llama 2) is taken from the
-    embedding's rows. Without ``output.weight`` in
+    with :func:`save_checkpoint`, never rewrite it in place). ``vocab_size`` -1 (Llama 2) is the ``tokenizer``'s
+    (see :func:`load_params`), or without one the embedding's rows. Without ``output.weight`` in
     the file the model is tied, unless ``tie_embeddings=False`` is passed (then the output starts as a copy).
     """
     ckpt_dir = Path(ckpt_dir)
-    args = load_params(ckpt_dir, **overrides)
+    args = load_params(ckpt_dir, tokenizer=tokenizer, **overrides)
     state = _read_merged(ckpt_dir, args.dim, mmap=True)
     emb = state.get("tok_embeddings.weight")
     if args.vocab_size == -1 and emb is not None and emb.dim() == 2:
@@ -168,19 +172,9 @@ def save_checkpoint(model: Transformer, ckpt_dir: str | Path, *, dtype: Optional
     _check_keys_and_shapes(state, model.params, f"model to save into {ckpt_dir}")
     params = json.dumps(model.params.to_params_json(), indent=2) + "\n"
 
-    tmp_params = tmp_weights = None
-    try:
-        tmp_params = _write_temp(ckpt_dir, PARAMS_FILE, lambda f: f.write(params.encode()))
-        tmp_weights = _write_temp(ckpt_dir, SHARD_FORMAT.format(0), lambda f: torch.save(state, f))
-        os.replace(tmp_weights, ckpt_dir / SHARD_FORMAT.format(0))
-        tmp_weights = None
-        os.replace(tmp_params, ckpt_dir / PARAMS_FILE)
-        tmp_params = None
-    finally:
-        for tmp in (tmp_params, tmp_weights):
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-    _fsync_dir(ckpt_dir)
+    # The weights first, params.json (what makes the directory a checkpoint) last.
+    atomic_write_files(ckpt_dir, {SHARD_FORMAT.format(0): lambda f: torch.save(state, f),
+                                  PARAMS_FILE: params})
     return ckpt_dir
 
 
@@ -317,35 +311,3 @@ def _validate(state: dict[str, torch.Tensor], args: ModelArgs, ckpt_dir: Path) -
         raise CheckpointError(f"{source}: tie_embeddings is set but output.weight differs from "
                               f"tok_embeddings.weight (max abs difference {diff:.3g})")
     return state
-
-
-# --- atomic writing -------------------------------------------------------------------------------------------
-
-def _write_temp(directory: Path, final_name: str, write) -> Path:
-    """A new file ``.<final_name>.<random>.tmp`` in ``directory`` holding what ``write(f)`` wrote, fsynced.
-    Created with mode 0o666 so the umask applies as for any new file; removed again if ``write`` fails."""
-    path = directory / f".{final_name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

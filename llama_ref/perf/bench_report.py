@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from .bench import BenchConfig
+    from .bench_config import BenchConfig
 
 # MemTracker's categories; "other" also takes its "buffer" (none in this model) and holds what no module owns,
 # e.g. the batches of tokens.

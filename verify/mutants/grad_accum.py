@@ -1,8 +1,8 @@
 """The bug zoo for property 2 (gradient accumulation): training loops that real projects shipped.
 
-Each mutant patches ``llama_ref.trainer`` (``Trainer.step``, ``Trainer.micro_step``, ``windows``,
+Each mutant patches ``llama_ref.train.trainer`` (``Trainer.step``, ``Trainer.micro_step``, ``windows``,
 ``count_target_tokens``). Most are one knob of :func:`_step`, a copy of ``Trainer.step`` whose loss division,
-logging, clipping, zeroing and scheduling can each be done the wrong way; registered on import with ``verify.mutants``.
+logging, clipping, zeroing and scheduling can each be done the wrong way; listed in ``verify.mutants``' registry.
 """
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-import llama_ref.trainer as T
-from llama_ref.data import IGNORE_INDEX
+import llama_ref.train.trainer as T
+from llama_ref.train.data import IGNORE_INDEX
 
-from .mutants import Patch, mutant
+from .base import Mutant, Patch, collector
 
 PROP = "grad_accum"
+ZOO: list[Mutant] = []
+mutant = collector(ZOO, PROP)
 # The accumulation steps K a loop was configured with, as the HF/Lightning loops know it: the mutated ``windows``
 # records it; the correct Trainer never needs it (it divides by the window's own token count).
 _CONFIGURED_GA: dict[str, int] = {}
@@ -89,7 +91,7 @@ def _mean_of_means(sums: list[float], counts: list[int], window: Sequence[T.Batc
     return sum(s / max(c, 1) for s, c in zip(sums, counts)) / len(window)
 
 
-@mutant("ga_mean_of_micro_means", PROP,
+@mutant("ga_mean_of_micro_means",
         "each micro-batch's mean token loss divided by K (and their mean logged): short sequences weigh more",
         "transformers Trainer until v4.46 (Oct 2024, the unsloth.ai/blog/gradient report); mlx-lm PR #1413")
 def _ga_mean_of_means() -> list[Patch]:
@@ -97,7 +99,7 @@ def _ga_mean_of_means() -> list[Patch]:
                          reported=_mean_of_means)
 
 
-@mutant("ga_loss_not_divided", PROP, "micro-batch loss sums backpropagated undivided (gradients × window tokens)",
+@mutant("ga_loss_not_divided", "micro-batch loss sums backpropagated undivided (gradients × window tokens)",
         "karpathy/nanoGPT issue #168: loss not divided by gradient_accumulation_steps before backward")
 def _ga_not_divided() -> list[Patch]:
     original = T.Trainer.micro_step
@@ -107,14 +109,14 @@ def _ga_not_divided() -> list[Patch]:
     return [(T.Trainer, "micro_step", micro_step)]
 
 
-@mutant("ga_divided_twice", PROP, "loss divided by the window's token count and again by K",
+@mutant("ga_divided_twice", "loss divided by the window's token count and again by K",
         "transformers 4.46–4.47 with num_items_in_batch plus `loss / gradient_accumulation_steps` (PR #35207; "
         "unsloth-zoo PR #1023: 'normalises the loss twice')")
 def _ga_divided_twice() -> list[Patch]:
     return _patched_step(divisor=lambda batch, window, n: n * len(window))
 
 
-@mutant("ga_last_window_divided_by_k", PROP,
+@mutant("ga_last_window_divided_by_k",
         "the last, short window divided as if it held K micro-batches (n_tokens · K / len(window))",
         "transformers issue #38837 / PR #38872, Lightning issue #19987: the final partial accumulation scaled "
         "by gradient_accumulation_steps")
@@ -133,7 +135,7 @@ def _ga_last_window_by_k() -> list[Patch]:
     return [(T, "windows", windows)] + _patched_step(divisor=divisor, reported=reported)
 
 
-@mutant("ga_zero_grad_each_micro_batch", PROP, "optimizer.zero_grad() before every micro-batch's backward",
+@mutant("ga_zero_grad_each_micro_batch", "optimizer.zero_grad() before every micro-batch's backward",
         "single-batch loops given GA without moving `optimizer.zero_grad()` out of the batch loop "
         "(paiml/entrenar issue #131: gradient workspace zeroed between micro-batches)")
 def _ga_zero_each() -> list[Patch]:
@@ -145,7 +147,7 @@ def _ga_zero_each() -> list[Patch]:
     return [(T.Trainer, "micro_step", micro_step)]
 
 
-@mutant("ga_clip_each_micro_batch", PROP, "gradient clipping after every micro-batch's backward, on partial sums",
+@mutant("ga_clip_each_micro_batch", "gradient clipping after every micro-batch's backward, on partial sums",
         "transformers issues #986 and #1563 (run_squad/run_glue examples, 2019): clip_grad_norm_ after each backward")
 def _ga_clip_each() -> list[Patch]:
     original = T.Trainer.micro_step
@@ -158,19 +160,19 @@ def _ga_clip_each() -> list[Patch]:
     return [(T.Trainer, "micro_step", micro_step)]
 
 
-@mutant("ga_scheduler_each_micro_batch", PROP, "LR scheduler stepped per micro-batch, not per optimizer step",
+@mutant("ga_scheduler_each_micro_batch", "LR scheduler stepped per micro-batch, not per optimizer step",
         "Lightning issue #1476, accelerate PR #999, h2o-llmstudio issue #663, starVLA PR #210")
 def _ga_schedule_each() -> list[Patch]:
     return _patched_step(schedule_each=True)
 
 
-@mutant("seed_loss_logged_divided_by_k", PROP, "the logged window loss is the backpropagated loss / K",
+@mutant("seed_loss_logged_divided_by_k", "the logged window loss is the backpropagated loss / K",
         "the seed report (--ga 8 logged 0.36 for a loss of ~2.9); allennlp PR #4706")
 def _seed_loss_logging() -> list[Patch]:
     return _patched_step(reported=lambda sums, counts, window, n: sum(sums) / n / len(window))
 
 
-@mutant("ga_count_unshifted_labels", PROP, "window tokens counted on unshifted labels (labels != -100)",
+@mutant("ga_count_unshifted_labels", "window tokens counted on unshifted labels (labels != -100)",
         "transformers PR #46204: num_items_in_batch counted position 0, which the shifted loss never predicts")
 def _ga_unshifted_count() -> list[Patch]:
     def count_target_tokens(labels: torch.Tensor) -> int:
@@ -178,13 +180,13 @@ def _ga_unshifted_count() -> list[Patch]:
     return [(T, "count_target_tokens", count_target_tokens)]
 
 
-@mutant("ga_grads_not_cleared_after_step", PROP, "no zero_grad after the optimizer step: windows leak into the next",
+@mutant("ga_grads_not_cleared_after_step", "no zero_grad after the optimizer step: windows leak into the next",
         "loops that call optimizer.zero_grad() only once before training")
 def _ga_no_zero_after() -> list[Patch]:
     return _patched_step(zero_after=False)
 
 
-@mutant("ga_last_window_dropped", PROP, "windows() drops a last window shorter than K (drop_last)",
+@mutant("ga_last_window_dropped", "windows() drops a last window shorter than K (drop_last)",
         "timoschick/pet issue #36, tomhosking/torchseq issue #8: leftover micro-batches never stepped")
 def _ga_drop_last() -> list[Patch]:
     def windows(micro_batches: Iterable[T.Batch], ga: int) -> Iterator[list[T.Batch]]:
@@ -197,13 +199,13 @@ def _ga_drop_last() -> list[Patch]:
     return [(T, "windows", windows)]
 
 
-@mutant("ga_optimizer_step_each_micro_batch", PROP, "optimizer stepped after every micro-batch: GA a no-op",
+@mutant("ga_optimizer_step_each_micro_batch", "optimizer stepped after every micro-batch: GA a no-op",
         "paiml/entrenar issue #123 ('gradient accumulation currently a no-op': per-sequence optimizer updates)")
 def _ga_optimizer_each() -> list[Patch]:
     return _patched_step(optimizer_each=True)
 
 
-@mutant("ga_scheduler_before_optimizer", PROP, "lr_scheduler.step() before optimizer.step(): every lr one step early",
+@mutant("ga_scheduler_before_optimizer", "lr_scheduler.step() before optimizer.step(): every lr one step early",
         "the PyTorch < 1.1 order (pytorch/pytorch issue #20124), still in loops ported from it")
 def _ga_schedule_first() -> list[Patch]:
     return _patched_step(schedule_first=True)

@@ -21,26 +21,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import types
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
-from .args import ModelArgs
-from .finetune import TrainConfig, build_model, prepare_for_training
-from .model import Transformer
-from .trainer import Trainer
-
-MiB = 2 ** 20
-CATEGORIES = ("parameter", "gradient", "optimizer state", "activation", "temporary", "buffer", "other")
-# MemTracker's category names (the values of torch.distributed._tools.mem_tracker._MemRefType) → ours.
-_TRACKER_NAMES = {"Parameter": "parameter", "Gradient": "gradient", "Optstate": "optimizer state",
-                  "Activation": "activation", "Temp": "temporary", "Buffer": "buffer", "Other": "other"}
-
-
-class MemTrackerUnavailable(RuntimeError):
-    """This torch has no ``torch.distributed._tools.mem_tracker.MemTracker`` (it appeared in torch 2.5)."""
+from ..args import ModelArgs
+from ..model import Transformer
+from ..train.config import TrainConfig, build_model, prepare_for_training
+from ..train.optim import make_optimizer
+from ..train.rng import seeded
+from ..train.trainer import Trainer
+from .peak import MiB, MemTrackerUnavailable, PeakTracker, _mem_tracker_class
 
 
 @dataclass
@@ -57,117 +49,6 @@ class MemoryReport:
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v:,.1f}" for k, v in self.breakdown_mb.items() if v)
         return f"{self.peak_mb:,.1f} MiB ({self.method}, {self.device}){': ' + parts if parts else ''}"
-
-
-def _mem_tracker_class():
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError as e:  # torch < 2.5, or a build without torch.distributed
-        raise MemTrackerUnavailable(
-            f"torch {torch.__version__} has no torch.distributed._tools.mem_tracker.MemTracker ({e}); "
-            "measure_step_memory falls back to the CUDA allocator on CUDA, and cannot measure by category on CPU"
-        ) from None
-    return MemTracker
-
-
-def _fast_tracker_class():
-    """MemTracker that keeps only the global peak: its ``_update_peak_stats`` also updates every module's local
-    peak after every op (modules × ops deep copies, 80 % of a 1B model's prediction time), which we never read."""
-    MemTracker = _mem_tracker_class()
-    from torch.distributed._tools import mem_tracker as mt
-    total_key = getattr(mt, "_TOTAL_KEY", None)
-    if total_key is None or not hasattr(MemTracker, "_update_peak_stats"):  # internals changed: the plain one
-        return MemTracker
-
-    class _GlobalPeakTracker(MemTracker):
-        def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
-            # A root module's second forward (the next micro-batch of an accumulation window) is refused by
-            # MemTracker unless its per-module stats are reset; the global peak, all we read, survives the reset.
-            if module in self.memory_tracking and not self._mod_tracker.is_bw:
-                if set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
-                    self.reset_mod_stats()
-            super()._pre_fw_hook(module, inputs)
-
-        def _update_peak_stats(self, peak_state: Any) -> None:
-            peaks = self.__dict__.setdefault("category_peaks", {})
-            for dev, dev_snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < dev_snap[total_key]:
-                    self._peak_mem[dev] = dev_snap[total_key]
-                    self._peak_mem_snap[dev] = dict(dev_snap)
-                dev_peaks = peaks.setdefault(dev, {})
-                for k, v in dev_snap.items():
-                    if dev_peaks.get(k, 0) < v:
-                        dev_peaks[k] = v
-
-    return _GlobalPeakTracker
-
-
-def _tracker_for(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *inputs: torch.Tensor):
-    tracker = _fast_tracker_class()()
-    for p in model.parameters():
-        # MemTracker hooks every parameter's gradient, and register_hook raises on a frozen parameter: mark those
-        # as already hooked (they never get a gradient).
-        if not p.requires_grad:
-            noop = types.SimpleNamespace(remove=lambda: None)
-            tracker._param_to_grad_hook_handles[p] = (noop, noop)
-    tracker.track_external(model, optimizer, *inputs)
-    return tracker
-
-
-def _peak_breakdown(tracker) -> tuple[float, dict[str, float]]:
-    snaps = tracker.get_tracker_snapshot("peak")
-    if not snaps:
-        return 0.0, {c: 0.0 for c in CATEGORIES}
-    if len(snaps) > 1:  # several devices: report the largest
-        snap = max(snaps.values(), key=lambda s: s.get("Total", 0))
-    else:
-        (snap,) = snaps.values()
-    out = {c: 0.0 for c in CATEGORIES}
-    for k, v in snap.items():
-        name = str(getattr(k, "value", k))
-        if name in _TRACKER_NAMES:
-            out[_TRACKER_NAMES[name]] += v / MiB
-    return snap.get("Total", sum(v for k, v in snap.items() if str(getattr(k, "value", k)) != "Total")) / MiB, out
-
-
-def _category_peaks(tracker) -> dict[str, float]:
-    """Each category's own maximum over the tracked block (MiB; the largest device's), whenever it happened: the
-    activations' peak is at the end of forward, the gradients' at the end of backward, and so on."""
-    out = {c: 0.0 for c in CATEGORIES}
-    for dev_peaks in getattr(tracker, "category_peaks", {}).values():
-        for k, v in dev_peaks.items():
-            name = _TRACKER_NAMES.get(str(getattr(k, "value", k)))
-            if name is not None:
-                out[name] = max(out[name], v / MiB)
-    return out
-
-
-class PeakTracker:
-    """MemTracker over a block of training steps: ``peak_mb``, ``breakdown_mb`` (the split of that peak) and
-    ``category_peaks_mb`` (each category's own maximum) after the block; MiB. Raises MemTrackerUnavailable on
-    torch < 2.5."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *inputs: torch.Tensor):
-        self._tracker = _tracker_for(model, optimizer, *inputs)
-        self.peak_mb, self.breakdown_mb, self.category_peaks_mb = 0.0, {}, {}
-
-    def __enter__(self) -> "PeakTracker":
-        self._tracker.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._tracker.__exit__(*exc)
-        self.peak_mb, self.breakdown_mb = _peak_breakdown(self._tracker)
-        self.category_peaks_mb = _category_peaks(self._tracker)
-
-
-def _optimizer(cfg: TrainConfig, model: torch.nn.Module, foreach: Optional[bool] = None) -> torch.optim.Optimizer:
-    """llama-finetune's optimizer. ``foreach=None``: torch's choice (the multi-tensor kernels on CUDA, the
-    per-parameter loop on CPU and on fake CPU tensors); a prediction for CUDA passes True, as torch would there."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, foreach=foreach)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=foreach)
 
 
 def _random_batch(vocab: int, batch_size: int, seq_len: int, device: Any, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -191,11 +72,15 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
     if seq_len > (cfg.max_seq_len or seq_len):
         raise ValueError(f"seq_len {seq_len} exceeds the config's max_seq_len {cfg.max_seq_len}")
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed, cfg.device):
+        return _measure(cfg, batch_size, seq_len, steps, t0)
+
+
+def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: float) -> MemoryReport:
     model, _ = build_model(cfg)
     if seq_len > model.params.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
-    optimizer = _optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     device = torch.device(cfg.device)
     trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type=device.type,
                       loss_chunk=cfg.loss_chunk or None)
@@ -230,11 +115,9 @@ def _model_args(cfg_or_args: Union[TrainConfig, ModelArgs, str], cfg: TrainConfi
     if isinstance(cfg_or_args, ModelArgs):
         return cfg_or_args.replace(max_batch_size=max(cfg.batch_size, cfg_or_args.max_batch_size))
     if cfg.ckpt_dir:
-        from .checkpoint import load_params
-        args = load_params(cfg.ckpt_dir)
-        if args.vocab_size == -1:
-            from .tokenizer import Tokenizer
-            args = args.replace(vocab_size=Tokenizer(cfg.tokenizer).n_words)
+        from ..formats.meta import load_params
+        from ..tokenizer import Tokenizer
+        args = load_params(cfg.ckpt_dir, tokenizer=Tokenizer(cfg.tokenizer))
         return args.replace(**({"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}))
     return ModelArgs.preset(cfg.preset, **({"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}))
 
@@ -289,7 +172,7 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
     t0 = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = _build_like_finetune(args, cfg)
-        optimizer = _optimizer(cfg, model, foreach=True if target.type == "cuda" else None)
+        optimizer = make_optimizer(cfg, model, foreach=True if target.type == "cuda" else None)
         trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu",
                           loss_chunk=cfg.loss_chunk or None)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
@@ -322,7 +205,7 @@ def predict_step_flops(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: i
         raise ValueError(f"seq_len must be in 2..{args.max_seq_len} (the model's max_seq_len), got {seq_len}")
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = _build_like_finetune(args, cfg)
-        trainer = Trainer(model, _optimizer(cfg, model), precision=cfg.mp, clip=None, device_type="cpu",
+        trainer = Trainer(model, make_optimizer(cfg, model), precision=cfg.mp, clip=None, device_type="cpu",
                           loss_chunk=cfg.loss_chunk or None)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         with FlopCounterMode(display=False) as counter:

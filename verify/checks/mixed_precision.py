@@ -1,6 +1,6 @@
 """Property 5: mixed precision that is really mixed, and still right.
 
-On copies of the model (fp32 master weights), driving ``llama_ref.trainer.Trainer`` itself:
+On copies of the model (fp32 master weights), driving ``llama_ref.train.trainer.Trainer`` itself:
 
 * **really mixed** — during the forward under ``Trainer.autocast()``, observed with a ``TorchDispatchMode`` that
   records each aten op with the module it ran in: every ``nn.Linear`` (LoRA's included) runs its matmul in the
@@ -48,23 +48,23 @@ random configs, a LoRA half base 5 times in 240 steps); the fp32 runs skip the s
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
 
-import llama_ref.finetune as FT
-import llama_ref.trainer as T
-from llama_ref.data import IGNORE_INDEX
+import llama_ref.train.config as FT
+import llama_ref.train.trainer as T
+from llama_ref.train.data import IGNORE_INDEX
 from llama_ref.lora import apply_lora_to_llama, lora_layers
 from llama_ref.model import Transformer
 
-from .compare import CalibratedComparison, compare, compare_calibrated
+from ..compare import CalibratedComparison, compare, compare_calibrated
 from .precision_policy import OpRecorder, autocast_observed, precision_policy_problems
 from .precision_policy import dtype_names as _dt
-from .result import CheckResult
-from .result import name_list as _names
-from .tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
+from ..oracles import token_loss_sum, total_grad_norm
+from ..result import CheckResult
+from ..result import name_list as _names
+from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "mixed_precision"
 FACTORS = CALIBRATION_FACTORS  # "mixed_precision" and "mixed_precision_curve", measured in verify/tolerances.py
@@ -222,21 +222,12 @@ def _step_capturing_grads(model: Transformer, window: list[Batch], precision: st
     return result, grads, attempt
 
 
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over targets ``labels[:, 1:] != IGNORE_INDEX`` of ``-log softmax(logits[:, :-1])[target]`` (logits' dtype)."""
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    picked = logp.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return -torch.where(keep, picked, torch.zeros_like(picked)).sum()
-
-
 def _window_backward(model: Transformer, window: list[Batch], loss_dtype: torch.dtype):
     n = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
     total, logits = 0.0, None
     for b in window:
         logits = model(b["input_ids"], 0)
-        loss = _ce_sum(logits.to(loss_dtype), b["labels"]) / n
+        loss = token_loss_sum(logits.to(loss_dtype), b["labels"]) / n
         loss.backward()
         total += float(loss.detach())
     grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
@@ -287,7 +278,7 @@ def _upcast_problems(model: Transformer, halves: Sequence[torch.dtype], g: torch
         labels[0, :5] = IGNORE_INDEX
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())
         loss = T.token_loss_sum(logits, labels)
-        expected_loss = float(_ce_sum(logits.double(), labels))
+        expected_loss = float(token_loss_sum(logits.double(), labels))
         bound = (n + 4) * torch.finfo(torch.float32).eps * expected_loss  # fp32 log-softmax and an n-term sum
         if loss.dtype != torch.float32 or not abs(float(loss) - expected_loss) <= bound:
             problems.append(f"token_loss_sum on {_dt((half,))} logits returned {float(loss):.6f} "
@@ -362,8 +353,8 @@ def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[s
     _, ref_grads, _ = _float64_window(model, window)
     _, plain_grads, _ = _plain_window(model, window, torch.float16)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ref_norm = _norm(ref_grads[n] for n in names)
-    plain_norm = _norm(plain_grads[n] for n in names)
+    ref_norm = total_grad_norm(ref_grads[n] for n in names)
+    plain_norm = total_grad_norm(plain_grads[n] for n in names)
     clip = ref_norm / 4
     test = copy.deepcopy(model)
     params = dict(test.named_parameters())
@@ -396,10 +387,6 @@ def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[s
             problems.append(f"{key} vs float64 (pre-clip norm {ref_norm:.4g}, clip {clip:.4g}, StepResult.grad_norm "
                             f"{result.grad_norm}): {c}")
     return problems
-
-
-def _norm(tensors) -> float:
-    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
 
 
 # ---- a short training run tracks fp32 --------------------------------------------------------------------------
@@ -465,8 +452,6 @@ def _random_batch(p, g: torch.Generator, device: torch.device, batch: int = 2, l
         n = int(torch.randint(max(2, length // 2), length + 1, (1,), generator=g))
         ids[b, n:], labels[b, n:] = 0, IGNORE_INDEX
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
-
-
 
 
 def _curve(losses: torch.Tensor) -> str:

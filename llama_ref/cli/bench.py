@@ -1,0 +1,67 @@
+"""``llama-bench``: the seed report's 16-cell benchmark (GA × GC × MP × LoRA), measured or predicted
+(``llama_ref.perf.bench``); ``--run-cell`` is the child process of one isolated cell."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..perf import bench as _bench
+from ..perf.bench import _write_json, run
+from ..perf.bench_cell import _address_space, _limit_memory, run_cell
+from ..perf.bench_config import BenchConfig
+from ..perf.bench_report import Cell
+from ..perf.peak import MiB
+from .options import dataclass_parser
+from .progress import progress as make_progress
+
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = dataclass_parser(BenchConfig, "llama-bench", _bench.__doc__.split("\n\n")[0])
+    parser.add_argument("--run-cell", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)
+    return parser
+
+
+def _child(job: Path, result: Path) -> int:
+    spec = json.loads(job.read_text())
+    bench = BenchConfig(**spec["bench"])
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    start = _address_space("VmSize")
+    _limit_memory(bench, start)  # this process only: it exists for this one cell
+    record = run_cell(bench, Cell(**spec["cell"]))
+    peak = _address_space("VmPeak")
+    if start is not None and peak is not None and not bench.device.startswith("cuda"):
+        # What --memory-limit-mb limits on CPU: the address space the cell mapped beyond its start.
+        record["address_space_mb"] = (peak - start) / MiB
+    _write_json(result, record)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    run_cell_args = ns.pop("run_cell")
+    if run_cell_args:
+        return _child(Path(run_cell_args[0]), Path(run_cell_args[1]))
+    try:
+        bench = BenchConfig(**ns)
+    except ValueError as e:
+        parser.error(str(e))
+    if bench.threads:  # the cells run in this process (--no-isolate) or in children that set it again
+        torch.set_num_threads(bench.threads)
+    records = run(bench, make_progress(len(bench.selected_cells()), 0, bench.progress, unit="cell"))
+    ok = sum(r["status"] == "ok" for r in records)
+    print(f"llama-bench: {ok}/{len(records)} cells ok; wrote {Path(bench.out) / 'bench.json'} and bench.md")
+    print((Path(bench.out) / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""``llama-finetune``: the seed report's training run (``--ga``, ``--mp``, ``--lora``, ``--gc``), done right.
+
+One ``TrainConfig`` dataclass is the single source of the options: the command line is generated from its fields,
+so defaults cannot drift between the two. Logging reports the *true* window loss (never the loss divided by the
+accumulation steps), and ``--out DIR`` receives ``metrics.json``, the result (a Meta checkpoint, or a LoRA adapter)
+and ``train_state.pt`` for ``--resume``, each written atomically.
+"""
+from __future__ import annotations
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ..formats.atomic import atomic_write
+from ..generation import SEED_PROMPTS, Llama
+from ..lora import count_parameters
+from ..model import Transformer
+from ..perf.peak import MemTrackerUnavailable, PeakTracker, peak_memory_mb
+from ..tokenizer import Tokenizer
+from ..train.config import TrainConfig, build_model
+from ..train.data import DataError, InstructionDataset, collate, default_dataset_path, load_records
+from ..train.optim import make_optimizer, make_scheduler
+from ..train.rng import seeded
+from ..train.trainer import Batch, NonFiniteLossError, Trainer, windows
+from .options import dataclass_parser
+from .progress import progress as make_progress
+
+
+EXIT_OOM, EXIT_NONFINITE = 3, 4
+
+
+STATE_FILE, METRICS_FILE = "train_state.pt", "metrics.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from TrainConfig's fields (names, types, defaults, help, choices)."""
+    return dataclass_parser(TrainConfig, "llama-finetune", __doc__.split("\n\n")[0])
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return TrainConfig(**vars(ns))
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def micro_batches(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int) -> Iterator[Batch]:
+    """Every epoch's examples in an order drawn from ``seed + epoch`` (not the global RNG), ``batch_size`` at a time."""
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        for i in range(0, len(order), cfg.batch_size):
+            batch = collate([dataset[j] for j in order[i:i + cfg.batch_size]], pad_id)
+            yield {k: v.to(cfg.device) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _step_tracker(model: Transformer, optimizer: torch.optim.Optimizer, window: Sequence[Batch], step: int,
+                  metrics: dict[str, Any]) -> Iterator[None]:
+    """Around the second step of a run (the first that starts with the optimizer's state in place), torch's
+    MemTracker: ``metrics["step_memory"]`` gets that step's peak and its split by category (MiB) — one step's, on
+    its batch's length, not the run's peak (``peak_memory_mb``). Elsewhere, or without MemTracker (torch < 2.5),
+    nothing."""
+    tracker = None
+    if step == 1:
+        try:
+            tracker = PeakTracker(model, optimizer, window[0]["input_ids"], window[0]["labels"])
+        except MemTrackerUnavailable:
+            pass
+    if tracker is None:
+        yield
+        return
+    with tracker:
+        yield
+    metrics["step_memory"] = {"step": step + 1, "peak_mb": tracker.peak_mb, "breakdown_mb": tracker.breakdown_mb}
+
+
+def _samples(model: Transformer, tokenizer: Tokenizer, label: str) -> None:
+    was_training = model.training
+    model.eval()
+    model.kv_caching = True
+    try:
+        with torch.autocast(model.output.weight.device.type, enabled=False):
+            preds = Llama(model, tokenizer).text_completion(list(SEED_PROMPTS), temperature=0.0, max_gen_len=24)
+    finally:
+        model.kv_caching = False
+        model.train(was_training)
+    print(f"--- generations {label} ---")
+    for prompt, pred in zip(SEED_PROMPTS, preds):
+        print(f"{prompt!r} -> {pred['generation']!r}")
+
+
+def _state(model: Transformer, trainer: Trainer, step: int, cfg: TrainConfig) -> dict[str, Any]:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        "config": dataclasses.asdict(cfg), "step": step,
+        "model": {k: v for k, v in model.state_dict().items() if not cfg.lora or k in trainable},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+# Options that may differ between a run and its resumption; every other one must match.
+_RESUMABLE = {"stop_after", "out", "resume", "log_every", "sample", "progress", "device", "threads"}
+
+
+def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig) -> int:
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist (run once with --out {path.parent} first)")
+    state = torch.load(path, map_location=cfg.device, weights_only=True)
+    saved = state["config"]
+    differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE and saved.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume: {path} was written with other options: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(cfg, k)!r})"
+                                     for k in differ))
+    model.load_state_dict(state["model"], strict=not cfg.lora)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if trainer.scaler is not None:
+        trainer.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"].cpu())
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says; return the metrics (also written to ``--out``). Raises NonFiniteLossError and
+    out-of-memory errors after recording them in ``metrics.json`` (``main`` turns them into exit codes). Draws from
+    ``cfg.seed``, leaving the caller's random state as it was; ``cfg.threads`` is applied by ``main``."""
+    with seeded(cfg.seed, cfg.device):
+        return _run(cfg)
+
+
+def _run(cfg: TrainConfig) -> dict[str, Any]:
+    out = Path(cfg.out) if cfg.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {"config": dataclasses.asdict(cfg), "status": "running", "losses": []}
+    model, tokenizer = build_model(cfg)
+    trainable, total, percent = count_parameters(model)
+    metrics["parameters"] = {"trainable": trainable, "total": total, "percent": percent}
+    dataset = InstructionDataset(load_records(cfg.data or default_dataset_path()), tokenizer,
+                                 cfg.max_seq_len or model.params.max_seq_len)
+    n_micro = cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
+    total_steps = min(math.ceil(n_micro / cfg.ga), cfg.max_steps or sys.maxsize)
+    optimizer = make_optimizer(cfg, model)
+    trainer = Trainer(model, optimizer, scheduler=make_scheduler(optimizer, cfg.schedule, total_steps,
+                                                                 cfg.warmup_steps),
+                      precision=cfg.mp, clip=cfg.clip or None, device_type=torch.device(cfg.device).type,
+                      loss_chunk=cfg.loss_chunk or None)
+    start = _restore(out / STATE_FILE, model, trainer, cfg) if cfg.resume else 0
+    print(f"llama-finetune: {total_steps} steps of {cfg.ga} x {cfg.batch_size} sequences; "
+          f"trainable {trainable:,} of {total:,} parameters ({percent:.4f} %); mp={cfg.mp} lora={cfg.lora} "
+          f"gc={cfg.gc_policy if cfg.gc else 'off'}")
+    if cfg.sample:
+        _samples(model, tokenizer, "before training")
+
+    progress = make_progress(total_steps, start, cfg.progress)
+    pad_id = max(tokenizer.pad_id, 0)
+    n_input_tokens, step, t0 = 0, start, time.perf_counter()
+    try:
+        for index, window in enumerate(windows(micro_batches(dataset, cfg, pad_id), cfg.ga)):
+            if index < start:
+                continue  # already trained before --resume: the data order is a function of the seed
+            if step >= total_steps or (cfg.stop_after is not None and step >= cfg.stop_after):
+                break
+            try:
+                with _step_tracker(model, optimizer, window, step, metrics):
+                    result = trainer.step(window)
+            except NonFiniteLossError as e:
+                metrics["status"] = "nonfinite"
+                metrics["error"] = (f"step {step + 1}: {e}; kept the state after step {step} (the last update "
+                                    f"applied; its weights gave this loss)")
+                raise
+            step += 1
+            n_input_tokens += sum(int(b["lengths"].sum()) for b in window)
+            grad_norm = result.grad_norm if result.grad_norm is None or math.isfinite(result.grad_norm) else None
+            metrics["losses"].append({"step": step, "loss": result.loss, "tokens": result.n_tokens,  # strict JSON:
+                                      "lr": result.lr, "grad_norm": grad_norm, "skipped": result.skipped})  # no inf
+            if step % cfg.log_every == 0 or step == total_steps:
+                progress.write(f"step {step}/{total_steps}: loss {result.loss:.4f} (lr {result.lr:.2e}"
+                               + (", skipped by GradScaler" if result.skipped else "") + ")")
+            progress.update(1)
+        metrics["status"] = "ok"
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        metrics["status"] = "oom"
+        metrics["error"] = f"out of memory at step {step + 1}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        raise
+    finally:
+        progress.close()
+        elapsed = time.perf_counter() - t0
+        mem, mem_kind = peak_memory_mb(cfg.device)
+        losses = [r["loss"] for r in metrics["losses"]]
+        metrics.update(steps=step, runtime_s=elapsed, peak_memory_mb=mem, peak_memory_kind=mem_kind,
+                       avg_loss=sum(losses) / len(losses) if losses else None,
+                       tokens_per_s=n_input_tokens / elapsed if elapsed > 0 else None)
+        if out:
+            if metrics["status"] in ("ok", "nonfinite"):
+                state = _state(model, trainer, step, cfg)
+                atomic_write(out / STATE_FILE, lambda f: torch.save(state, f))
+            atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    if metrics["status"] == "ok":
+        print(f"Avg Loss: {metrics['avg_loss']:.4f}")
+        print(f"Training time: {elapsed:.2f} s")
+        print(f"Peak memory usage: {mem:.1f} MB ({mem_kind})")
+        if "step_memory" in metrics:
+            sm = metrics["step_memory"]
+            print(f"Step {sm['step']} tensors (MemTracker): {sm['peak_mb']:.1f} MiB at its peak: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sm["breakdown_mb"].items() if v >= 0.05))
+        print(f"Trainable parameters: {trainable:,} / {total:,} ({percent:.4f} %)")
+        print(f"Tokens/s: {metrics['tokens_per_s']:.1f}")
+        if cfg.sample:
+            _samples(model, tokenizer, "after training")
+        if out:
+            _save_result(model, out, cfg)
+    return metrics
+
+
+def _save_result(model: Transformer, out: Path, cfg: TrainConfig) -> None:
+    if cfg.lora:
+        from ..lora.adapter import save_adapter
+        save_adapter(model, out / "adapter")
+    else:
+        from ..formats.meta import save_checkpoint
+        save_checkpoint(model, out / "checkpoint")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_config(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        run(cfg)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        print(f"llama-finetune: OUT OF MEMORY: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return EXIT_OOM
+    except NonFiniteLossError as e:
+        print(f"llama-finetune: stopped, non-finite loss: {e}; the last good state was kept"
+              + (f" in {Path(cfg.out) / STATE_FILE}" if cfg.out else ""), file=sys.stderr)
+        return EXIT_NONFINITE
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"llama-finetune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
