@@ -149,11 +149,11 @@ def test_check_leaves_the_model_and_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_a_crash_in_the_trainer_is_a_failure_that_names_the_error(monkeypatch):
-    def broken(self, window):
-        raise RuntimeError("accumulator exploded")
-    monkeypatch.setattr(T.Trainer, "step", broken)
-    result = check_grad_accumulation(_model(), seed=0, **QUICK)
+def test_a_crash_in_the_trainer_is_a_failure_that_names_the_error():
+    class Broken(T.Trainer):
+        def step(self, window):
+            raise RuntimeError("accumulator exploded")
+    result = check_grad_accumulation(_model(), seed=0, **QUICK, trainer_cls=Broken)
     assert not result.ok and result.error == "RuntimeError: accumulator exploded"
 
 
@@ -186,20 +186,20 @@ def quick_model():
 @pytest.mark.parametrize("name", GA_MUTANTS)
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_every_ga_mutant_is_caught(name, quick_model):
-    with inject(name):
-        result = check_grad_accumulation(quick_model, seed=1, **QUICK)
+    with inject(name) as m:
+        result = check_grad_accumulation(quick_model, seed=1, **QUICK, **m.components)
     assert not result.ok, f"mutant {name} was not caught: {result}"
 
 
 @pytest.mark.parametrize("name", ["ga_mean_of_micro_means", "ga_clip_each_micro_batch", "ga_loss_not_divided"])
 def test_ga_mutants_are_caught_with_a_frozen_base_and_lora_too(name, quick_model):
-    with inject(name):
-        result = check_grad_accumulation(quick_model, seed=2, **{**QUICK, "lora": (True,)})
+    with inject(name) as m:
+        result = check_grad_accumulation(quick_model, seed=2, **{**QUICK, "lora": (True,)}, **m.components)
     assert not result.ok and all(d.startswith("lora ") for d in result.details), str(result)
 
 
 def test_the_mean_of_means_bug_needs_ragged_micro_batches_and_the_check_has_them(quick_model):
-    with inject("ga_mean_of_micro_means"):
-        result = check_grad_accumulation(quick_model, seed=1, **QUICK)
+    with inject("ga_mean_of_micro_means") as m:
+        result = check_grad_accumulation(quick_model, seed=1, **QUICK, **m.components)
     assert any("StepResult.loss" in d for d in result.details) and any(" grads: TOO FAR" in d for d in result.details)
     assert math.isfinite(result.max_abs)

@@ -270,8 +270,8 @@ def test_the_zoo_holds_the_listed_mixed_precision_bugs():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_mutant_is_caught_for_its_reason(name):
     model = default_model(0, **MUTANTS[name].model_overrides)
-    with inject(name):
-        result = check_mixed_precision(model, seed=1)
+    with inject(name) as m:
+        result = check_mixed_precision(model, seed=1, **m.components)
     assert not result.ok
     assert any(EXPECTED[name] in line for line in result.details), str(result)
     if name == "mp_trainable_params_half":

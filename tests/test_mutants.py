@@ -34,7 +34,7 @@ def test_mutant_is_caught_by_its_propertys_check(name):
     assert _correct_code_passes(m.prop, tuple(sorted(m.model_overrides.items()))), \
         "the correct code must pass the very check the mutant fails"
     with inject(name):
-        result = check(model, Inputs(seed=1))
+        result = check(model, Inputs(seed=1), **m.components)
     assert not result.ok, f"mutant {name} ({m.description}) was not caught: {result}"
 
 

@@ -19,7 +19,7 @@ from .checks.grad_accum import check_grad_accumulation
 from .checks.kv_cache import check_kv_cache
 from .checks.lora_merge import check_lora_merge
 from .checks.mixed_precision import check_mixed_precision
-from .mutants import Mutant, inject
+from .mutants import Mutant
 from .result import CheckResult
 
 ModelFactory = Callable[..., Transformer]  # factory(**ModelArgs overrides) → a fresh model, same weights every call
@@ -33,14 +33,16 @@ class Inputs:
     prompts: Optional[Sequence[Sequence[int]]] = None
 
 
-CHECKS: dict[str, Callable[[Transformer, Inputs], CheckResult]] = {
-    "kv_cache": lambda model, inputs: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed),
-    "grad_accum": lambda model, inputs: check_grad_accumulation(model, seed=inputs.seed),
-    "lora_merge": lambda model, inputs: check_lora_merge(model, seed=inputs.seed),
-    "mixed_precision": lambda model, inputs: check_mixed_precision(
+# check name -> check(model, inputs, **components): components are the implementation's parts under test
+# (``Mutant.components``, e.g. ``trainer_cls``); without them, llama_ref's own.
+CHECKS: dict[str, Callable[..., CheckResult]] = {
+    "kv_cache": lambda model, inputs, **c: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed, **c),
+    "grad_accum": lambda model, inputs, **c: check_grad_accumulation(model, seed=inputs.seed, **c),
+    "lora_merge": lambda model, inputs, **c: check_lora_merge(model, seed=inputs.seed, **c),
+    "mixed_precision": lambda model, inputs, **c: check_mixed_precision(
         model, dtype=torch.float16 if model.output.weight.dtype == torch.float16 else torch.bfloat16,
-        seed=inputs.seed),
-    "gradient_checkpointing": lambda model, inputs: check_gradient_checkpointing(model, seed=inputs.seed),
+        seed=inputs.seed, **c),
+    "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(model, seed=inputs.seed, **c),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,9 +70,11 @@ def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant]
         row = {}
         for name in checks:
             model = factory(**m.model_overrides).to(device)
-            with inject(m.name), warnings.catch_warnings():
+            # Components go to the mutant's own property's check; the other checks test code that takes none.
+            components = m.components if name == m.prop else {}
+            with m.applied(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the wrong code's own complaints (e.g. scheduler order)
-                row[name] = CHECKS[name](model, inputs)
+                row[name] = CHECKS[name](model, inputs, **components)
         matrix[m.name] = row
     return matrix
 

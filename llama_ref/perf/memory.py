@@ -127,22 +127,28 @@ def _build_like_finetune(args: ModelArgs, cfg: TrainConfig) -> Transformer:
     return prepare_for_training(Transformer(args), cfg)
 
 
-def _fake_step(trainer: Trainer, batch: dict[str, torch.Tensor], n_tokens: int, micro_batches: int = 1) -> None:
-    """``Trainer.step`` without its data-dependent parts (``float(loss)``, finiteness checks, GradScaler's skip
-    decision): the same forward, loss, backward (``micro_batches`` times: gradient accumulation), clipping,
-    unscaling, optimizer step and zero_grad."""
-    for _ in range(micro_batches):
-        trainer.micro_step(batch, n_tokens * micro_batches)
-    if trainer.scaler is not None:
-        trainer.scaler.unscale_(trainer.optimizer)
-    if trainer.clip is not None:
-        torch.nn.utils.clip_grad_norm_(trainer.params, trainer.clip)
-    trainer.optimizer.step()  # GradScaler.step would read found_inf (data); the update's memory is the same
-    if trainer.scaler is not None:
-        trainer.scaler._per_optimizer_states.clear()  # what GradScaler.update does after its step
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if trainer.scheduler is not None:
-        trainer.scheduler.step()
+class _FakeTensorTrainer(Trainer):
+    """The Trainer's step on fake tensors: the same forward, loss, backward, unscaling, clipping, optimizer step and
+    zero_grad, without the decisions that read data (token counts, ``float(loss)``, the gradient norm's value,
+    GradScaler's skip). Random tokens: every shifted label is a target."""
+
+    def count_targets(self, labels: torch.Tensor) -> int:
+        return labels[:, 1:].numel()
+
+    def window_loss(self, sums: Any, window: Any, window_tokens: int) -> float:
+        return 0.0
+
+    def prepare_gradients(self, loss: float) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+
+    def apply_update(self) -> bool:
+        self.optimizer.step()  # GradScaler.step would read found_inf (data); the update's memory is the same
+        if self.scaler is not None:
+            self.scaler._per_optimizer_states.clear()  # what GradScaler.update does after its step
+        return False
 
 
 def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: int, seq_len: int, *,
@@ -173,18 +179,17 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = _build_like_finetune(args, cfg)
         optimizer = make_optimizer(cfg, model, foreach=True if target.type == "cuda" else None)
-        trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu",
-                          loss_chunk=cfg.loss_chunk or None)
+        trainer = _FakeTensorTrainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu",
+                                     loss_chunk=cfg.loss_chunk or None)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         batch = {"input_ids": tokens, "labels": tokens.clone()}
-        n_tokens = batch_size * (seq_len - 1)  # random tokens: no IGNORE_INDEX label
         # Accumulation: from the second micro-batch on, every micro-batch allocates what the second did (the
         # gradients exist and are added to); two are the peak of any longer window.
         micro_batches = min(cfg.ga, 2)
         for _ in range(steps - 1):
-            _fake_step(trainer, batch, n_tokens, micro_batches)
+            trainer.step([batch] * micro_batches)
         with PeakTracker(model, optimizer, batch["input_ids"], batch["labels"]) as tracker:
-            _fake_step(trainer, batch, n_tokens, micro_batches)
+            trainer.step([batch] * micro_batches)
     return MemoryReport(tracker.peak_mb, tracker.breakdown_mb, f"{target} (predicted on fake CPU tensors)",
                         "MemTracker on FakeTensorMode", time.perf_counter() - t0, tracker.category_peaks_mb)
 

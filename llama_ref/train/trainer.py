@@ -8,6 +8,7 @@ micro-batches: a mean of means weights a short sequence's tokens more than a lon
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from contextlib import AbstractContextManager
@@ -83,8 +84,6 @@ class Trainer:
                              f"{self.device_type}")
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        if getattr(model, "kv_caching", False):
-            model.kv_caching = False  # training attends within each micro-batch: the cache would only cost memory
 
     def autocast(self) -> AbstractContextManager:
         """Autocast around forward and loss only (never around backward or the optimizer)."""
@@ -109,35 +108,85 @@ class Trainer:
 
         Raises ValueError for a window without target tokens and NonFiniteLossError (gradients cleared,
         parameters untouched) when the loss, or (clipping, no GradScaler) the gradient norm, is NaN or infinite.
+        Each decision is a method of its own, so that another trainer (a check's known-wrong one) overrides the
+        one it changes. A model's KV cache is off during the step and as the caller left it afterwards.
         """
-        n_tokens = sum(count_target_tokens(b["labels"]) for b in window)
+        n_tokens = sum(self.count_targets(b["labels"]) for b in window)
         if n_tokens == 0:
             raise ValueError("a window without target tokens: every label is IGNORE_INDEX")
-        total = torch.zeros((), dtype=torch.float32)
-        for batch in window:
-            total += self.micro_step(batch, n_tokens).cpu()
-        loss = float(total) / n_tokens
+        with _cache_off(self.model):  # training attends within each micro-batch: the cache would only cost memory
+            sums = [self.micro_step(batch, self.loss_divisor(batch, window, n_tokens)) for batch in window]
+        loss = self.window_loss(sums, window, n_tokens)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"window loss is {loss}: step not taken")
         lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = self.prepare_gradients(loss)
+        skipped = self.apply_update()
+        self.clear_gradients()
+        if self.scheduler is not None and not skipped:  # the schedule counts optimizer steps actually taken
+            self.advance_schedule()
+        return StepResult(loss, n_tokens, grad_norm, lr, skipped)
+
+    def windows(self, micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
+        """How this trainer groups a stream of micro-batches into windows (:func:`windows`)."""
+        return windows(micro_batches, ga)
+
+    def count_targets(self, labels: torch.Tensor) -> int:
+        """Target tokens of a micro-batch's labels: the positions the shifted loss averages over."""
+        return count_target_tokens(labels)
+
+    def loss_divisor(self, batch: Batch, window: Sequence[Batch], window_tokens: int) -> float:
+        """What a micro-batch's loss sum is divided by before backward: the window's token count, so that the
+        window's gradient is that of its token mean however it is split."""
+        return window_tokens
+
+    def window_loss(self, sums: Sequence[torch.Tensor], window: Sequence[Batch], window_tokens: int) -> float:
+        """The loss a step reports: the window's summed token loss (accumulated in fp32) over its token count."""
+        total = torch.zeros((), dtype=torch.float32)
+        for loss_sum in sums:
+            total += loss_sum.cpu()
+        return float(total) / window_tokens
+
+    def prepare_gradients(self, loss: float) -> Optional[float]:
+        """Unscale (GradScaler), then clip; the gradient norm before clipping, or None without clipping."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # before clipping: the threshold is in true gradient units
-        grad_norm = None
-        if self.clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
-            if self.scaler is None and not math.isfinite(grad_norm):  # GradScaler skips such steps itself
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"gradient norm is {grad_norm} (loss {loss:.4g}): step not taken")
-        skipped = False
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()  # once per window, not per micro-batch
-            skipped = self.scaler.get_scale() < scale
-        else:
+        if self.clip is None:
+            return None
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        if self.scaler is None and not math.isfinite(grad_norm):  # GradScaler skips such steps itself
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"gradient norm is {grad_norm} (loss {loss:.4g}): step not taken")
+        return grad_norm
+
+    def apply_update(self) -> bool:
+        """The optimizer step (through GradScaler with fp16); True when GradScaler skipped it (inf/NaN)."""
+        if self.scaler is None:
             self.optimizer.step()
+            return False
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()  # once per window, not per micro-batch
+        return self.scaler.get_scale() < scale
+
+    def clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None and not skipped:  # the schedule counts optimizer steps actually taken
-            self.scheduler.step()
-        return StepResult(loss, n_tokens, grad_norm, lr, skipped)
+
+    def advance_schedule(self) -> None:
+        """One step of the LR schedule, after an optimizer step that was taken."""
+        self.scheduler.step()
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module) -> Iterator[None]:
+    """``model.kv_caching`` off inside (where the model has the switch), restored on exit."""
+    was = getattr(model, "kv_caching", None)
+    if not was:
+        yield
+        return
+    model.kv_caching = False
+    try:
+        yield
+    finally:
+        model.kv_caching = was

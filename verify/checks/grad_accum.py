@@ -38,7 +38,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from llama_ref.train import trainer as T
+from llama_ref.train.trainer import Trainer
 from llama_ref.train.optim import make_scheduler
 from llama_ref.train.data import IGNORE_INDEX, collate
 from llama_ref.lora import ALL_TARGETS, apply_lora_to_llama, lora_layers
@@ -154,8 +154,8 @@ class _Scenario:
 
 def _run(models: tuple[Transformer, Transformer, Transformer], start: dict[str, torch.Tensor],
          pool: Sequence[Batch], sc: _Scenario, kind: str, clip: Optional[float], schedule: str, warmup: int,
-         details: list[str], worst: list[float]) -> int:
-    """Train ``models[0]`` from ``start`` on ``sc`` with the real Trainer, judging every step against the oracle
+         details: list[str], worst: list[float], trainer_cls: type[Trainer]) -> int:
+    """Train ``models[0]`` from ``start`` on ``sc`` with ``trainer_cls``, judging every step against the oracle
     run on ``models[1]`` (model dtype) and ``models[2]`` (float64); returns how many steps clipping bound in."""
     net, ref, exact = models
     device = net.output.weight.device
@@ -169,12 +169,12 @@ def _run(models: tuple[Transformer, Transformer, Transformer], start: dict[str, 
     net.load_state_dict(start)
     net.zero_grad(set_to_none=True)
     opt, ref_opt, exact_opt = _optimizer(kind, net), _optimizer(kind, ref), _optimizer(kind, exact)
-    trainer = T.Trainer(net, opt, scheduler=make_scheduler(opt, schedule, len(expected), warmup), clip=clip)
+    trainer = trainer_cls(net, opt, scheduler=make_scheduler(opt, schedule, len(expected), warmup), clip=clip)
     params = _trainable(net)
     captured: list[tuple[dict[str, Optional[torch.Tensor]], float]] = []
     opt.register_step_pre_hook(lambda *_: captured.append((_grads(params), opt.param_groups[0]["lr"])))
 
-    grouped = list(T.windows(iter(micro), sc.ga))
+    grouped = list(trainer.windows(iter(micro), sc.ga))
     if [[id(b) for b in w] for w in grouped] != [[id(b) for b in w] for w in expected]:
         details.append(f"{sc.label}: windows() grouped {len(micro)} micro-batches with ga={sc.ga} as "
                        f"{[len(w) for w in grouped]}, expected {[len(w) for w in expected]} in order")
@@ -278,8 +278,9 @@ def check_grad_accumulation(model: Transformer, *, n_sequences: int = 6,
                             optimizer: Union[str, Sequence[str]] = ("sgd", "adamw"),
                             clip: Union[float, str, None] = "auto", steps: int = 3, schedule: str = "cosine",
                             warmup: int = 1, lora: Sequence[bool] = (False, True), max_len: int = 12,
-                            seed: int = 0) -> CheckResult:
-    """Check property 2 on copies of ``model`` (left untouched).
+                            seed: int = 0, trainer_cls: type[Trainer] = Trainer) -> CheckResult:
+    """Check property 2 on copies of ``model`` (left untouched), trained by ``trainer_cls`` (a
+    ``llama_ref.train.trainer.Trainer``, or a subclass under test).
 
     Each split (micro-batch sizes summing to ``n_sequences``; default :func:`default_splits`) trains ``steps``
     windows of fresh sequences with ``ga = len(split)``; with ``stream_ga`` = K, a stream of ``K·(steps-1) + r``
@@ -338,7 +339,8 @@ def check_grad_accumulation(model: Transformer, *, n_sequences: int = 6,
             for j, sc in enumerate(scenarios):
                 kind = kinds[j % len(kinds)]
                 labelled = _Scenario(f"{'lora' if use_lora else 'full'} {kind} {sc.label}", sc.sizes, sc.ga)
-                bound += _run(models, start, pool, labelled, kind, max_norm, schedule, warmup, details, worst)
+                bound += _run(models, start, pool, labelled, kind, max_norm, schedule, warmup, details, worst,
+                              trainer_cls)
                 total += -(-len(sc.sizes) // sc.ga)
         if clip is not None:
             case += f" clip={clip} (bound in {bound}/{total} steps)"

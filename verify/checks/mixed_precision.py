@@ -54,6 +54,7 @@ import torch
 
 import llama_ref.train.config as FT
 import llama_ref.train.trainer as T
+from llama_ref.train.trainer import Trainer
 from llama_ref.train.data import IGNORE_INDEX
 from llama_ref.lora import apply_lora_to_llama, lora_layers
 from llama_ref.model import Transformer
@@ -74,11 +75,12 @@ Batch = dict[str, torch.Tensor]
 
 
 def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bfloat16,
-                          lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0, steps: int = 8
-                          ) -> CheckResult:
+                          lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0, steps: int = 8,
+                          trainer_cls: type[Trainer] = Trainer) -> CheckResult:
     """Check property 5 on copies of ``model`` (left untouched), autocasting to ``dtype`` (bf16 or fp16).
 
-    ``lora``: targets of the LoRA-on-a-half-base case (None skips it); ``steps``: length of the training run.
+    ``lora``: targets of the LoRA-on-a-half-base case (None skips it); ``steps``: length of the training run;
+    ``trainer_cls``: the trainer under test (``llama_ref.train.trainer.Trainer`` or a subclass).
     The GradScaler claims always run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
     ``max_abs`` is the largest |test − reference| of the calibrated comparisons, ``max_rel`` their worst ratio
     (curves excluded; both are in ``criterion``). Raises ValueError for a ``dtype`` other than bf16/fp16 or
@@ -112,18 +114,20 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
             error = error or message
 
     window = [_random_batch(base.params, g, device) for _ in range(2)]
-    run(f"full {PRECISION_NAMES[dtype]}", lambda: _autocast_problems(base, window[:1], dtype, cals, "full"))
+    run(f"full {PRECISION_NAMES[dtype]}", lambda: _autocast_problems(base, window[:1], dtype, cals, "full", trainer_cls))
     if lora:
         run(f"LoRA on a {PRECISION_NAMES[dtype]} base",
-            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g), window[:1], dtype, cals, "lora"))
+            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g), window[:1], dtype, cals, "lora",
+                                       trainer_cls))
     run("upcasts", lambda: _upcast_problems(base, [dtype] + ([torch.float16] if fp16_ok else []), g))
     if fp16_ok:
-        run("GradScaler skip", lambda: _scaler_skip_problems(base, g, device))
-        run("unscale before clip", lambda: _unscale_clip_problems(base, window, cals))
+        run("GradScaler skip", lambda: _scaler_skip_problems(base, g, device, trainer_cls))
+        run("unscale before clip", lambda: _unscale_clip_problems(base, window, cals, trainer_cls))
     else:
         notes.append(f"fp16 not checked (GradScaler, unscale before clip, fp16 loss curve): {fp16_why}")
     curve_dtypes = list(dict.fromkeys([dtype] + ([torch.float16] if fp16_ok else [])))
-    run("loss curve", lambda: _curve_problems(base, curve_dtypes, steps, g, device, cals, notes))
+    run("loss curve", lambda: _curve_problems(base, curve_dtypes, steps, g, device, cals, notes,
+                                                     trainer_cls))
 
     worst_abs = max((c.max_abs for c in cals.values()), default=float("inf"))
     worst_ratio = max((c.ratio for k, c in cals.items() if not k.startswith("curve")), default=float("inf"))
@@ -137,7 +141,8 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
 # ---- autocast forward/backward vs float64 and the plain half path ---------------------------------------------
 
 def _autocast_problems(model: Transformer, window: list[Batch], half: torch.dtype,
-                       cals: dict[str, CalibratedComparison], label: str) -> list[str]:
+                       cals: dict[str, CalibratedComparison], label: str,
+                       trainer_cls: type[Trainer] = Trainer) -> list[str]:
     """One window through ``Trainer.step`` (SGD, lr 0) under observation: policy, dtypes, calibrated accuracy."""
     factor = FACTORS[NAME]
     test = copy.deepcopy(model)
@@ -145,7 +150,7 @@ def _autocast_problems(model: Transformer, window: list[Batch], half: torch.dtyp
     hook = test.register_forward_hook(lambda m, args, out: logits.append(out.detach()))
     rec = OpRecorder(test)
     try:
-        result, grads, attempts = _step_capturing_grads(test, window, PRECISION_NAMES[half], rec)
+        result, grads, attempts = _step_capturing_grads(test, window, PRECISION_NAMES[half], rec, trainer_cls=trainer_cls)
     finally:
         rec.remove()
         hook.remove()
@@ -198,7 +203,7 @@ def _dtype_problems(trainable: dict[str, torch.Tensor], frozen: dict[str, torch.
 
 
 def _step_capturing_grads(model: Transformer, window: list[Batch], precision: str, rec: Optional[OpRecorder] = None,
-                          max_attempts: int = 16):
+                          max_attempts: int = 16, trainer_cls: type[Trainer] = Trainer):
     """``Trainer.step`` with SGD at lr 0, the gradients captured as the optimizer steps; a step GradScaler skips
     (fp16 overflow at the initial scale) is retried at the lowered scale, as training would."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -210,7 +215,7 @@ def _step_capturing_grads(model: Transformer, window: list[Batch], precision: st
             for p in group["params"]:
                 grads[names[id(p)]] = None if p.grad is None else p.grad.detach().clone()
     opt.register_step_pre_hook(capture)
-    trainer = T.Trainer(model, opt, precision=precision)
+    trainer = trainer_cls(model, opt, precision=precision)
     for attempt in range(1, max_attempts + 1):
         if rec is not None and attempt == 1:
             with rec:
@@ -288,12 +293,13 @@ def _upcast_problems(model: Transformer, halves: Sequence[torch.dtype], g: torch
 
 # ---- GradScaler: skipping non-finite steps, unscaling before clipping ------------------------------------------
 
-def _scaler_skip_problems(model: Transformer, g: torch.Generator, device: torch.device) -> list[str]:
+def _scaler_skip_problems(model: Transformer, g: torch.Generator, device: torch.device,
+                          trainer_cls: type[Trainer] = Trainer) -> list[str]:
     """fp16 + AdamW: finite step, inf step, NaN step (both skipped, nothing changed, scale lowered), finite step."""
     test = copy.deepcopy(model)
     params = dict((n, p) for n, p in test.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=0.01)
-    trainer = T.Trainer(test, opt, precision="fp16", clip=1.0)
+    trainer = trainer_cls(test, opt, precision="fp16", clip=1.0)
     for _ in range(16):  # a first finite step; GradScaler may skip while it finds its scale
         if not trainer.step([_random_batch(test.params, g, device)]).skipped:
             break
@@ -346,8 +352,8 @@ def _same_state(a: dict, b: dict) -> bool:
     return True
 
 
-def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[str, CalibratedComparison]
-                           ) -> list[str]:
+def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[str, CalibratedComparison],
+                           trainer_cls: type[Trainer] = Trainer) -> list[str]:
     """fp16 + GradScaler, SGD (lr 1), clipping at a quarter of the true norm, one window of two micro-batches."""
     factor = FACTORS[NAME]
     _, ref_grads, _ = _float64_window(model, window)
@@ -359,7 +365,7 @@ def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[s
     test = copy.deepcopy(model)
     params = dict(test.named_parameters())
     before = {n: params[n].detach().clone() for n in names}
-    trainer = T.Trainer(test, torch.optim.SGD([params[n] for n in names], lr=1.0), precision="fp16", clip=clip)
+    trainer = trainer_cls(test, torch.optim.SGD([params[n] for n in names], lr=1.0), precision="fp16", clip=clip)
     for _ in range(16):
         result = trainer.step(window)
         if not result.skipped:
@@ -392,24 +398,25 @@ def _unscale_clip_problems(model: Transformer, window: list[Batch], cals: dict[s
 # ---- a short training run tracks fp32 --------------------------------------------------------------------------
 
 def _curve_problems(model: Transformer, halves: Sequence[torch.dtype], steps: int, g: torch.Generator,
-                    device: torch.device, cals: dict[str, CalibratedComparison], notes: list[str]) -> list[str]:
+                    device: torch.device, cals: dict[str, CalibratedComparison], notes: list[str],
+                    trainer_cls: type[Trainer] = Trainer) -> list[str]:
     """Each half dtype's loss curve vs fp32's, calibrated by fp32 from half-rounded weights. Steps GradScaler skipped
     (fp16 overflow while it lowers its initial scale) are skipped in the fp32 runs too: same steps, same curve."""
     windows = [[_random_batch(model.params, g, device)] for _ in range(steps)]
     problems = []
     for half in halves:
         name = PRECISION_NAMES[half]
-        mixed, skipped = _train(model, windows, name)
+        mixed, skipped = _train(model, windows, name, trainer_cls=trainer_cls)
         if len(skipped) == len(windows):  # legitimate while the scale is too high; the scaler checks cover it
             notes.append(f"{name} loss curve not compared: GradScaler skipped all {steps} steps while lowering its "
                          f"initial scale (use more steps)")
             continue
-        fp32, _ = _train(model, windows, "off", skip=skipped)
+        fp32, _ = _train(model, windows, "off", skip=skipped, trainer_cls=trainer_cls)
         rounded = copy.deepcopy(model)
         with torch.no_grad():
             for p in rounded.parameters():
                 p.copy_(p.to(half).to(p.dtype))
-        perturbed, _ = _train(rounded, windows, "off", skip=skipped)
+        perturbed, _ = _train(rounded, windows, "off", skip=skipped, trainer_cls=trainer_cls)
         c = compare_calibrated(mixed, perturbed, fp32, FACTORS["mixed_precision_curve"],
                                floor=CURVE_FLOOR * torch.finfo(half).eps * float(fp32.norm()))
         cals[f"curve {name}"] = c
@@ -419,13 +426,13 @@ def _curve_problems(model: Transformer, halves: Sequence[torch.dtype], steps: in
     return problems
 
 
-def _train(model: Transformer, windows: list[list[Batch]], precision: str, skip: Sequence[int] = ()
-           ) -> tuple[torch.Tensor, list[int]]:
+def _train(model: Transformer, windows: list[list[Batch]], precision: str, skip: Sequence[int] = (),
+           trainer_cls: type[Trainer] = Trainer) -> tuple[torch.Tensor, list[int]]:
     """Losses of AdamW + clipping via ``Trainer.step``, and the steps GradScaler skipped; windows in ``skip`` are
     only evaluated (the loss a step would report), not stepped."""
     test = copy.deepcopy(model)
     opt = torch.optim.AdamW([p for p in test.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
-    trainer = T.Trainer(test, opt, precision=precision, clip=1.0)
+    trainer = trainer_cls(test, opt, precision=precision, clip=1.0)
     losses, skipped = [], []
     for i, window in enumerate(windows):
         if i in skip:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 from unittest import mock
 
 Patch = tuple[Any, str, Any]  # (object, attribute, replacement)
@@ -17,8 +17,11 @@ class Mutant:
     prop: str  # the property (check name) that must catch it
     description: str
     origin: str
-    patches: Callable[[], list[Patch]]
+    patches: Callable[[], list[Patch]] = list  # name bindings replaced, only where the product has no seam
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Injected components, passed to the check as keyword arguments (``check(model, **m.components)``):
+    # ``trainer_cls`` (a Trainer subclass overriding the one decision it gets wrong), ...
+    components: dict[str, Any] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator["Mutant"]:
@@ -31,12 +34,18 @@ class Mutant:
             yield self
 
 
-def collector(zoo: list[Mutant], prop: str) -> Callable[..., Callable[[Callable[[], list[Patch]]], Callable[[], list[Patch]]]]:
-    """A decorator ``@mutant(name, description, origin, **model_overrides)`` adding property ``prop``'s mutants to
-    the list ``zoo`` of their module (nothing global: the registry in ``verify.mutants`` lists the modules)."""
-    def mutant(name: str, description: str, origin: str, **model_overrides: Any):
-        def add(fn: Callable[[], list[Patch]]) -> Callable[[], list[Patch]]:
-            zoo.append(Mutant(name, prop, description, origin, fn, dict(model_overrides)))
-            return fn
+def collector(zoo: list[Mutant], prop: str) -> Callable[..., Callable[[Any], Any]]:
+    """A decorator ``@mutant(name, description, origin, component=None, **model_overrides)`` adding property
+    ``prop``'s mutants to the list ``zoo`` of their module (nothing global: the registry in ``verify.mutants`` lists
+    the modules). It decorates the component itself (``component="trainer_cls"``: a Trainer subclass, given to the check as that keyword) or, without
+    ``component``, a function returning the patches."""
+    def mutant(name: str, description: str, origin: str, component: Optional[str] = None, **model_overrides: Any):
+        def add(obj: Any) -> Any:
+            if component is None:
+                zoo.append(Mutant(name, prop, description, origin, obj, dict(model_overrides)))
+            else:
+                zoo.append(Mutant(name, prop, description, origin, model_overrides=dict(model_overrides),
+                                  components={component: obj}))
+            return obj
         return add
     return mutant
