@@ -19,7 +19,8 @@ class ModelArgs:
     frequency-scaling factor: Meta's reference code hard-codes 8 (right for Llama 3.1) while the published
     Llama 3.2 configurations use 32, so it is a field here — 8 where a ``params.json`` says
     ``use_scaled_rope`` without a factor (as Meta's loader behaves), 32 in the Llama 3.2 presets.
-    ``max_batch_size`` and ``max_seq_len`` size the KV cache; ``kv_caching`` switches it.
+    ``max_batch_size`` and ``max_seq_len`` size the KV cache; ``kv_caching`` says whether a new model starts with
+    it on (``Transformer.kv_caching`` switches it later).
     """
 
     dim: int = 4096

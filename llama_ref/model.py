@@ -6,7 +6,7 @@ Hkv key/value heads, Dh head_dim, V vocab.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
+from .kv_cache import KVCache
 from .loss import chunked_token_loss_sum, token_loss_sum
 
 # Llama 3.1 frequency-scaling constants (Meta's ``apply_scaling``); the factor itself is ModelArgs.rope_scale_factor.
@@ -123,38 +124,12 @@ class Attention(nn.Module):
         self.n_rep = self.n_heads // self.n_kv_heads
         self.head_dim = args.head_dim
         self.attn_impl = args.attn_impl
-        self.kv_caching = args.kv_caching
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        # State, not parameters: never in state_dict, moves with .to(), rewritten before it is read. Allocated at
-        # the first cached call, so that a model that only trains never holds it.
-        self.cache_shape = (args.max_batch_size, args.max_seq_len, self.n_kv_heads, self.head_dim)
-        self.register_buffer("cache_k", torch.empty(0), persistent=False)
-        self.register_buffer("cache_v", torch.empty(0), persistent=False)
-
-    def ensure_cache(self, like: torch.Tensor) -> None:
-        """Allocate the cache (max_batch_size, max_seq_len, Hkv, Dh), or move it, to ``like``'s dtype and device."""
-        if self.cache_k.shape != self.cache_shape:
-            self.cache_k = torch.zeros(self.cache_shape, dtype=like.dtype, device=like.device)
-            self.cache_v = torch.zeros(self.cache_shape, dtype=like.dtype, device=like.device)
-        elif self.cache_k.dtype != like.dtype or self.cache_k.device != like.device:
-            self.cache_k, self.cache_v = self.cache_k.to(like), self.cache_v.to(like)
-
-    def update_cache(self, xk: torch.Tensor, xv: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values at ``[:B, start_pos:start_pos+T]``; return all keys/values (B, S, Hkv, Dh)."""
-        bsz, seqlen = xk.shape[:2]
-        end = start_pos + seqlen
-        self.ensure_cache(xk)
-        with torch.no_grad():
-            self.cache_k[:bsz, start_pos:end] = xk
-            self.cache_v[:bsz, start_pos:end] = xv
-        if xk.requires_grad or xv.requires_grad:
-            # Differentiable through the new chunk: the past comes from the cache, the present stays in the graph.
-            return (torch.cat([self.cache_k[:bsz, :start_pos], xk], dim=1),
-                    torch.cat([self.cache_v[:bsz, :start_pos], xv], dim=1))
-        return self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]
+        # The cache is on exactly when this holds one (the model's ``kv_caching`` switch puts it in or takes it out).
+        self.register_module("kv_cache", None)  # Optional[KVCache]
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
                 ) -> torch.Tensor:
@@ -164,8 +139,8 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        if self.kv_caching:
-            keys, values = self.update_cache(xk, xv, start_pos)
+        if self.kv_cache is not None:
+            keys, values = self.kv_cache.update(xk, xv, start_pos)
         else:
             keys, values = xk, xv
 
@@ -191,7 +166,6 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.forward_calls = 0  # forwards run, recomputations by gradient checkpointing included
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -199,7 +173,6 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
                 ) -> torch.Tensor:
-        self.forward_calls += 1
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -217,6 +190,10 @@ def checkpoint_policy_layers(policy: Optional[str], n_layers: int) -> frozenset[
         k = int(policy[6:])
         return frozenset(i for i in range(n_layers) if i % k == 0)
     raise ValueError(f"unknown gradient-checkpointing policy {policy!r}; use none, all, seed or every:K (K >= 1)")
+
+
+BlockRunner = Callable[["TransformerBlock", torch.Tensor, int, torch.Tensor, Optional[torch.Tensor], bool],
+                      torch.Tensor]  # (layer, h, start_pos, freqs_cis, mask, checkpointed) -> h
 
 
 def run_block(layer: TransformerBlock, h: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
@@ -240,12 +217,13 @@ class Transformer(nn.Module):
     ``start_pos … start_pos+T-1``). Trainable: no ``inference_mode`` inside; the caller chooses ``no_grad``.
     """
 
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, *, kv_cache_cls: type[KVCache] = KVCache,
+                 block_runner: Optional[BlockRunner] = None):
         super().__init__()
         if params.vocab_size <= 0:
             raise ValueError(f"ModelArgs.vocab_size is {params.vocab_size}: set it from the tokenizer "
                              f"(args.replace(vocab_size=tokenizer.n_words))")
-        self.params = params = params.replace()  # our own copy: the kv_caching setter must not reach the caller's
+        self.params = params = params.replace()  # our own copy: nothing done to this model reaches the caller's
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
@@ -256,6 +234,11 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self._freqs_cis: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # not a buffer: .to(bf16) must not touch it
         self.checkpointed_layers: frozenset[int] = frozenset()
+        # The model's two replaceable parts: how the cache stores keys and values, and how a block is run
+        # (plainly or checkpointed). Another implementation of either is injected here, never patched in.
+        self.kv_cache_cls = kv_cache_cls
+        self.block_runner: BlockRunner = block_runner or run_block
+        self.kv_caching = params.kv_caching
 
     def set_gradient_checkpointing(self, policy: Optional[str]) -> None:
         """Recompute the blocks chosen by ``policy`` (see :func:`checkpoint_policy_layers`) in backward."""
@@ -263,13 +246,19 @@ class Transformer(nn.Module):
 
     @property
     def kv_caching(self) -> bool:
-        return self.params.kv_caching
+        """Whether the attention layers hold a KV cache (``ModelArgs.kv_caching`` is only the initial setting)."""
+        return any(layer.attention.kv_cache is not None for layer in self.layers)
 
     @kv_caching.setter
     def kv_caching(self, on: bool) -> None:
-        self.params.kv_caching = bool(on)
+        """On: every attention layer gets a ``kv_cache_cls`` (kept if it has one already); off: caches dropped."""
+        p = self.params
         for layer in self.layers:
-            layer.attention.kv_caching = bool(on)
+            attn = layer.attention
+            if not on:
+                attn.kv_cache = None
+            elif attn.kv_cache is None:
+                attn.kv_cache = self.kv_cache_cls(p.max_batch_size, p.max_seq_len, attn.n_kv_heads, attn.head_dim)
 
     def rotary_freqs(self, start_pos: int, seqlen: int, device: torch.device, dtype: torch.dtype = torch.float32
                      ) -> torch.Tensor:
@@ -310,7 +299,7 @@ class Transformer(nn.Module):
         kv_len = start_pos + seqlen if self.kv_caching else seqlen
         mask = causal_mask(seqlen, kv_len, h.device)
         for i, layer in enumerate(self.layers):
-            h = run_block(layer, h, start_pos, freqs_cis, mask, i in self.checkpointed_layers)
+            h = self.block_runner(layer, h, start_pos, freqs_cis, mask, i in self.checkpointed_layers)
         return self.norm(h)
 
 

@@ -155,8 +155,8 @@ def bench_roofline(kw: dict, n: int, repeats: int, profile: bool) -> list[list[s
     norm_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "norm" in name)
     emb_row_bytes = args.dim * model.tok_embeddings.weight.element_size()
     bytes_per_token = linear_bytes + norm_bytes + emb_row_bytes
-    kv_bytes = (2 * args.n_layers * args.n_kv_heads * args.head_dim * model.layers[0].attention.cache_k.element_size()
-                * (PROMPT_LEN + n / 2))  # mean over the run
+    cache_elem = model.layers[0].attention.kv_cache.cache_k.element_size()
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_elem * (PROMPT_LEN + n / 2)  # mean over the run
     xs = [torch.randn(1, w.shape[1]) for w in mats]
 
     def mv_chains() -> None:  # the weight reads of n decode steps, nothing else

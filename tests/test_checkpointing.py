@@ -11,10 +11,10 @@ from hypothesis import given, strategies as st
 
 from llama_ref.default import default_model
 from llama_ref.lora import ALL_TARGETS, apply_lora_to_llama, lora_layers
-from llama_ref.model import Transformer, causal_mask, checkpoint_policy_layers, init_weights
-from verify.checks.gradient_checkpointing import check_gradient_checkpointing
+from llama_ref.model import Transformer, causal_mask, checkpoint_policy_layers, init_weights, run_block
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing, counting_forwards
 from verify.oracles import policy_layers
-from verify.mutants import inject
+from verify.mutants import MUTANTS, inject
 from verify.strategies import model_args, seeds, token_batches
 
 
@@ -37,10 +37,6 @@ def _lora_model(n_layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Trans
 
 def _tokens(model: Transformer, bsz: int = 2, length: int = 12) -> torch.Tensor:
     return torch.randint(0, model.vocab_size, (bsz, length), generator=torch.Generator().manual_seed(1))
-
-
-def _forwards(model: Transformer) -> list[int]:
-    return [block.forward_calls for block in model.layers]
 
 
 # ---- the policies ------------------------------------------------------------------------------------------------
@@ -91,21 +87,23 @@ def test_checkpointed_blocks_run_twice_per_forward_and_backward_others_once():
     model = default_model(0, n_layers=4)
     model.kv_caching = False
     model.set_gradient_checkpointing("seed")  # blocks 1 and 2
-    logits = model(_tokens(model))
-    assert _forwards(model) == [1, 1, 1, 1], "the forward itself runs every block once"
-    logits.sum().backward()
-    assert _forwards(model) == [1, 2, 2, 1], "backward recomputes exactly the checkpointed blocks"
+    with counting_forwards(model.layers) as forwards:
+        logits = model(_tokens(model))
+        assert forwards == [1, 1, 1, 1], "the forward itself runs every block once"
+        logits.sum().backward()
+    assert forwards == [1, 2, 2, 1], "backward recomputes exactly the checkpointed blocks"
+    assert not any(block._forward_pre_hooks for block in model.layers)  # the counter's hooks are gone
 
 
 def test_checkpointing_under_no_grad_does_nothing():
     model = default_model(0, n_layers=3)
     model.kv_caching = False
     tokens = _tokens(model)
-    with torch.no_grad():
+    with torch.no_grad(), counting_forwards(model.layers) as forwards:
         plain = model(tokens)
         model.set_gradient_checkpointing("all")
         checkpointed = model(tokens)
-    assert _forwards(model) == [2, 2, 2]  # one forward each, twice: nothing recomputed, nothing left to recompute
+    assert forwards == [2, 2, 2]  # one forward each, twice: nothing recomputed, nothing left to recompute
     assert not checkpointed.requires_grad
     torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
     with torch.inference_mode():
@@ -116,8 +114,9 @@ def test_checkpointing_does_not_depend_on_the_module_mode():
     model = default_model(0).eval()
     model.kv_caching = False
     model.set_gradient_checkpointing("all")
-    model(_tokens(model)).sum().backward()
-    assert _forwards(model) == [2, 2]
+    with counting_forwards(model.layers) as forwards:
+        model(_tokens(model)).sum().backward()
+    assert forwards == [2, 2]
 
 
 # ---- the property ------------------------------------------------------------------------------------------------
@@ -145,10 +144,16 @@ def test_the_check_leaves_the_callers_model_and_rng_alone():
     model.set_gradient_checkpointing("every:2")
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
+    ran = []  # blocks of the caller's model that ran (the copies the check makes inherit this hook: skip them)
+    handles = [b.register_forward_pre_hook(lambda mod, args, orig=b: ran.append(mod) if mod is orig else None)
+               for b in model.layers]
     check_gradient_checkpointing(model)
+    for h in handles:
+        h.remove()
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.kv_caching and model.training and model.checkpointed_layers == frozenset({0})
-    assert _forwards(model) == [0, 0] and all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert model.block_runner is run_block and not any(block._forward_pre_hooks for block in model.layers)
+    assert ran == [] and all(p.grad is None and p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -167,18 +172,21 @@ def test_reentrant_checkpoint_really_loses_the_lora_gradients_of_a_frozen_base()
 
     # Through the whole model: block 0 checkpointed reentrantly, block 1 plain → a loss, but None on block 0.
     model.set_gradient_checkpointing("every:2")
-    with inject("gc_reentrant_frozen_inputs"), pytest.warns(UserWarning, match="None of the inputs"):
+    model.block_runner = MUTANTS["gc_reentrant_frozen_inputs"].components["block_runner"]
+    with pytest.warns(UserWarning, match="None of the inputs"):
         model(tokens).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n, g in grads.items() if g is None} == {n for n in grads if n.startswith("layers.0.")}
     model.zero_grad(set_to_none=True)
-    model(tokens).sum().backward()  # the correct (non-reentrant) code
+    model.block_runner = run_block  # the correct (non-reentrant) code
+    model(tokens).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_the_check_names_policy_and_parameter_of_a_lost_gradient():
-    with inject("gc_reentrant_frozen_inputs"):
-        result = check_gradient_checkpointing(default_model(0), autocast_dtype=None, full_finetune=False)
+    with inject("gc_reentrant_frozen_inputs") as m:
+        result = check_gradient_checkpointing(default_model(0), autocast_dtype=None, full_finetune=False,
+                                              **m.components)
     assert not result.ok and result.error is not None  # policy=all: nothing left to differentiate at all
     assert any("float32 LoRA policy=every:2 gradient of layers.0.attention.wq.lora_A: gradient is None" in d
                for d in result.details), result
@@ -186,8 +194,8 @@ def test_the_check_names_policy_and_parameter_of_a_lost_gradient():
 
 
 def test_a_silently_skipped_checkpoint_is_reported_as_such():
-    with inject("gc_flag_ignored"):
-        result = check_gradient_checkpointing(default_model(0), autocast_dtype=None, lora=False)
+    with inject("gc_flag_ignored") as m:
+        result = check_gradient_checkpointing(default_model(0), autocast_dtype=None, lora=False, **m.components)
     assert not result.ok and result.max_abs == 0.0  # gradients right: only the counter sees it
     assert any("checkpoint silently not applied" in d for d in result.details), result
 
@@ -200,6 +208,6 @@ def test_a_silently_skipped_checkpoint_is_reported_as_such():
 ])
 def test_each_case_of_the_check_is_needed_by_some_mutant(name, needs):
     model = default_model(0)
-    with inject(name):
-        assert check_gradient_checkpointing(model, **needs).ok, f"{name} is caught even without its case"
-        assert not check_gradient_checkpointing(model).ok
+    with inject(name) as m:
+        assert check_gradient_checkpointing(model, **needs, **m.components).ok, f"{name} is caught without its case"
+        assert not check_gradient_checkpointing(model, **m.components).ok

@@ -7,6 +7,7 @@ from hypothesis import example, given, strategies as st
 
 from llama_ref.args import ModelArgs
 from llama_ref.generation import Llama
+from llama_ref.kv_cache import KVCache
 from llama_ref.model import Transformer, init_weights
 from verify.checks.kv_cache import check_kv_cache, describe_chunking, random_chunking
 from verify.strategies import chunkings, model_args, ragged_prompts, seeds
@@ -40,43 +41,43 @@ def test_check_leaves_the_model_as_it_found_it():
     assert model.training and not model.kv_caching
 
 
-def test_a_crash_in_the_model_is_a_failure_that_names_the_error(monkeypatch):
-    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0)
-
-    def broken(self, xk, xv, start_pos):
+class _Exploding(KVCache):
+    def update(self, xk, xv, start_pos):
         raise RuntimeError("cache exploded")
-    monkeypatch.setattr(type(model.layers[0].attention), "update_cache", broken)
-    result = check_kv_cache(model, seed=0)
+
+
+def test_a_crash_in_the_model_is_a_failure_that_names_the_error():
+    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0)
+    result = check_kv_cache(model, seed=0, cache_cls=_Exploding)
     assert not result.ok and result.error == "RuntimeError: cache exploded"
+    assert model.kv_cache_cls is KVCache and type(model.layers[0].attention.kv_cache) is KVCache  # restored
 
 
-def _nudge_cached_logits(monkeypatch, size: float) -> None:
-    """Make the cached decode path favour higher token ids by ``size``·id, as a rounding difference would."""
-    original = Llama.step_logits
+def _nudged(size: float) -> type[Llama]:
+    """A generator whose cached decode path favours higher token ids by ``size``·id, as a rounding difference would."""
+    class Nudged(Llama):
+        def step_logits(self, tokens, prev_pos, cur_pos, kv_caching):
+            logits = super().step_logits(tokens, prev_pos, cur_pos, kv_caching)
+            return logits + size * torch.arange(logits.shape[-1]) if kv_caching else logits
+    return Nudged
 
-    def step_logits(self, tokens, prev_pos, cur_pos, kv_caching):
-        logits = original(self, tokens, prev_pos, cur_pos, kv_caching)
-        return logits + size * torch.arange(logits.shape[-1]) if kv_caching else logits
-    monkeypatch.setattr(Llama, "step_logits", step_logits)
 
-
-def test_divergence_at_a_genuine_tie_is_excused_and_reported(monkeypatch):
+def test_divergence_at_a_genuine_tie_is_excused_and_reported():
     # Output rows all zero but two equal ones: the top of every step is an exact tie, which the nudge breaks the
     # other way in the cached path.
     model = init_weights(Transformer(ModelArgs.preset("tiny", n_layers=1)), 0)
     with torch.no_grad():
         model.output.weight[2:].zero_()
         model.output.weight[1] = model.output.weight[0]
-    _nudge_cached_logits(monkeypatch, 1e-9)
-    result = check_kv_cache(model, seed=0, max_gen_len=4)
+    result = check_kv_cache(model, seed=0, max_gen_len=4, generator_cls=_nudged(1e-9))
     assert result.ok, str(result)
     assert any(d.startswith("tie: generate row") for d in result.details), result.details
 
 
-def test_divergence_without_a_tie_fails(monkeypatch):
+def test_divergence_without_a_tie_fails():
     model = init_weights(Transformer(ModelArgs.preset("tiny", n_layers=1)), 0)
-    _nudge_cached_logits(monkeypatch, 0.05)  # 25 logits' worth at the top of the vocabulary: a real change
-    result = check_kv_cache(model, seed=0, max_gen_len=4)
+    # 25 logits' worth at the top of the vocabulary: a real change
+    result = check_kv_cache(model, seed=0, max_gen_len=4, generator_cls=_nudged(0.05))
     assert not result.ok and any("not a tie" in d for d in result.details), result.details
 
 

@@ -13,7 +13,7 @@ import llama_ref.train.trainer as T
 import verify.checks.mixed_precision as MP
 from verify import oracles
 from llama_ref.default import default_args, default_model
-from llama_ref.train.config import TrainConfig, build_model
+from llama_ref.train.config import TrainConfig, build_model, half_frozen_base
 from llama_ref.lora import lora_layers
 from llama_ref.model import RMSNorm, Transformer, init_weights
 from verify.checks.mixed_precision import check_mixed_precision
@@ -172,7 +172,7 @@ def test_loss_logits_and_gradients_are_calibrated_against_float64(dtype, lora):
     model.kv_caching = False
     g = torch.Generator().manual_seed(1)
     if lora:
-        model = MP._lora_half_base(model, ("wq", "wv"), dtype, g)
+        model = MP._lora_half_base(model, ("wq", "wv"), dtype, g, half_frozen_base)
     cals: dict = {}
     assert MP._autocast_problems(model, [_batch(512, 1)], dtype, cals, "x") == []
     assert {"x logits", "x loss"} <= set(cals) and len(cals) > 2

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from llama_ref.args import PRESETS, ModelArgs
+from llama_ref.kv_cache import KVCache
 from llama_ref.model import (RMSNorm, Transformer, apply_rotary_emb, apply_scaling, attention_math, attention_sdpa,
                              causal_mask, init_weights, precompute_freqs_cis, repeat_kv)
 from verify.strategies import model_args, seeds, token_batches
@@ -227,23 +228,40 @@ def test_training_through_the_cache_gives_the_uncached_gradients():
 def test_kv_cache_is_state_not_parameters():
     model = Transformer(ModelArgs.preset("tiny"))
     assert not any("cache" in k for k in model.state_dict())
-    attn = model.layers[0].attention
-    assert attn.cache_k.numel() == 0  # nothing allocated until the first cached call: training never holds it
+    cache = model.layers[0].attention.kv_cache
+    assert isinstance(cache, KVCache) and cache.cache_k.numel() == 0  # nothing allocated until the first cached call
     model.kv_caching = False
+    assert all(layer.attention.kv_cache is None for layer in model.layers)  # off: the caches are gone, memory freed
     model(torch.zeros(1, 3, dtype=torch.long), 0)
-    assert attn.cache_k.numel() == 0
     model.kv_caching = True
     with torch.no_grad():
         model(torch.zeros(1, 3, dtype=torch.long), 0)
-    assert attn.cache_k.shape == (8, 256, 2, 16)  # (max_batch, max_seq, n_kv_heads, head_dim)
-    assert model.to(torch.bfloat16).layers[0].attention.cache_k.dtype == torch.bfloat16  # moves with the model
+    attn = model.layers[0].attention
+    assert attn.kv_cache.cache_k.shape == (8, 256, 2, 16)  # (max_batch, max_seq, n_kv_heads, head_dim)
+    assert model.to(torch.bfloat16).layers[0].attention.kv_cache.cache_k.dtype == torch.bfloat16  # moves with it
 
 
 def test_kv_caching_setter_does_not_reach_other_models_built_from_the_same_args():
     args = ModelArgs.preset("tiny")
     a, b = Transformer(args), Transformer(args)
     a.kv_caching = False
-    assert b.kv_caching and args.kv_caching and all(layer.attention.kv_caching for layer in b.layers)
+    assert b.kv_caching and args.kv_caching and all(layer.attention.kv_cache is not None for layer in b.layers)
+
+
+def test_the_cache_class_is_injected_and_kept_across_the_switch():
+    class Counting(KVCache):
+        writes = 0
+
+        def update(self, xk, xv, start_pos):
+            Counting.writes += 1
+            return super().update(xk, xv, start_pos)
+
+    model = init_weights(Transformer(ModelArgs.preset("tiny", n_layers=2), kv_cache_cls=Counting), 0)
+    model.kv_caching = False
+    model.kv_caching = True
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), 0)
+    assert all(type(layer.attention.kv_cache) is Counting for layer in model.layers) and Counting.writes == 2
 
 
 def test_positions_beyond_max_seq_len_and_oversized_batches_are_clear_errors():

@@ -35,14 +35,15 @@ def _target_parent(block: nn.Module, target: str) -> nn.Module:
 def apply_lora_to_llama(model: Transformer, rank: int = 16, alpha: float = 32, dropout: float = 0.05,
                         targets: Iterable[str] = ("wq", "wv"), *, merge_weights: bool = True,
                         use_rslora: bool = False, lora_dtype: Optional[torch.dtype] = None,
-                        layer_cls: type[LoRALinear] = LoRALinear) -> tuple[Transformer, tuple[int, int, float]]:
+                        layer_cls: type[LoRALinear] = LoRALinear, generator: Optional[torch.Generator] = None
+                        ) -> tuple[Transformer, tuple[int, int, float]]:
     """Replace the ``targets`` Linears of every block with ``LoRALinear`` (in place, reusing the base weights) and
     freeze everything else. Returns ``(model, (trainable, total, percent))``.
 
     ``targets`` ⊆ {wq, wk, wv, wo, w1, w2, w3}; ``lora_dtype`` (default: each weight's) is the adapters' dtype, e.g.
     fp32 adapters on a bf16 base; ``layer_cls`` the adapter class (a ``LoRALinear`` subclass: the seam through which
-    a check is given another implementation of the layer). Raises ValueError for an unknown target, bad hyper-parameters, or a model that
-    already has LoRA layers.
+    a check is given another implementation of the layer); ``generator`` draws every ``A`` (the global RNG when
+    None). Raises ValueError for an unknown target, bad hyper-parameters, or a model that already has LoRA layers.
     """
     targets = tuple(dict.fromkeys(targets))
     unknown = [t for t in targets if t not in ALL_TARGETS]
@@ -55,7 +56,7 @@ def apply_lora_to_llama(model: Transformer, rank: int = 16, alpha: float = 32, d
         for target in targets:
             parent = _target_parent(block, target)
             setattr(parent, target, layer_cls.from_linear(getattr(parent, target), rank, alpha, dropout,
-                                                          merge_weights, use_rslora, lora_dtype))
+                                                          merge_weights, use_rslora, lora_dtype, generator))
     mark_only_lora_as_trainable(model)
     return model, count_parameters(model)
 

@@ -61,8 +61,10 @@ class LoRALinear(nn.Linear, LoRALayer):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     merge_weights: bool = True, use_rslora: bool = False,
-                    lora_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
-        """Wrap ``linear``, reusing its weight (and bias) tensors: no second copy of the base in memory."""
+                    lora_dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None
+                    ) -> "LoRALinear":
+        """Wrap ``linear``, reusing its weight (and bias) tensors: no second copy of the base in memory; ``A``
+        drawn from ``generator`` (the global RNG when None)."""
         with torch.device("meta"):  # the base weight built here is discarded: allocate nothing
             layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, merge_weights,
                         use_rslora, bias=linear.bias is not None, dtype=linear.weight.dtype)
@@ -74,7 +76,7 @@ class LoRALinear(nn.Linear, LoRALayer):
         device = linear.weight.device
         layer.lora_A = nn.Parameter(torch.empty((r, linear.in_features), device=device, dtype=lora_dtype))
         layer.lora_B = nn.Parameter(torch.empty((linear.out_features, r), device=device, dtype=lora_dtype))
-        layer.reset_lora_parameters()
+        layer.reset_lora_parameters(generator)
         layer.train(linear.training)
         return layer
 

@@ -22,4 +22,4 @@ def test_cached_equals_uncached_on_device(device, preset, dtype, attn_impl):
     model = init_weights(Transformer(ModelArgs.preset(preset, attn_impl=attn_impl)), 0).to(device, dtype)
     result = check_kv_cache(model, seed=0)
     assert result.ok, str(result)
-    assert model.layers[0].attention.cache_k.device.type == device  # the cache moved with the model
+    assert model.layers[0].attention.kv_cache.cache_k.device.type == device  # the cache moved with the model

@@ -12,8 +12,8 @@ trainable parameter — a ``None`` against a tensor is a failure, never a skip. 
 * all of the above in fp32 and again under ``torch.autocast(dtype=autocast_dtype)``, where the recomputation must
   replay the forward's autocast state.
 
-And the checkpointed blocks really were recomputed: over one forward + backward, ``forward_calls`` of every block
-that the policy selects goes up by 2, of every other block by 1. The blocks a policy selects are taken from the
+And the checkpointed blocks really were recomputed: over one forward + backward, every block that the policy selects
+runs twice, every other block once (counted from outside, by forward hooks the check installs on its copies). The blocks a policy selects are taken from the
 policy's definition (:func:`policy_layers`), not from the implementation's parser, so a policy that silently maps to
 no block ("checkpoint silently not applied") fails.
 
@@ -35,12 +35,12 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from llama_ref.lora import apply_lora_to_llama, lora_layers
-from llama_ref.model import Transformer
+from llama_ref.model import BlockRunner, Transformer
 
 from ..compare import Comparison, GradComparison, compare, compare_grads
 from ..oracles import policy_layers
@@ -57,9 +57,29 @@ class _Run:
     loss: torch.Tensor
     logits: torch.Tensor
     grads: dict[str, Optional[torch.Tensor]]
-    forwards: list[int]  # forward_calls added to each block by one forward + backward
+    forwards: list[int]  # forwards of each block during one forward + backward (recomputations included)
     selected: frozenset[int]  # the blocks the implementation says it checkpoints
     warned: list[str]
+
+
+@contextlib.contextmanager
+def counting_forwards(blocks: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
+    """Inside the block, ``counts[i]`` is how many times ``blocks[i]`` was called (a forward pre-hook each, removed on
+    exit): a recomputation by gradient checkpointing calls the module again, so it counts. A pre-hook, not a forward
+    hook: the non-reentrant checkpoint stops a recomputation as soon as it has what backward needs
+    (``set_checkpoint_early_stop``), so the block's forward may never return there."""
+    counts = [0] * len(blocks)
+
+    def hook(i: int) -> Callable[..., None]:
+        def count(module, args) -> None:
+            counts[i] += 1
+        return count
+    handles = [block.register_forward_pre_hook(hook(i)) for i, block in enumerate(blocks)]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager:
@@ -77,27 +97,24 @@ def _run(template: Transformer, policy: Optional[str], tokens: torch.Tensor, wei
     model = copy.deepcopy(template)
     model.zero_grad(set_to_none=True)
     model.set_gradient_checkpointing(policy)
-    before = [block.forward_calls for block in model.layers]
     device_type = tokens.device.type
-    with warnings.catch_warnings(record=True) as caught:  # recorded, not shown: reported with the failure they explain
+    with warnings.catch_warnings(record=True) as caught, counting_forwards(model.layers) as forwards:
+        # warnings recorded, not shown: reported with the failure they explain
         warnings.simplefilter("always")
         torch.manual_seed(seed)  # the same dropout masks in every run
         with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
             logits = model(tokens)  # (B, T, V)
         loss = (logits * weights.to(logits.dtype)).sum() / (tokens.shape[0] * tokens.shape[1])
         loss.backward()
-    return _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()},
-                [block.forward_calls - b for block, b in zip(model.layers, before)],
+    return _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
                 frozenset(model.checkpointed_layers), [str(w.message) for w in caught])
 
 
-def _lora_template(model: Transformer, targets: Sequence[str], dropout: float, seed: int,
-                   g: torch.Generator) -> Transformer:
-    """A copy with LoRA on ``targets``: ``A`` from the global RNG seeded with ``seed`` (inside the check's RNG fork),
-    ``B`` non-zero from ``g`` — with ``B = 0``, ``A`` would get a zero gradient and a lost one would not show."""
+def _lora_template(model: Transformer, targets: Sequence[str], dropout: float, g: torch.Generator) -> Transformer:
+    """A copy with LoRA on ``targets``: ``A`` and a non-zero ``B`` drawn from ``g`` — with ``B = 0``, ``A`` would get
+    a zero gradient and a lost one would not show."""
     lora = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    apply_lora_to_llama(lora, LORA_RANK, LORA_ALPHA, dropout, targets)
+    apply_lora_to_llama(lora, LORA_RANK, LORA_ALPHA, dropout, targets, generator=g)
     with torch.no_grad():
         for _, layer in lora_layers(lora):
             b = torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(LORA_RANK)
@@ -128,13 +145,14 @@ def check_gradient_checkpointing(model: Transformer, tokens: Optional[torch.Tens
                                  policies: Sequence[str] = ("all", "seed", "every:2"), lora: bool = True,
                                  lora_targets: Sequence[str] = ("wq", "wv", "w2"), dropout: float = 0.1,
                                  autocast_dtype: Optional[torch.dtype] = torch.bfloat16, full_finetune: bool = True,
-                                 seed: int = 0) -> CheckResult:
+                                 seed: int = 0, block_runner: Optional[BlockRunner] = None) -> CheckResult:
     """Check property 4 on copies of ``model`` (left untouched, the global RNG included).
 
     ``policies`` are compared with the plain run on the LoRA model (``lora=True``: rank 4, alpha 8, ``dropout``, on
     ``lora_targets`` of every block); ``full_finetune`` adds the fully trainable model under ``"all"``, in train and
     in eval mode. Every case runs in the model's dtype and, when ``autocast_dtype`` is given, again under autocast.
-    ``tokens`` (B, L) default to random ids drawn from ``seed``. An unknown policy raises ValueError.
+    ``tokens`` (B, L) default to random ids drawn from ``seed``. ``block_runner`` replaces the copies' way of running
+    a block (another implementation's checkpointing); by default the model's own. An unknown policy raises ValueError.
     """
     p = model.params
     n_layers = len(model.layers)
@@ -168,9 +186,11 @@ def check_gradient_checkpointing(model: Transformer, tokens: Optional[torch.Tens
         with _rng_fork(device):
             base = copy.deepcopy(model)
             base.kv_caching = False
+            if block_runner is not None:
+                base.block_runner = block_runner
             templates: list[tuple[str, Transformer, list[str]]] = []
             if lora:
-                templates.append(("LoRA", _lora_template(base, lora_targets, dropout, seed, g).train(), policies))
+                templates.append(("LoRA", _lora_template(base, lora_targets, dropout, g).train(), policies))
             if full_finetune:
                 full = base.requires_grad_(True).train()
                 templates += [("full", full, ["all"]), ("full eval", copy.deepcopy(full).eval(), ["all"])]

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from llama_ref.generation import Llama
+from llama_ref.kv_cache import KVCache
 from llama_ref.model import Transformer
 
 from ..compare import compare, row_scale
@@ -77,12 +78,15 @@ def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
                    chunkings: Optional[Sequence[Sequence[int]]] = None,
                    batch_sizes: Optional[Sequence[int]] = None,
                    prompts: Optional[Sequence[Sequence[int]]] = None, max_gen_len: int = 12,
-                   seed: int = 0, tol: Optional[Tolerance] = None) -> CheckResult:
-    """Check property 1 on ``model`` (left in its original train/eval mode and cache setting).
+                   seed: int = 0, tol: Optional[Tolerance] = None, cache_cls: Optional[type[KVCache]] = None,
+                   generator_cls: type[Llama] = Llama) -> CheckResult:
+    """Check property 1 on ``model`` (left in its original train/eval mode, cache class and cache setting).
 
     ``tokens`` (B, L) default to random ids drawn from ``seed``; ``chunkings`` default to the whole sequence,
     one token at a time, and a random chunking; ``batch_sizes`` (each ≤ B) default to ``(B, 1)``, run in that
-    order on the same instance; ``prompts`` (ragged, for ``generate``) default to random ones.
+    order on the same instance; ``prompts`` (ragged, for ``generate``) default to random ones. The parts under
+    test can be another implementation's: ``cache_cls`` (a ``KVCache`` subclass; the model's own by default) and
+    ``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model).
     """
     p = model.params
     dtype = model.output.weight.dtype
@@ -106,11 +110,13 @@ def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
         prompts = [torch.randint(0, p.vocab_size, (n,), generator=g).tolist() for n in lens]
     max_gen_len = min(max_gen_len, p.max_seq_len - max(len(q) for q in prompts))
 
-    was_training, kv_before = model.training, model.kv_caching
+    was_training, kv_before, cls_before = model.training, model.kv_caching, model.kv_cache_cls
     details: list[str] = []
     worst_abs = worst_rel = 0.0
     case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(dtype).replace('torch.', '')}"
     model.eval()
+    model.kv_caching = False  # a fresh cache of the class under test
+    model.kv_cache_cls = cache_cls or cls_before
     model.kv_caching = True
     try:
         with torch.no_grad():
@@ -126,7 +132,7 @@ def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
                     if not c.ok:
                         details.append(f"teacher-forced B={b} chunks={describe_chunking(chunking)}: {c}")
 
-            abs_, rel_, gen_details = _check_generation(model, prompts, max_gen_len, tol)
+            abs_, rel_, gen_details = _check_generation(generator_cls, model, prompts, max_gen_len, tol)
             worst_abs, worst_rel = max(worst_abs, abs_), max(worst_rel, rel_)
             details += gen_details
         ok = not any(not d.startswith("tie:") for d in details)
@@ -136,12 +142,14 @@ def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
                            error=f"{type(e).__name__}: {e}")
     finally:
         model.train(was_training)
+        model.kv_caching = False
+        model.kv_cache_cls = cls_before
         model.kv_caching = kv_before
 
 
-def _check_generation(model: Transformer, prompts: Sequence[Sequence[int]], max_gen_len: int, tol: Tolerance
-                      ) -> tuple[float, float, list[str]]:
-    llm = Llama(model, _NoStops(model.vocab_size))  # type: ignore[arg-type]
+def _check_generation(generator_cls: type[Llama], model: Transformer, prompts: Sequence[Sequence[int]],
+                      max_gen_len: int, tol: Tolerance) -> tuple[float, float, list[str]]:
+    llm = generator_cls(model, _NoStops(model.vocab_size))  # type: ignore[arg-type]
     runs = {kv: llm.generate(prompts, max_gen_len, temperature=0.0, logprobs=True, kv_caching=kv)
             for kv in (True, False)}
     (cached, cached_lp), (uncached, uncached_lp) = runs[True], runs[False]

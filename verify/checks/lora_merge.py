@@ -40,10 +40,12 @@ def weight_tolerance(dtype: torch.dtype, rank: int) -> Tolerance:
 
 def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
                      targets: Iterable[str] = ALL_TARGETS, rank: int = 4, alpha: Optional[float] = None,
-                     dropout: float = 0.1, use_rslora: bool = False, seed: int = 0) -> CheckResult:
+                     dropout: float = 0.1, use_rslora: bool = False, seed: int = 0,
+                     lora_layer_cls: type[LoRALinear] = LoRALinear) -> CheckResult:
     """Check property 3 on copies of ``model`` (which is left untouched), with LoRA on ``targets``.
 
-    ``alpha`` defaults to ``3·rank`` (≠ rank); ``tokens`` (B, L) to random ids drawn from ``seed``.
+    ``alpha`` defaults to ``3·rank`` (≠ rank); ``tokens`` (B, L) to random ids drawn from ``seed``;
+    ``lora_layer_cls`` is the adapter layer under test (a ``LoRALinear`` subclass; llama_ref's own by default).
     """
     p = model.params
     dtype = model.output.weight.dtype
@@ -76,7 +78,8 @@ def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, 
         del base
         lora = copy.deepcopy(model)
         lora.kv_caching = False
-        apply_lora_to_llama(lora, rank, alpha, dropout, targets, merge_weights=True, use_rslora=use_rslora)
+        apply_lora_to_llama(lora, rank, alpha, dropout, targets, merge_weights=True, use_rslora=use_rslora,
+                            layer_cls=lora_layer_cls, generator=g)
         layers = dict(lora_layers(lora))
 
         # A fresh adapter is the base model, merged (eval) and unmerged (train mode, dropout on the zero update).

@@ -52,12 +52,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-import llama_ref.train.config as FT
-import llama_ref.train.trainer as T
-from llama_ref.train.trainer import Trainer
-from llama_ref.train.data import IGNORE_INDEX
+import llama_ref.train.trainer as T  # looked up at call time: the loss is the implementation's, mutants reach it
 from llama_ref.lora import apply_lora_to_llama, lora_layers
+from llama_ref.loss import IGNORE_INDEX
 from llama_ref.model import Transformer
+from llama_ref.train.config import half_frozen_base
+from llama_ref.train.trainer import Trainer
 
 from ..compare import CalibratedComparison, compare, compare_calibrated
 from .precision_policy import OpRecorder, autocast_observed, precision_policy_problems
@@ -76,11 +76,14 @@ Batch = dict[str, torch.Tensor]
 
 def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bfloat16,
                           lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0, steps: int = 8,
-                          trainer_cls: type[Trainer] = Trainer) -> CheckResult:
+                          trainer_cls: type[Trainer] = Trainer,
+                          half_base: Callable[[Transformer, torch.dtype], Transformer] = half_frozen_base
+                          ) -> CheckResult:
     """Check property 5 on copies of ``model`` (left untouched), autocasting to ``dtype`` (bf16 or fp16).
 
     ``lora``: targets of the LoRA-on-a-half-base case (None skips it); ``steps``: length of the training run;
-    ``trainer_cls``: the trainer under test (``llama_ref.train.trainer.Trainer`` or a subclass).
+    ``trainer_cls``: the trainer under test (``llama_ref.train.trainer.Trainer`` or a subclass); ``half_base``: how
+    the frozen base of a LoRA model is stored in ``dtype`` (``llama-finetune --mp --lora``'s by default).
     The GradScaler claims always run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
     ``max_abs`` is the largest |test − reference| of the calibrated comparisons, ``max_rel`` their worst ratio
     (curves excluded; both are in ``criterion``). Raises ValueError for a ``dtype`` other than bf16/fp16 or
@@ -117,7 +120,7 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
     run(f"full {PRECISION_NAMES[dtype]}", lambda: _autocast_problems(base, window[:1], dtype, cals, "full", trainer_cls))
     if lora:
         run(f"LoRA on a {PRECISION_NAMES[dtype]} base",
-            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g), window[:1], dtype, cals, "lora",
+            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g, half_base), window[:1], dtype, cals, "lora",
                                        trainer_cls))
     run("upcasts", lambda: _upcast_problems(base, [dtype] + ([torch.float16] if fp16_ok else []), g))
     if fp16_ok:
@@ -248,18 +251,14 @@ def _plain_window(model: Transformer, window: list[Batch], half: torch.dtype):
     return _window_backward(copy.deepcopy(model).to(half), window, torch.float32)
 
 
-def half_frozen_base(model: Transformer, half: torch.dtype) -> Transformer:
-    """``llama-finetune --mp --lora``'s storage of the frozen base (looked up at call time, so mutants reach it)."""
-    return FT.half_frozen_base(model, half)
-
-
-def _lora_half_base(model: Transformer, targets: Sequence[str], half: torch.dtype, g: torch.Generator) -> Transformer:
+def _lora_half_base(model: Transformer, targets: Sequence[str], half: torch.dtype, g: torch.Generator,
+                    half_base: Callable[[Transformer, torch.dtype], Transformer]) -> Transformer:
     lora = copy.deepcopy(model)
-    apply_lora_to_llama(lora, 4, 8.0, 0.0, targets, merge_weights=False, lora_dtype=torch.float32)
+    apply_lora_to_llama(lora, 4, 8.0, 0.0, targets, merge_weights=False, lora_dtype=torch.float32, generator=g)
     with torch.no_grad():
         for _, layer in lora_layers(lora):  # B ≠ 0: A gets a gradient, and the update reaches the output
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / 2)
-    return half_frozen_base(lora.train(), half)
+    return half_base(lora.train(), half)
 
 
 # ---- the upcasts at the extremes -------------------------------------------------------------------------------

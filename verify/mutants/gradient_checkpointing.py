@@ -16,8 +16,8 @@ ZOO: list[Mutant] = []
 mutant = collector(ZOO, PROP)
 
 
-def _checkpointed_block(run_checkpoint: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A ``run_block`` whose checkpointed branch is ``run_checkpoint(layer, h, start_pos, freqs_cis, mask)``."""
+def _checkpointed_block(run_checkpoint: Callable[..., torch.Tensor]) -> M.BlockRunner:
+    """A block runner whose checkpointed branch is ``run_checkpoint(layer, h, start_pos, freqs_cis, mask)``."""
     def run_block(layer, h, start_pos, freqs_cis, mask, checkpointed):
         if checkpointed and torch.is_grad_enabled():
             return run_checkpoint(layer, h, start_pos, freqs_cis, mask)
@@ -71,42 +71,38 @@ def _hand_rolled(recompute_autocast: Callable[[str, bool], Any]) -> Callable[...
         "weights of checkpointed blocks get no gradient (or the backward has nothing to differentiate)",
         "the seed report; transformers' use_reentrant=True default under PEFT ('None of the inputs have "
         "requires_grad=True. Gradients will be None': lm-sys/FastChat#581, locuslab/open-unlearning#178, worked "
-        "around by enable_input_require_grads in huggingface/peft#404)")
-def _gc_reentrant() -> list[Patch]:
-    def run_checkpoint(layer, h, start_pos, freqs_cis, mask):
-        return M.checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=True)
-    return [(M, "run_block", _checkpointed_block(run_checkpoint))]
+        "around by enable_input_require_grads in huggingface/peft#404)", component="block_runner")
+@_checkpointed_block
+def _gc_reentrant(layer, h, start_pos, freqs_cis, mask):
+    return M.checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=True)
 
 
 @mutant("gc_rng_not_preserved",
         "preserve_rng_state=False: the recomputation draws new dropout masks, so gradients belong to another sample "
         "than the loss",
         "allenai/OLMo-core#828 (preserve_rng_state hard-coded False), allenai/OLMo#702; custom checkpoints without "
-        "an RNG restore (openai/guided-diffusion#167)")
-def _gc_rng_not_preserved() -> list[Patch]:
-    def run_checkpoint(layer, h, start_pos, freqs_cis, mask):
-        return M.checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=False, preserve_rng_state=False)
-    return [(M, "run_block", _checkpointed_block(run_checkpoint))]
+        "an RNG restore (openai/guided-diffusion#167)", component="block_runner")
+@_checkpointed_block
+def _gc_rng_not_preserved(layer, h, start_pos, freqs_cis, mask):
+    return M.checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=False, preserve_rng_state=False)
 
 
 @mutant("gc_mask_not_passed",
         "checkpointed blocks called without the attention mask (mask=None): causal attention becomes bidirectional "
         "exactly where checkpointing is on",
         "timm's checkpoint_seq(blocks, x) forwards only x: masks ignored under gradient checkpointing "
-        "(lightly-ai/lightly#2049)")
-def _gc_mask_not_passed() -> list[Patch]:
-    def run_checkpoint(layer, h, start_pos, freqs_cis, mask):
-        return M.checkpoint(lambda x: layer(x, start_pos, freqs_cis, None), h, use_reentrant=False)
-    return [(M, "run_block", _checkpointed_block(run_checkpoint))]
+        "(lightly-ai/lightly#2049)", component="block_runner")
+@_checkpointed_block
+def _gc_mask_not_passed(layer, h, start_pos, freqs_cis, mask):
+    return M.checkpoint(lambda x: layer(x, start_pos, freqs_cis, None), h, use_reentrant=False)
 
 
 @mutant("gc_flag_ignored",
-        "the policy is parsed and stored, but run_block never checkpoints: gradients right, memory not saved",
-        "verl's enable_gradient_checkpointing had no effect on the FSDP critic (verl-project/verl#26, fixed in #27)")
-def _gc_flag_ignored() -> list[Patch]:
-    def run_block(layer, h, start_pos, freqs_cis, mask, checkpointed):
-        return layer(h, start_pos, freqs_cis, mask)
-    return [(M, "run_block", run_block)]
+        "the policy is parsed and stored, but the block runner never checkpoints: gradients right, memory not saved",
+        "verl's enable_gradient_checkpointing had no effect on the FSDP critic (verl-project/verl#26, fixed in #27)",
+        component="block_runner")
+def _gc_flag_ignored(layer, h, start_pos, freqs_cis, mask, checkpointed):
+    return layer(h, start_pos, freqs_cis, mask)
 
 
 @mutant("gc_policy_not_stored",
@@ -122,32 +118,33 @@ def _gc_policy_not_stored() -> list[Patch]:
 
 @mutant("gc_only_in_training",
         "checkpointing gated on the module's training flag: a model trained in eval mode is silently not checkpointed",
-        "diffusers' `if self.training and self.gradient_checkpointing` (huggingface/diffusers#9850, fixed in #9878)")
-def _gc_only_in_training() -> list[Patch]:
-    def run_block(layer, h, start_pos, freqs_cis, mask, checkpointed):
-        if checkpointed and torch.is_grad_enabled() and layer.training:
-            return M.checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=False)
-        return layer(h, start_pos, freqs_cis, mask)
-    return [(M, "run_block", run_block)]
+        "diffusers' `if self.training and self.gradient_checkpointing` (huggingface/diffusers#9850, fixed in #9878)",
+        component="block_runner")
+def _gc_only_in_training(layer, h, start_pos, freqs_cis, mask, checkpointed):
+    if checkpointed and torch.is_grad_enabled() and layer.training:
+        return M.checkpoint(layer, h, start_pos, freqs_cis, mask, use_reentrant=False)
+    return layer(h, start_pos, freqs_cis, mask)
 
 
 @mutant("gc_recompute_outside_autocast",
         "a hand-rolled checkpoint recomputes in backward outside the forward's autocast: under bf16 autocast the "
         "gradients come from an fp32 recomputation",
         "Transformer Engine's te.checkpoint (NVIDIA/TransformerEngine#787, fixed in #791); Megatron-LM "
-        "tensor_parallel.checkpoint's FP8 autocast state (NVIDIA/Megatron-LM#7538)")
-def _gc_recompute_outside_autocast() -> list[Patch]:
-    return [(M, "run_block", _checkpointed_block(_hand_rolled(lambda device_type, was_on: contextlib.nullcontext())))]
+        "tensor_parallel.checkpoint's FP8 autocast state (NVIDIA/Megatron-LM#7538)", component="block_runner")
+@_checkpointed_block
+@_hand_rolled
+def _gc_recompute_outside_autocast(device_type, was_on):
+    return contextlib.nullcontext()
 
 
 @mutant("gc_recompute_default_autocast_dtype",
         "the recomputation re-enters autocast with the default half dtype (float16, torch.cuda.amp.autocast()'s) "
         "after a bfloat16 forward",
         "PyTorch's CheckpointFunction before pytorch/pytorch#71169; fairscale's checkpoint_activations "
-        "(facebookresearch/fairscale#1199)")
-def _gc_recompute_default_dtype() -> list[Patch]:
-    def recompute_autocast(device_type, was_on):
-        return torch.autocast(device_type, dtype=torch.float16, enabled=was_on)
-    return [(M, "run_block", _checkpointed_block(_hand_rolled(recompute_autocast)))]
+        "(facebookresearch/fairscale#1199)", component="block_runner")
+@_checkpointed_block
+@_hand_rolled
+def _gc_recompute_default_dtype(device_type, was_on):
+    return torch.autocast(device_type, dtype=torch.float16, enabled=was_on)
 
 

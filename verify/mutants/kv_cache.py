@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import llama_ref.model as M
 from llama_ref.generation import Llama
+from llama_ref.kv_cache import KVCache
 
 from .base import Mutant, Patch, collector
 
@@ -14,47 +15,42 @@ ZOO: list[Mutant] = []
 mutant = collector(ZOO, PROP)
 
 
-def _ensure_cache_like(attn: M.Attention, xk: torch.Tensor) -> None:
-    attn.ensure_cache(xk)
-
-
 @mutant("seed_cache_batch_index", "cache indexed `cache_k[:, bsz, start:end]` instead of `[:bsz, start:end]`",
-        "the seed report's Attention.forward")
-def _seed_cache_batch_index() -> list[Patch]:
-    def update_cache(self, xk, xv, start_pos):
+        "the seed report's Attention.forward", component="cache_cls")
+class _SeedCacheBatchIndex(KVCache):
+    def update(self, xk, xv, start_pos):
         bsz, seqlen = xk.shape[:2]
-        _ensure_cache_like(self, xk)
+        self.ensure(xk)
         with torch.no_grad():
             self.cache_k[:, bsz, start_pos:start_pos + seqlen] = xk
             self.cache_v[:, bsz, start_pos:start_pos + seqlen] = xv
         return self.cache_k[:, bsz, :start_pos + seqlen], self.cache_v[:, bsz, :start_pos + seqlen]
-    return [(M.Attention, "update_cache", update_cache)]
 
 
 @mutant("cache_not_sliced_to_bsz", "all max_batch_size cache rows read back, stale rows included",
-        "caches sized for max_batch_size read without `[:bsz]` (Meta's code slices; ports often drop it)")
-def _cache_not_sliced() -> list[Patch]:
-    def update_cache(self, xk, xv, start_pos):
+        "caches sized for max_batch_size read without `[:bsz]` (Meta's code slices; ports often drop it)",
+        component="cache_cls")
+class _CacheNotSliced(KVCache):
+    def update(self, xk, xv, start_pos):
         bsz, seqlen = xk.shape[:2]
-        _ensure_cache_like(self, xk)
+        self.ensure(xk)
         with torch.no_grad():
             self.cache_k[:bsz, start_pos:start_pos + seqlen] = xk
             self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
         return self.cache_k[:, :start_pos + seqlen], self.cache_v[:, :start_pos + seqlen]
-    return [(M.Attention, "update_cache", update_cache)]
 
 
 @mutant("cache_write_ignores_start_pos", "new keys/values written at position 0 instead of start_pos",
-        "cache updates written as `cache[:bsz, :seqlen] = xk` (offset bookkeeping lost in ring/static caches)")
-def _cache_write_at_zero() -> list[Patch]:
-    def update_cache(self, xk, xv, start_pos):
+        "cache updates written as `cache[:bsz, :seqlen] = xk` (offset bookkeeping lost in ring/static caches)",
+        component="cache_cls")
+class _CacheWriteAtZero(KVCache):
+    def update(self, xk, xv, start_pos):
         bsz, seqlen = xk.shape[:2]
-        _ensure_cache_like(self, xk)
+        self.ensure(xk)
         with torch.no_grad():
             self.cache_k[:bsz, :seqlen] = xk
             self.cache_v[:bsz, :seqlen] = xv
         return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
-    return [(M.Attention, "update_cache", update_cache)]
 
 
 @mutant("rope_not_offset", "RoPE of new tokens taken from position 0, not start_pos",
@@ -106,15 +102,16 @@ def _keys_cached_before_rope() -> list[Patch]:
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        if self.kv_caching:
-            _ensure_cache_like(self, xk)
+        cache = self.kv_cache
+        if cache is not None:
+            cache.ensure(xk)
             with torch.no_grad():
-                self.cache_k[:bsz, start_pos:start_pos + seqlen] = xk  # not yet rotated
-                self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
+                cache.cache_k[:bsz, start_pos:start_pos + seqlen] = xk  # not yet rotated
+                cache.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
         xq, xk = M.apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
-        if self.kv_caching:
-            keys = torch.cat([self.cache_k[:bsz, :start_pos], xk], dim=1)
-            values = self.cache_v[:bsz, :start_pos + seqlen]
+        if cache is not None:
+            keys = torch.cat([cache.cache_k[:bsz, :start_pos], xk], dim=1)
+            values = cache.cache_v[:bsz, :start_pos + seqlen]
         else:
             keys, values = xk, xv
         keys, values = M.repeat_kv(keys, self.n_rep), M.repeat_kv(values, self.n_rep)
@@ -134,20 +131,17 @@ def _sdpa_is_causal() -> list[Patch]:
 
 @mutant("uncached_generate_new_tokens_only",
         "uncached generation feeds only the new tokens (no cache to supply the past)",
-        "the seed report's first uncached `generate` (the branch did not recompute tokens[:, :cur_pos])")
-def _uncached_new_only() -> list[Patch]:
+        "the seed report's first uncached `generate` (the branch did not recompute tokens[:, :cur_pos])",
+        component="generator_cls")
+class _UncachedNewOnly(Llama):
     def step_logits(self, tokens, prev_pos, cur_pos, kv_caching):
         return self.model(tokens[:, prev_pos:cur_pos], prev_pos)
-    return [(Llama, "step_logits", step_logits)]
 
 
 @mutant("cached_generate_start_pos_zero", "cached decode steps passed start_pos=0",
-        "generation loops calling `model(tokens[:, prev_pos:cur_pos], 0)`")
-def _cached_start_pos_zero() -> list[Patch]:
+        "generation loops calling `model(tokens[:, prev_pos:cur_pos], 0)`", component="generator_cls")
+class _CachedStartPosZero(Llama):
     def step_logits(self, tokens, prev_pos, cur_pos, kv_caching):
         if kv_caching:
             return self.model(tokens[:, prev_pos:cur_pos], 0)
         return self.model(tokens[:, :cur_pos], 0)[:, prev_pos:]
-    return [(Llama, "step_logits", step_logits)]
-
-
