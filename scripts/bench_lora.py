@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 import warnings
 from typing import Callable
 
@@ -54,12 +53,15 @@ from torch import nn
 from llama_ref.args import ModelArgs
 from llama_ref.lora import ALL_TARGETS, apply_lora_to_llama
 from llama_ref.model import Transformer, init_weights
+from llama_ref.perf.peak import MiB, PeakTracker
 
 SEED = 0
 RANK, ALPHA, DROPOUT, LR = 16, 32, 0.05, 1e-3
 SEED_TARGETS = ("wq", "wv")
-CATEGORIES = ("Parameter", "Buffer", "Gradient", "Activation", "Temp", "Optstate")
-MiB = 2 ** 20
+# Table column → PeakTracker's category (the table keeps MemTracker's own names).
+CATEGORIES = {"Parameter": "parameter", "Buffer": "buffer", "Gradient": "gradient", "Activation": "activation",
+              "Temp": "temporary", "Optstate": "optimizer state"}
+
 PAIRS = {"ours math": "PEFT eager", "ours sdpa": "PEFT sdpa"}  # explicit matmul+softmax vs the fused kernel
 
 
@@ -126,22 +128,14 @@ def timed(trainers: dict[str, Trainer], repeats: int) -> dict[str, tuple[float, 
     return {name: (statistics.median(fb[name]), statistics.median(step[name]), first[name]) for name in trainers}
 
 
-def tracked_peak(tr: Trainer) -> dict[str, int]:
-    """MemTracker's peak snapshot (bytes by category, and "Total") over one step of a warmed-up trainer."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    mt = MemTracker()
-    for p in tr.model.parameters():
-        # MemTracker (torch 2.13) registers a gradient hook on every parameter it meets, and register_hook raises
-        # on a frozen one; marking frozen parameters as already hooked skips only that (they get no gradient).
-        if not p.requires_grad:
-            no_handle = types.SimpleNamespace(remove=lambda: None)
-            mt._param_to_grad_hook_handles[p] = (no_handle, no_handle)
-    mt.track_external(tr.model, tr.opt, tr.tokens)
-    with mt:
+def tracked_peak(tr: Trainer) -> dict[str, float]:
+    """MemTracker's peak over one step of a warmed-up trainer (``llama_ref.perf.peak.PeakTracker``, the project's
+    one reader): bytes by the columns of :data:`CATEGORIES`, and "Total"."""
+    with PeakTracker(tr.model, tr.opt, tr.tokens) as tracker:
         tr()
-    (snap,) = mt.get_tracker_snapshot("peak").values()
-    return {str(getattr(k, "value", k)): v for k, v in snap.items()}
+    out = {col: tracker.breakdown_mb.get(ours, 0.0) * MiB for col, ours in CATEGORIES.items()}
+    out["Total"] = tracker.peak_mb * MiB
+    return out
 
 
 def proc_status(key: str) -> int:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
+
+from llama_ref.formats.atomic import atomic_write
 
 ASSETS = Path(__file__).resolve().parent.parent / "llama_ref" / "assets"
 OUTPUT = ASSETS / "instructions.json"
@@ -150,18 +150,6 @@ def dumps(records: list[Record]) -> bytes:
     return f"[\n{lines}\n]\n".encode("utf-8")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates the file 0600; the data set is an ordinary, world-readable asset
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=OUTPUT, help="data set file (default: %(default)s)")
@@ -177,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.output} is up to date ({len(records)} examples, {len(data)} bytes)")
         return 0
-    write_atomic(args.output, data)
+    atomic_write(args.output, data)
     print(f"wrote {args.output} ({len(records)} examples, {len(data)} bytes)")
     return 0
 

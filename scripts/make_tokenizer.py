@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
+
+from llama_ref.formats.atomic import atomic_write
 
 ASSETS = Path(__file__).resolve().parent.parent / "llama_ref" / "assets"
 CORPUS = ASSETS / "corpus.txt"
@@ -58,18 +58,6 @@ def train(corpus: Path = CORPUS) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates the file 0600; the model is an ordinary, world-readable asset
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="training text (default: %(default)s)")
@@ -86,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.output} is up to date ({len(model)} bytes)")
         return 0
-    write_atomic(args.output, model)
+    atomic_write(args.output, model)
     print(f"wrote {args.output} ({len(model)} bytes, sentencepiece {spm.__version__})")
     return 0
 

@@ -7,11 +7,12 @@ import platform
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from llama_ref.formats.atomic import atomic_write
 from llama_ref.model import Transformer
 
 from .checks.gradient_checkpointing import check_gradient_checkpointing
@@ -137,8 +138,5 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` atomically: a temporary file beside ``path``, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write ``payload`` atomically (llama_ref's one atomic writer: all of the file or none of it)."""
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")

@@ -37,7 +37,7 @@ from .memory import predict_step_flops, predict_step_memory
 def _run_isolated(bench: BenchConfig, cell: Cell, workdir: Path) -> dict[str, Any]:
     """``run_cell`` in a child process; a crash, a kill or a timeout is a record too."""
     job, result = workdir / f"{cell.name}.job.json", workdir / f"{cell.name}.result.json"
-    job.write_text(json.dumps({"bench": dataclasses.asdict(bench), "cell": dataclasses.asdict(cell)}))
+    atomic_write(job, json.dumps({"bench": dataclasses.asdict(bench), "cell": dataclasses.asdict(cell)}))
     cmd = [sys.executable, "-m", "llama_ref.cli.bench", "--run-cell", str(job), str(result)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.timeout)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..formats.atomic import atomic_write
+
 if TYPE_CHECKING:
     from .bench_config import BenchConfig
 
@@ -193,23 +195,32 @@ def write_markdown(path: Path, bench: BenchConfig, records: list[dict[str, Any]]
     if failed:
         parts += ["### Cells that did not finish", ""] + [f"- {r['cell']}: {r['status']} — {r.get('error', '')}"
                                                           for r in failed] + [""]
-    path.write_text("\n".join(parts))
+    atomic_write(path, "\n".join(parts))
 
 
 def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
-    """``loss_curves.png`` (measured runs) and ``memory_breakdown.png``; [] when matplotlib is missing."""
+    """``loss_curves.png`` (measured runs) and ``memory_breakdown.png``; [] when matplotlib is missing.
+
+    matplotlib's object API (a ``Figure`` on its own Agg canvas): no backend chosen for the process, no pyplot
+    state left behind."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         print("llama-bench: matplotlib is not installed (pip install .[bench]): no plots", file=sys.stderr)
         return []
+
+    def save(fig: "Figure", name: str) -> Path:
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        return atomic_write(out / name, lambda f: fig.savefig(f, format="png", dpi=100))
+
     written = []
     ok = [r for r in records if r["status"] == "ok"]
     curves = [r for r in ok if r.get("losses")]
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        fig = Figure(figsize=(12, 4.5))
+        axes = fig.subplots(1, 2, sharey=True)
         for ax, ga in zip(axes, (True, False)):
             for r in (r for r in curves if r["ga"] == ga):
                 ax.plot([p["micro_batches"] for p in r["losses"]], [p["loss"] for p in r["losses"]],
@@ -218,13 +229,11 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
             ax.set_xlabel("micro-batches")
             ax.legend(fontsize=7)
         axes[0].set_ylabel("window loss (mean token cross-entropy)")
-        fig.tight_layout()
-        fig.savefig(out / "loss_curves.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "loss_curves.png")
+        written.append(save(fig, "loss_curves.png"))
     with_breakdown = [r for r in ok if r.get("breakdown_mb")]
     if with_breakdown:
-        fig, ax = plt.subplots(figsize=(12, 5))
+        fig = Figure(figsize=(12, 5))
+        ax = fig.subplots()
         names = [r["cell"] for r in with_breakdown]
         bottom = [0.0] * len(names)
         for k in BREAKDOWN:
@@ -234,8 +243,5 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("MiB at the peak")
         ax.tick_params(axis="x", rotation=60, labelsize=8)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "memory_breakdown.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "memory_breakdown.png")
+        written.append(save(fig, "memory_breakdown.png"))
     return written
