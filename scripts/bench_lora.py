@@ -1,3 +1,4 @@
+# Over 350 lines: one benchmark, its three comparisons (memory, speed, MP + GC) printing one report.
 """LoRA training on CPU (fp32): step time and peak memory, each compared within one run.
 
 a. LoRA vs full fine-tuning on the "bench" preset: r=16, alpha=32, dropout 0.05 on wq+wv (the seed report's setting;

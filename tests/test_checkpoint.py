@@ -1,3 +1,4 @@
+# Over 350 lines: the tests of one module, llama_ref.formats.meta (a test file per module).
 """Meta-format checkpoints: round trips, strict validation, safe loading, shard merging, atomic saving."""
 from __future__ import annotations
 

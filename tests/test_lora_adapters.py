@@ -1,3 +1,4 @@
+# Over 350 lines: the tests of one module, llama_ref.lora.adapter, PEFT's format included.
 """llama_ref.lora.adapter: adapter files (ours and PEFT's) round-trip, fail loudly on mismatch, and agree with PEFT on
 transformers; merge_and_unload gives a plain Transformer that is an ordinary Meta checkpoint."""
 from __future__ import annotations

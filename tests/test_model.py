@@ -284,16 +284,3 @@ def test_init_weights_is_seeded_and_leaves_the_global_rng_alone():
     layer = a.layers[0]
     assert not torch.equal(layer.attention.wq.weight, layer.attention.wo.weight)  # same shape, different draws
     assert not torch.equal(layer.feed_forward.w1.weight, layer.feed_forward.w3.weight)
-
-
-def test_importing_the_model_loads_no_tokenizer_or_data_pipeline():
-    # A fresh interpreter: this one has imported everything already. IGNORE_INDEX lives with the loss, and the
-    # package's Llama/Tokenizer are imported on first use.
-    import subprocess
-    import sys
-
-    code = ("import sys, llama_ref.model, llama_ref; "
-            "loaded = {'sentencepiece', 'tiktoken', 'llama_ref.train.data', 'llama_ref.tokenizer'} & set(sys.modules); "
-            "assert not loaded, loaded; from llama_ref import Llama, Tokenizer")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr

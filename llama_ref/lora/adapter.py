@@ -1,3 +1,4 @@
+# Over 350 lines: our adapter format and PEFT's are one concept (same tensors, two key schemes, one validation).
 """LoRA adapter files: only the adapters' ``lora_A``/``lora_B`` (safetensors) plus a small JSON config, in our own
 format and in PEFT's.
 

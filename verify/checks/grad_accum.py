@@ -1,3 +1,4 @@
+# Over 350 lines: property 2's check and its calibrated large-batch reference, kept side by side.
 """Property 2: gradient accumulation equals the large batch.
 
 Windows of ragged, prompt-masked sequences, split into micro-batches in several ways (one micro-batch of all N, N of

@@ -1,3 +1,4 @@
+# Over 350 lines: property 5's five claims share one calibration; its op rules are in precision_policy.py.
 """Property 5: mixed precision that is really mixed, and still right.
 
 On copies of the model (fp32 master weights), driving ``llama_ref.train.trainer.Trainer`` itself:

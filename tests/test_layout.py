@@ -1,0 +1,164 @@
+"""The layout docs/architecture.md draws, checked: the import graph of ``llama_ref`` and ``verify`` (read with
+``ast``, nothing imported) has no cycle, imports only point down the layers, and no source file grows past ~350
+lines without saying why at its top."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("llama_ref", "verify")
+MAX_LINES = 350
+REASON = "# Over 350 lines:"  # how a longer file says why, in its first lines
+
+# Layers of llama_ref, lowest first: a module may import its own layer or a lower one, never a higher one. The
+# package façades (``llama_ref/__init__.py``, ``verify/__init__.py``) re-export and are not a layer.
+LAYERS = {
+    0: ("llama_ref.args", "llama_ref.kv_cache", "llama_ref.loss", "llama_ref.model", "llama_ref.tokenizer"),
+    1: ("llama_ref.formats", "llama_ref.lora", "llama_ref.generation", "llama_ref.default"),
+    2: ("llama_ref.train",),
+    3: ("llama_ref.perf",),
+    4: ("llama_ref.cli",),
+    5: ("verify",),  # the checks read the product; the product never imports them
+}
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """Dotted name → (file, is a package ``__init__``)."""
+    out = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            out[".".join(parts[:-1] if is_pkg else parts)] = (f, is_pkg)
+    return out
+
+
+def _imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement, at any depth (a function-level import is a dependency too), except those under
+    ``if TYPE_CHECKING:``, which never run."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in _imports(child))
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from _imports(node)
+
+
+def _targets(module: str, is_pkg: bool, node: ast.Import | ast.ImportFrom, modules: dict) -> set[str]:
+    names = []
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: from the module's package, one level up per extra dot
+            pkg = module.split(".") if is_pkg else module.split(".")[:-1]
+            pkg = pkg[:len(pkg) - (node.level - 1)]
+            base = ".".join(pkg + ([base] if base else []))
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+    out = set()
+    for name in names:
+        if name.split(".")[0] not in PACKAGES:
+            continue
+        while name not in modules and "." in name:  # an attribute of a module: the module
+            name = name.rsplit(".", 1)[0]
+        if name != module:
+            out.add(name)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {m: set().union(*(_targets(m, is_pkg, node, modules) for node in _imports(ast.parse(f.read_text()))))
+            for m, (f, is_pkg) in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
+    """One import cycle (its modules in order, the first repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    path: list[str] = []
+
+    def visit(m: str) -> Optional[list[str]]:
+        state[m] = 1
+        path.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                return path[path.index(d):] + [d]
+            if d not in state and (cycle := visit(d)):
+                return cycle
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def layer_of(module: str) -> Optional[int]:
+    for rank, prefixes in LAYERS.items():
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    return None
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph()
+
+
+def test_the_graph_reader_sees_imports_and_cycles():
+    # The reader itself, on a known case: relative imports resolve, and a planted cycle is found.
+    g = import_graph()
+    assert {"llama_ref.args", "llama_ref.kv_cache", "llama_ref.loss"} <= g["llama_ref.model"]
+    assert "verify.mutants.base" in g["verify.mutants.kv_cache"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_there_is_no_import_cycle(graph):
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_imports_only_point_down_the_layers(graph):
+    up = []
+    for module, deps in sorted(graph.items()):
+        rank = layer_of(module)
+        if rank is None:  # a package façade
+            assert module in PACKAGES or module.endswith(("__main__",)) or module.count(".") == 1, module
+            continue
+        up += [f"{module} (layer {rank}) imports {d} (layer {layer_of(d)})" for d in sorted(deps)
+               if layer_of(d) is not None and layer_of(d) > rank]
+    assert not up, "\n".join(up)
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in _modules() if layer_of(m) is None and m not in PACKAGES]
+    assert not unplaced, f"modules outside every layer of docs/architecture.md: {unplaced}"
+
+
+def test_importing_the_model_loads_no_tokenizer_data_or_training_code():
+    # A fresh interpreter: this process has imported everything already. IGNORE_INDEX lives with the loss, and the
+    # package's Llama/Tokenizer are imported on first use (PEP 562).
+    code = ("import sys, llama_ref.model, llama_ref.kv_cache, llama_ref.loss, llama_ref; "
+            "loaded = {'sentencepiece', 'tiktoken', 'llama_ref.train.data', 'llama_ref.tokenizer', "
+            "'llama_ref.train', 'llama_ref.perf', 'llama_ref.cli', 'verify'} & set(sys.modules); "
+            "assert not loaded, sorted(loaded); from llama_ref import Llama, Tokenizer")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_source_files_are_short_or_say_why():
+    long = []
+    for f in sorted(p for pkg in (*PACKAGES, "scripts", "tests") for p in (ROOT / pkg).rglob("*.py")):
+        lines = f.read_text().splitlines()
+        if len(lines) > MAX_LINES and not any(line.startswith(REASON) for line in lines[:5]):
+            long.append(f"{f.relative_to(ROOT)}: {len(lines)} lines")
+    assert not long, f"over {MAX_LINES} lines without a '{REASON} …' line at the top: {long}"
