@@ -26,7 +26,7 @@ from llama_ref.tokenizer import (
     split_long_runs,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The four prompts of Meta's example_text_completion.py, in the shipped corpus's vocabulary.
 PROMPTS = [

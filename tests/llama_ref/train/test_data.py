@@ -29,7 +29,7 @@ from llama_ref.train.data import (
 )
 from llama_ref.default import default_args, default_model, default_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 TOK = default_tokenizer()
 WITH_INPUT = {"instruction": "Sort these numbers.", "input": "5, 2, 9", "output": "2, 5, 9"}
 NO_INPUT = {"instruction": "What is 17 + 25?", "input": "", "output": "42"}
