@@ -10,7 +10,7 @@ Notation used for tensor shapes: H query heads, Hkv key/value heads, Dh head_dim
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -141,16 +141,8 @@ def to_hf_state_dict(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Te
     Partial state dicts are converted key by key (missing keys stay missing); an unknown key is a ``ValueError``.
     Unpermuted tensors are detached but share storage with the input.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in _state_dict_of(model_or_state_dict).items():
-        try:
-            hf_key = meta_to_hf_key(key)
-        except ValueError as e:
-            raise ValueError(f"to_hf_state_dict: {e}") from None
-        heads = rotary_heads(key, args)
-        value = value.detach()
-        out[hf_key] = value if heads is None else permute_rotary(value, heads)
-    return out
+    return _convert(_state_dict_of(model_or_state_dict), args, "to_hf_state_dict", meta_to_hf_key, permute_rotary,
+                    meta_key_of=lambda key, _: key)
 
 
 def from_hf_state_dict(hf_sd: Union[nn.Module, Mapping[str, torch.Tensor]], args: ModelArgs
@@ -158,15 +150,23 @@ def from_hf_state_dict(hf_sd: Union[nn.Module, Mapping[str, torch.Tensor]], args
     """transformers keys → Meta keys, ``q_proj``/``k_proj`` rows back to interleaved order (inverse of
     :func:`to_hf_state_dict`). Derived RoPE buffers (``rotary_emb.inv_freq``) are dropped; other unknown keys
     are a ``ValueError``."""
+    state = {k: v for k, v in _state_dict_of(hf_sd).items() if not _HF_DERIVED.fullmatch(k)}
+    return _convert(state, args, "from_hf_state_dict", hf_to_meta_key, unpermute_rotary,
+                    meta_key_of=lambda _, new_key: new_key)
+
+
+def _convert(state: Mapping[str, torch.Tensor], args: ModelArgs, caller: str, rename: Callable[[str], str],
+             reorder: Callable[[torch.Tensor, int], torch.Tensor], meta_key_of: Callable[[str, str], str]
+             ) -> dict[str, torch.Tensor]:
+    """Each tensor under its ``rename``d key, detached; the rotary rows of ``wq``/``wk`` (found by their Meta key)
+    ``reorder``ed. An unknown key is a ValueError naming ``caller``."""
     out: dict[str, torch.Tensor] = {}
-    for key, value in _state_dict_of(hf_sd).items():
-        if _HF_DERIVED.fullmatch(key):
-            continue
+    for key, value in state.items():
         try:
-            meta_key = hf_to_meta_key(key)
+            new_key = rename(key)
         except ValueError as e:
-            raise ValueError(f"from_hf_state_dict: {e}") from None
-        heads = rotary_heads(meta_key, args)
+            raise ValueError(f"{caller}: {e}") from None
+        heads = rotary_heads(meta_key_of(key, new_key), args)
         value = value.detach()
-        out[meta_key] = value if heads is None else unpermute_rotary(value, heads)
+        out[new_key] = value if heads is None else reorder(value, heads)
     return out

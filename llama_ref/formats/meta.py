@@ -24,7 +24,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -280,20 +280,27 @@ def _listing(items: Sequence[str]) -> str:
     return shown + (f", … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def _check_keys_and_shapes(state: dict[str, torch.Tensor], args: ModelArgs, source: str,
-                           optional: Sequence[str] = ()) -> None:
-    expected = expected_shapes(args)
-    missing = [k for k in expected if k not in state and k not in optional]
-    unexpected = [k for k in state if k not in expected]
+def key_problems(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *,
+                 optional: Sequence[str] = (), strict: bool = True) -> list[str]:
+    """One line per kind of mismatch between ``tensors`` and the ``expected`` shapes (missing and unexpected keys
+    only when ``strict``; shape mismatches always), each listing the keys: what a state-dict error message says."""
+    missing = [k for k in expected if k not in tensors and k not in optional]
+    unexpected = [k for k in tensors if k not in expected]
     mismatched = [f"{k!r}: got {tuple(t.shape)}, expected {expected[k]}"
-                  for k, t in state.items() if k in expected and tuple(t.shape) != expected[k]]
+                  for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k])]
     lines = []
-    if missing:
+    if strict and missing:
         lines.append(f"{len(missing)} missing key(s): {_listing([repr(k) for k in missing])}")
-    if unexpected:
+    if strict and unexpected:
         lines.append(f"{len(unexpected)} unexpected key(s): {_listing([repr(k) for k in unexpected])}")
     if mismatched:
         lines.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
+    return lines
+
+
+def _check_keys_and_shapes(state: dict[str, torch.Tensor], args: ModelArgs, source: str,
+                           optional: Sequence[str] = ()) -> None:
+    lines = key_problems(state, expected_shapes(args), optional=optional)
     if lines:
         raise CheckpointError(f"{source} does not match ModelArgs(dim={args.dim}, n_layers={args.n_layers}, "
                               f"n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, vocab_size={args.vocab_size}, "

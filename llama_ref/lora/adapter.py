@@ -39,7 +39,7 @@ from torch import nn
 
 from ..formats.atomic import atomic_write_files
 from ..formats.hf import hf_to_meta_module, meta_to_hf_module, permute_rotary, rotary_heads, unpermute_rotary
-from ..formats.meta import _listing
+from ..formats.meta import _listing, key_problems
 from ..model import Transformer
 from .apply import apply_lora_to_llama, lora_layers
 from .layer import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
@@ -248,18 +248,8 @@ def _load(model: Transformer, spec: AdapterSpec, tensors: dict[str, torch.Tensor
         linear = modules[name]
         expected[f"{name}.lora_A"] = (spec.r, linear.in_features)
         expected[f"{name}.lora_B"] = (linear.out_features, spec.r)
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    mismatched = [f"{k!r}: got {tuple(t.shape)}, expected {expected[k]}"
-                  for k, t in tensors.items() if k in expected and tuple(t.shape) != expected[k]]
+    lines = key_problems(tensors, expected, strict=strict)
     not_float = [f"{k!r} ({t.dtype})" for k, t in tensors.items() if k in expected and not t.is_floating_point()]
-    lines = []
-    if strict and missing:
-        lines.append(f"{len(missing)} missing key(s): {_listing([repr(k) for k in missing])}")
-    if strict and unexpected:
-        lines.append(f"{len(unexpected)} unexpected key(s): {_listing([repr(k) for k in unexpected])}")
-    if mismatched:
-        lines.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
     if not_float:
         lines.append(f"{len(not_float)} non-floating tensor(s): {_listing(not_float)}")
     if lines:

@@ -123,12 +123,7 @@ class _NotCleared(Trainer):
         "timoschick/pet issue #36, tomhosking/torchseq issue #8: leftover micro-batches never stepped", component="trainer_cls")
 class _DropLast(Trainer):
     def windows(self, micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
-        window: list[Batch] = []
-        for batch in micro_batches:
-            window.append(batch)
-            if len(window) == ga:
-                yield window
-                window = []
+        return (window for window in super().windows(micro_batches, ga) if len(window) == ga)
 
 
 @mutant("ga_optimizer_step_each_micro_batch", "optimizer stepped after every micro-batch: GA a no-op",
