@@ -136,6 +136,8 @@ def test_imports_only_point_down_the_layers(graph):
             continue
         up += [f"{module} (layer {rank}) imports {d} (layer {layer_of(d)})" for d in sorted(deps)
                if layer_of(d) is not None and layer_of(d) > rank]
+        up += [f"{module} imports the façade {d} (import the module that defines the name)" for d in sorted(deps)
+               if d in PACKAGES]
     assert not up, "\n".join(up)
 
 

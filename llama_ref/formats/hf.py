@@ -2,7 +2,7 @@
 row permutation of ``wq``/``wk`` between Meta's interleaved RoPE and transformers' rotate-half RoPE.
 
 Pure tensor and string work (transformers is not imported), shared by ``verify.oracle_hf`` (whole models) and
-``llama_ref.lora_io`` (PEFT adapters, whose ``lora_B`` on ``wq``/``wk`` needs the same row permutation: the update
+``llama_ref.lora.adapter`` (PEFT adapters, whose ``lora_B`` on ``wq``/``wk`` needs the same row permutation: the update
 ``B·A`` has the rows of ``W``, so permuting ``B``'s rows permutes ``B·A``'s rows, and ``A`` stays as it is).
 
 Notation used for tensor shapes: H query heads, Hkv key/value heads, Dh head_dim, D dim.

@@ -10,11 +10,11 @@ format and in PEFT's.
   transformers' names (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``) and a PEFT
   ``adapter_config.json``; ``PeftModel.from_pretrained`` on ``verify.oracle_hf.build_hf_model(base)`` then computes
   what our LoRA model computes. ``lora_B`` of ``wq``/``wk`` gets the rotate-half row permutation of
-  :mod:`llama_ref.hf_format` (``B·A`` has ``W``'s rows); ``A`` is unchanged.
+  :mod:`llama_ref.formats.hf` (``B·A`` has ``W``'s rows); ``A`` is unchanged.
 
 Tensors are written in their own dtype (no cast: bf16 adapters stay bf16, fp32 stay fp32), on the CPU. Both files
 are written to temporary files, fsynced and renamed into place (weights first, the config last), as
-:func:`llama_ref.checkpoint.save_checkpoint` does. The two formats share the name ``adapter_config.json``, so a
+:func:`llama_ref.formats.meta.save_checkpoint` does. The two formats share the name ``adapter_config.json``, so a
 directory holds one adapter of one format: writing one format where the other's weights file lies is refused.
 
 Loading never changes the model before the whole file has been checked. A model without LoRA layers gets them

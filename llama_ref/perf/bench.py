@@ -7,7 +7,7 @@ instruction set packed into ``--batch-size`` × ``--seq-len`` blocks (or on synt
 vocabulary is not the bundled tokenizer's). Peak memory:
 the CUDA allocator's ``max_memory_allocated`` on CUDA; on CPU torch's MemTracker over one more accumulation window
 after the timed ones (which also gives the breakdown on both devices). A cell that runs out of memory is recorded as
-``OOM`` and the run goes on. ``--predict``: the same table from fake tensors (``llama_ref.memory``), any shape, any
+``OOM`` and the run goes on. ``--predict``: the same table from fake tensors (``llama_ref.perf.memory``), any shape, any
 device, nothing allocated.
 
 Writes ``--out DIR``: ``bench.json`` (one record per cell), ``bench.md`` (the seed's two tables, the breakdown, and the
@@ -89,7 +89,7 @@ def _predict_all(bench: BenchConfig, cells: list[Cell], done) -> list[dict[str, 
 def _add_flops(bench: BenchConfig, records: list[dict[str, Any]]) -> None:
     """FLOPs per micro-batch of each measured record, counted once per distinct count: a micro-batch's matmuls do
     not depend on GA (a window is the same micro-batches) or on MP (autocast changes dtypes, not shapes), so the 16
-    cells have 4 (GC x LoRA) — checked equal across GA and MP in tests/test_bench.py."""
+    cells have 4 (GC x LoRA) — checked equal across GA and MP in tests/llama_ref/perf/test_bench.py."""
     counted: dict[tuple[bool, bool], Optional[int]] = {}
     for r in records:
         if "flops_per_micro_batch" in r:

@@ -1,7 +1,7 @@
 """Peak memory of one llama-finetune training step: measured, or predicted without allocating.
 
 ``measure_step_memory`` builds the model as ``llama-finetune`` does (``build_model``), runs ``steps`` training steps
-with :class:`~llama_ref.trainer.Trainer` on random tokens and measures the last one: with torch's ``MemTracker``
+with :class:`~llama_ref.train.trainer.Trainer` on random tokens and measures the last one: with torch's ``MemTracker``
 on CPU (by category), with the CUDA allocator's ``max_memory_allocated`` on CUDA (the breakdown from MemTracker).
 
 ``predict_step_memory`` runs the same step — same model, same autocast, same loss, same clipping, same optimizer —

@@ -1,5 +1,5 @@
 """The bug zoo: known-wrong implementations, one module per property, each of which that property's check must
-catch (``llama-verify --mutants``, tests/verify/test_mutants.py).
+catch (``llama-verify --mutants``, tests/verify/mutants/test_mutants.py).
 
 The registry is explicit: :data:`MUTANTS` is built from the modules listed here, in this order, whatever was
 imported before.
