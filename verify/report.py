@@ -1,6 +1,7 @@
 """Run every check on one model, and every mutant against every check; print tables and JSON."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -32,17 +33,19 @@ class Inputs:
 
     seed: int = 0
     prompts: Optional[Sequence[Sequence[int]]] = None
+    fail_fast: bool = False  # the checks that can stop at their first failing case do (a verdict, not a report)
 
 
 # check name -> check(model, inputs, **components): components are the implementation's parts under test
 # (``Mutant.components``, e.g. ``trainer_cls``); without them, llama_ref's own.
 CHECKS: dict[str, Callable[..., CheckResult]] = {
     "kv_cache": lambda model, inputs, **c: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed, **c),
-    "grad_accum": lambda model, inputs, **c: check_grad_accumulation(model, seed=inputs.seed, **c),
+    "grad_accum": lambda model, inputs, **c: check_grad_accumulation(model, seed=inputs.seed,
+                                                                     fail_fast=inputs.fail_fast, **c),
     "lora_merge": lambda model, inputs, **c: check_lora_merge(model, seed=inputs.seed, **c),
     "mixed_precision": lambda model, inputs, **c: check_mixed_precision(
         model, dtype=torch.float16 if model.output.weight.dtype == torch.float16 else torch.bfloat16,
-        seed=inputs.seed, **c),
+        seed=inputs.seed, fail_fast=inputs.fail_fast, **c),
     "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(model, seed=inputs.seed, **c),
 }
 
@@ -65,7 +68,9 @@ def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Sequence[str] =
 
 def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant], *,
                 checks: Sequence[str] = tuple(CHECKS), device: str = "cpu") -> dict[str, dict[str, CheckResult]]:
-    """mutant name → check name → the check's result with that mutant injected (fp32)."""
+    """mutant name → check name → the check's result with that mutant injected (fp32). Only verdicts are read, so
+    the checks stop at their first failing case (``Inputs.fail_fast``)."""
+    inputs = dataclasses.replace(inputs, fail_fast=True)
     matrix: dict[str, dict[str, CheckResult]] = {}
     for m in mutants:
         row = {}

@@ -279,7 +279,8 @@ def check_grad_accumulation(model: Transformer, *, n_sequences: int = 6,
                             optimizer: Union[str, Sequence[str]] = ("sgd", "adamw"),
                             clip: Union[float, str, None] = "auto", steps: int = 3, schedule: str = "cosine",
                             warmup: int = 1, lora: Sequence[bool] = (False, True), max_len: int = 12,
-                            seed: int = 0, trainer_cls: type[Trainer] = Trainer) -> CheckResult:
+                            seed: int = 0, trainer_cls: type[Trainer] = Trainer, fail_fast: bool = False
+                            ) -> CheckResult:
     """Check property 2 on copies of ``model`` (left untouched), trained by ``trainer_cls`` (a
     ``llama_ref.train.trainer.Trainer``, or a subclass under test).
 
@@ -289,6 +290,8 @@ def check_grad_accumulation(model: Transformer, *, n_sequences: int = 6,
     ``optimizer``: "sgd", "adamw", or several taking turns over the scenarios; ``clip``: a max norm, None, or
     "auto" (half the first window's pre-clip norm, so that clipping binds); ``schedule``: constant, linear or
     cosine after ``warmup`` steps; ``lora``: the variants (False: full fine-tune, True: frozen base + LoRA).
+    ``fail_fast``: stop after the first scenario that fails (the same verdict, sooner; the details are that
+    scenario's only).
     """
     dtype = model.output.weight.dtype
     kinds = [optimizer] if isinstance(optimizer, str) else list(optimizer)
@@ -343,6 +346,10 @@ def check_grad_accumulation(model: Transformer, *, n_sequences: int = 6,
                 bound += _run(models, start, pool, labelled, kind, max_norm, schedule, warmup, details, worst,
                               trainer_cls)
                 total += -(-len(sc.sizes) // sc.ga)
+                if fail_fast and details:
+                    break
+            if fail_fast and details:
+                break
         if clip is not None:
             case += f" clip={clip} (bound in {bound}/{total} steps)"
         return CheckResult(NAME, not details, worst[0], 0.0, None, details, case,

@@ -78,14 +78,14 @@ Batch = dict[str, torch.Tensor]
 def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bfloat16,
                           lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0, steps: int = 8,
                           trainer_cls: type[Trainer] = Trainer,
-                          half_base: Callable[[Transformer, torch.dtype], Transformer] = half_frozen_base
-                          ) -> CheckResult:
+                          half_base: Callable[[Transformer, torch.dtype], Transformer] = half_frozen_base,
+                          fail_fast: bool = False) -> CheckResult:
     """Check property 5 on copies of ``model`` (left untouched), autocasting to ``dtype`` (bf16 or fp16).
 
     ``lora``: targets of the LoRA-on-a-half-base case (None skips it); ``steps``: length of the training run;
     ``trainer_cls``: the trainer under test (``llama_ref.train.trainer.Trainer`` or a subclass); ``half_base``: how
-    the frozen base of a LoRA model is stored in ``dtype`` (``llama-finetune --mp --lora``'s by default).
-    The GradScaler claims always run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
+    the frozen base of a LoRA model is stored in ``dtype`` (``llama-finetune --mp --lora``'s by default);
+    ``fail_fast``: skip the remaining claims once one fails (the same verdict, sooner). The GradScaler claims always run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
     ``max_abs`` is the largest |test − reference| of the calibrated comparisons, ``max_rel`` their worst ratio
     (curves excluded; both are in ``criterion``). Raises ValueError for a ``dtype`` other than bf16/fp16 or
     ``steps`` < 1.
@@ -110,6 +110,8 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
 
     def run(label: str, fn: Callable[[], list[str]]) -> None:
         nonlocal error
+        if fail_fast and failures:
+            return
         try:
             failures.extend(f"{label}: {p}" for p in fn())
         except Exception as e:  # the implementation under test crashed: a failure, with its message

@@ -203,3 +203,13 @@ def test_the_mean_of_means_bug_needs_ragged_micro_batches_and_the_check_has_them
         result = check_grad_accumulation(quick_model, seed=1, **QUICK, **m.components)
     assert any("StepResult.loss" in d for d in result.details) and any(" grads: TOO FAR" in d for d in result.details)
     assert math.isfinite(result.max_abs)
+
+
+def test_fail_fast_stops_at_the_first_failing_scenario_with_the_same_verdict(quick_model):
+    with inject("ga_mean_of_micro_means") as m:
+        full = check_grad_accumulation(quick_model, seed=1, **QUICK, **m.components)
+        fast = check_grad_accumulation(quick_model, seed=1, **QUICK, **m.components, fail_fast=True)
+    scenarios = [{d.split(" step ")[0] for d in r.details} for r in (full, fast)]
+    assert not full.ok and not fast.ok
+    assert len(scenarios[1]) == 1 < len(scenarios[0]) and scenarios[1] <= scenarios[0]
+    assert check_grad_accumulation(quick_model, seed=1, **QUICK, fail_fast=True).ok

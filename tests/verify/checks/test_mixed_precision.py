@@ -278,6 +278,15 @@ def test_mutant_is_caught_for_its_reason(name):
         assert "Attempting to unscale FP16 gradients" in result.error
 
 
+def test_fail_fast_skips_the_claims_after_the_first_failing_one():
+    model = default_model(0)
+    with inject("mp_trainable_params_half") as m:
+        full = check_mixed_precision(model, seed=1, **m.components)
+        fast = check_mixed_precision(model, seed=1, **m.components, fail_fast=True)
+    claims = [{line.split(":")[0] for line in r.details} for r in (full, fast)]
+    assert not full.ok and not fast.ok and claims[1] == {"full bf16"} < claims[0]
+
+
 def test_rmsnorm_mutant_is_caught_numerically_by_fp16_activations():
     with inject("mp_rmsnorm_no_upcast"):
         problems = MP._upcast_problems(default_model(0), [torch.float16], torch.Generator().manual_seed(0))
