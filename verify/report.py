@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -49,6 +50,16 @@ CHECKS: dict[str, Callable[..., CheckResult]] = {
     "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(model, seed=inputs.seed, **c),
 }
 
+# The keyword arguments (the implementation's parts) each check takes: a mutant's component goes to every check that
+# drives that part (a Trainer subclass to the GA and the MP check alike), not to its own property's check alone.
+CHECK_PARTS: dict[str, frozenset[str]] = {
+    name: frozenset(p for p, v in inspect.signature(fn).parameters.items()
+                    if v.kind == v.KEYWORD_ONLY and p in {"trainer_cls", "half_base", "cache_cls", "generator_cls",
+                                                         "lora_layer_cls", "block_runner"})
+    for name, fn in {"kv_cache": check_kv_cache, "grad_accum": check_grad_accumulation,
+                     "lora_merge": check_lora_merge, "mixed_precision": check_mixed_precision,
+                     "gradient_checkpointing": check_gradient_checkpointing}.items()}
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,8 +87,7 @@ def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant]
         row = {}
         for name in checks:
             model = factory(**m.model_overrides).to(device)
-            # Components go to the mutant's own property's check; the other checks test code that takes none.
-            components = m.components if name == m.prop else {}
+            components = {k: v for k, v in m.components.items() if k in CHECK_PARTS[name]}
             with m.applied(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the wrong code's own complaints (e.g. scheduler order)
                 row[name] = CHECKS[name](model, inputs, **components)

@@ -178,3 +178,27 @@ def test_nonfinite_gradients_are_not_applied(monkeypatch):
         tr.step([batch])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_short_last_window_is_trained_and_ends_the_schedule(tmp_path):
+    # 7 examples, batch 1, --ga 3: ceil(7/3) = 3 steps, the last on the one micro-batch left (a run sized by
+    # floor(7/3) = 2 drops it and ends the schedule a step early: transformers #39659, Lightning #19987).
+    data = tmp_path / "seven.json"
+    data.write_text(json.dumps([{"instruction": f"Say {w}.", "input": "", "output": w}
+                                for w in ("one", "two", "three", "four", "five", "six", "seven")]))
+    lr = 1e-3
+    runs = {}
+    for ga in (3, 1):
+        out = tmp_path / f"ga{ga}"
+        argv = ["--data", str(data), "--ga", str(ga), "--batch-size", "1", "--schedule", "linear", "--lr", str(lr),
+                "--out", str(out), "--no-progress", "--no-sample"]
+        assert main(argv) == 0
+        runs[ga] = json.loads((out / METRICS_FILE).read_text())["losses"]
+    steps = runs[3]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    # Linear decay over 3 steps: factors 1, 2/3, 1/3 (over 2 it would be 1, 1/2).
+    assert [s["lr"] for s in steps] == pytest.approx([lr, lr * 2 / 3, lr / 3])
+    # Every micro-batch was trained: the windows' target tokens add up to the one-per-step run's, and the last
+    # window holds exactly the seventh micro-batch's.
+    assert sum(s["tokens"] for s in steps) == sum(s["tokens"] for s in runs[1])
+    assert steps[-1]["tokens"] == runs[1][-1]["tokens"]

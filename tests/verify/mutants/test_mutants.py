@@ -8,7 +8,7 @@ import pytest
 from llama_ref.default import DEFAULT_SEED, default_model
 import llama_ref.model as M
 from verify.mutants import MUTANTS, inject, mutants_for
-from verify.report import CHECKS, Inputs
+from verify.report import CHECK_PARTS, CHECKS, Inputs
 
 @pytest.mark.parametrize("prop", ["kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum",
                                   "mixed_precision"])
@@ -18,6 +18,10 @@ def test_the_zoo_holds_at_least_six_bugs_per_property(prop):
 
 def test_every_mutant_targets_a_registered_check():
     assert {m.prop for m in MUTANTS.values()} <= set(CHECKS)
+    # Its own check takes every part it replaces (else the kill matrix would silently run the correct code there),
+    # and a trainer goes to both checks that drive one.
+    assert all(set(m.components) <= CHECK_PARTS[m.prop] for m in MUTANTS.values())
+    assert {p for p, parts in CHECK_PARTS.items() if "trainer_cls" in parts} == {"grad_accum", "mixed_precision"}
 
 
 @functools.lru_cache(maxsize=None)
