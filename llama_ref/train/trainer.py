@@ -124,8 +124,8 @@ class Trainer:
         grad_norm = self.prepare_gradients(loss)
         skipped = self.apply_update()
         self.clear_gradients()
-        if self.scheduler is not None and not skipped:  # the schedule counts optimizer steps actually taken
-            self.advance_schedule()
+        if self.scheduler is not None:
+            self.advance_schedule(skipped)
         return StepResult(loss, n_tokens, grad_norm, lr, skipped)
 
     def windows(self, micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
@@ -173,9 +173,11 @@ class Trainer:
     def clear_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def advance_schedule(self) -> None:
-        """One step of the LR schedule, after an optimizer step that was taken."""
-        self.scheduler.step()
+    def advance_schedule(self, skipped: bool) -> None:
+        """One step of the LR schedule after an optimizer step that was taken; none after one GradScaler skipped
+        (the schedule counts optimizer steps actually taken)."""
+        if not skipped:
+            self.scheduler.step()
 
 
 @contextlib.contextmanager

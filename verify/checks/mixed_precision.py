@@ -22,7 +22,9 @@ On copies of the model (fp32 master weights), driving ``llama_ref.train.trainer.
   thousands: "massive activations"; fp16 squares overflow above 256) stays within two roundings of fp64, and
   ``token_loss_sum`` on half logits returns an fp32 sum within fp32 rounding of fp64;
 * **GradScaler** (fp16): a step whose gradients hold inf (then NaN) is skipped — parameters and AdamW state
-  bit-identical, ``StepResult.skipped`` set — and the scale is lowered; the next finite step is taken. Gradients
+  bit-identical, ``StepResult.skipped`` set — and the scale is lowered; the next finite step is taken; under a
+  warm-up schedule every step's learning rate is the schedule's after the optimizer steps actually taken (a skipped
+  step does not advance it; the expected rate is the oracle's ``lr_factor``, not the product's). Gradients
   are unscaled before clipping: with clipping binding, ``StepResult.grad_norm`` is the true pre-clip norm
   (calibrated against the plain fp16 path's, not 65536 times it) and the clipped SGD update matches the float64
   one (a window of two micro-batches: one scale for the whole window);
@@ -58,12 +60,13 @@ from llama_ref.lora import apply_lora_to_llama, lora_layers
 from llama_ref.loss import IGNORE_INDEX
 from llama_ref.model import Transformer
 from llama_ref.train.config import half_frozen_base
+from llama_ref.train.optim import make_scheduler
 from llama_ref.train.trainer import Trainer
 
 from ..compare import CalibratedComparison, compare, compare_calibrated
 from .precision_policy import OpRecorder, autocast_observed, precision_policy_problems
 from .precision_policy import dtype_names as _dt
-from ..oracles import token_loss_sum, total_grad_norm
+from ..oracles import lr_factor, token_loss_sum, total_grad_norm
 from ..result import CheckResult
 from ..result import name_list as _names
 from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
@@ -72,6 +75,7 @@ NAME = "mixed_precision"
 FACTORS = CALIBRATION_FACTORS  # "mixed_precision" and "mixed_precision_curve", measured in verify/tolerances.py
 CURVE_FLOOR = 0.1  # × eps(half)·||fp32 curve||: the rounded start can land closer than MP's per-step rounding allows
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+SKIP_LR, SKIP_WARMUP = 1e-3, 48  # the GradScaler claim's warm-up schedule: every step taken changes the lr
 Batch = dict[str, torch.Tensor]
 
 
@@ -85,7 +89,8 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
     ``lora``: targets of the LoRA-on-a-half-base case (None skips it); ``steps``: length of the training run;
     ``trainer_cls``: the trainer under test (``llama_ref.train.trainer.Trainer`` or a subclass); ``half_base``: how
     the frozen base of a LoRA model is stored in ``dtype`` (``llama-finetune --mp --lora``'s by default);
-    ``fail_fast``: skip the remaining claims once one fails (the same verdict, sooner). The GradScaler claims always run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
+    ``fail_fast``: skip the remaining claims once one fails (the same verdict, sooner). The GradScaler claims always
+    run in fp16 (where supported); the training run in ``dtype`` and fp16. The result's
     ``max_abs`` is the largest |test − reference| of the calibrated comparisons, ``max_rel`` their worst ratio
     (curves excluded; both are in ``criterion``). Raises ValueError for a ``dtype`` other than bf16/fp16 or
     ``steps`` < 1.
@@ -297,13 +302,21 @@ def _upcast_problems(model: Transformer, halves: Sequence[torch.dtype], g: torch
 
 def _scaler_skip_problems(model: Transformer, g: torch.Generator, device: torch.device,
                           trainer_cls: type[Trainer] = Trainer) -> list[str]:
-    """fp16 + AdamW: finite step, inf step, NaN step (both skipped, nothing changed, scale lowered), finite step."""
+    """fp16 + AdamW: finite step, inf step, NaN step (both skipped, nothing changed, scale lowered), finite step;
+    under a warm-up schedule, where every advance shows, each step's learning rate is the schedule's after the steps
+    actually taken (a skipped step does not advance it)."""
     test = copy.deepcopy(model)
     params = dict((n, p) for n, p in test.named_parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=0.01)
-    trainer = trainer_cls(test, opt, precision="fp16", clip=1.0)
+    opt = torch.optim.AdamW(params.values(), lr=SKIP_LR, weight_decay=0.01)
+    trainer = trainer_cls(test, opt, precision="fp16", clip=1.0,
+                          scheduler=make_scheduler(opt, "constant", SKIP_WARMUP, warmup_steps=SKIP_WARMUP))
+    results: list = []
+
+    def step(batch: Batch):
+        results.append(trainer.step([batch]))
+        return results[-1]
     for _ in range(16):  # a first finite step; GradScaler may skip while it finds its scale
-        if not trainer.step([_random_batch(test.params, g, device)]).skipped:
+        if not step(_random_batch(test.params, g, device)).skipped:
             break
     problems = []
     victim = list(params)[len(params) // 2]
@@ -314,7 +327,7 @@ def _scaler_skip_problems(model: Transformer, g: torch.Generator, device: torch.
         row0 = torch.tensor([0], device=device)
         handle = params[victim].register_hook(lambda grad, bad=bad: grad.index_fill(0, row0, bad))
         try:
-            result = trainer.step([_random_batch(test.params, g, device)])
+            result = step(_random_batch(test.params, g, device))
         finally:
             handle.remove()
         what = f"a step with {bad} in {victim}.grad"
@@ -332,11 +345,25 @@ def _scaler_skip_problems(model: Transformer, g: torch.Generator, device: torch.
             problems.append(f"{what} did not lower the scale ({scale:g} -> {trainer.scaler.get_scale():g})")
     before = {n: p.detach().clone() for n, p in params.items()}
     for _ in range(16):  # the lowered scale may still overflow: GradScaler lowers it again
-        if not trainer.step([_random_batch(test.params, g, device)]).skipped:
+        if not step(_random_batch(test.params, g, device)).skipped:
             break
     if all(torch.equal(p, before[n]) for n, p in params.items()):
         problems.append("no finite step was taken after the two skipped ones (16 tries)")
-    return problems
+    return problems + _schedule_problems(results)
+
+
+def _schedule_problems(results: Sequence) -> list[str]:
+    """Each step's lr against the oracle's warm-up factor at the number of steps taken before it."""
+    taken, wrong = 0, []
+    for i, r in enumerate(results):
+        want = SKIP_LR * lr_factor(taken, "constant", SKIP_WARMUP, SKIP_WARMUP)
+        if abs(r.lr - want) > 1e-9 * SKIP_LR:
+            wrong.append(f"step {i + 1} ({taken} taken before it) used lr {r.lr:.4g}, the schedule gives {want:.4g}")
+        taken += not r.skipped
+    if not wrong:
+        return []
+    return [f"the LR schedule does not count optimizer steps actually taken (GradScaler skipped "
+            f"{sum(r.skipped for r in results)} of {len(results)}): {_names(wrong, 3)}"]
 
 
 def _same_state(a: dict, b: dict) -> bool:

@@ -94,7 +94,7 @@ class _ScheduleEach(Trainer):
             self.scheduler.step()  # K times per window
         return out
 
-    def advance_schedule(self) -> None:
+    def advance_schedule(self, skipped: bool) -> None:
         pass  # already stepped per micro-batch
 
 
@@ -149,5 +149,5 @@ class _ScheduleFirst(Trainer):
             self.scheduler.step()
         return super().apply_update()
 
-    def advance_schedule(self) -> None:
+    def advance_schedule(self, skipped: bool) -> None:
         pass  # already stepped, before the optimizer

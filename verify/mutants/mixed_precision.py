@@ -40,6 +40,17 @@ class _ParamsHalf(Trainer):
             model.to(self.dtype)
 
 
+@mutant("mp_schedule_advances_on_skipped_step",
+        "the LR schedule stepped after every window, also after one GradScaler skipped: the schedule runs ahead of "
+        "the optimizer steps taken (torch's 'lr_scheduler.step() before optimizer.step()' warning is the symptom)",
+        "Lightning-AI/pytorch-lightning#18828 (scheduler stepped when the optimizer step was skipped), "
+        "pytorch/pytorch#55585 (GradScaler's step does not say whether it ran; fixed in transformers#11144)",
+        component="trainer_cls")
+class _ScheduleOnSkip(Trainer):
+    def advance_schedule(self, skipped: bool) -> None:
+        self.scheduler.step()
+
+
 @mutant("mp_clip_before_unscale", "gradients clipped while still multiplied by the loss scale",
         "loops that add clip_grad_norm_ to the AMP recipe without scaler.unscale_ (torch AMP examples warn)", component="trainer_cls")
 class _ClipBeforeUnscale(Trainer):

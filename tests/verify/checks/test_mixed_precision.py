@@ -260,6 +260,7 @@ EXPECTED = {  # mutant → a detail line it must produce (the claim that catches
     "mp_softmax_in_half": "_softmax(bfloat16)",
     "mp_loss_on_half_logits": "token_loss_sum on bfloat16 logits",
     "mp_frozen_base_kept_fp32": "frozen base not stored in bfloat16",
+    "mp_schedule_advances_on_skipped_step": "the LR schedule does not count optimizer steps actually taken",
 }
 
 
