@@ -284,3 +284,18 @@ def test_init_weights_is_seeded_and_leaves_the_global_rng_alone():
     layer = a.layers[0]
     assert not torch.equal(layer.attention.wq.weight, layer.attention.wo.weight)  # same shape, different draws
     assert not torch.equal(layer.feed_forward.w1.weight, layer.feed_forward.w3.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_model_rotates_long_positions_with_an_fp32_table(dtype):
+    # Llama 3.2's RoPE (theta 5e5, scaled by 32) near position 8k, where angles t·θ formed in bf16 are off by whole
+    # radians (measured: 3.0 rad at 8188-8191); in fp32 they are off by a few fp32 ulps of t.
+    args = ModelArgs.preset("llama-3.2-1b", dim=128, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32,
+                            max_batch_size=1, max_seq_len=8192)
+    half, exact = Transformer(args).to(dtype), Transformer(args).double()
+    start, cpu = args.max_seq_len - 4, torch.device("cpu")
+    table = half.rotary_freqs(start, 4, cpu, dtype)
+    ref = exact.rotary_freqs(start, 4, cpu, torch.float64)
+    err = float((table.to(torch.complex128) / ref).angle().abs().max())
+    bound = 4 * torch.finfo(torch.float32).eps * (args.max_seq_len - 1)  # fp32 rounding of t·θ with θ <= 1
+    assert table.dtype == torch.complex64 and err <= bound, (err, bound)
