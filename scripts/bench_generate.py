@@ -156,7 +156,8 @@ def bench_roofline(kw: dict, n: int, repeats: int, profile: bool) -> list[list[s
     emb_row_bytes = args.dim * model.tok_embeddings.weight.element_size()
     bytes_per_token = linear_bytes + norm_bytes + emb_row_bytes
     cache_elem = model.layers[0].attention.kv_cache.cache_k.element_size()
-    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_elem * (PROMPT_LEN + n / 2)  # mean over the run
+    # the mean over the run
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * cache_elem * (PROMPT_LEN + n / 2)
     xs = [torch.randn(1, w.shape[1]) for w in mats]
 
     def mv_chains() -> None:  # the weight reads of n decode steps, nothing else

@@ -9,7 +9,6 @@ import platform
 import sys
 import warnings
 from dataclasses import dataclass
-
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -50,12 +49,12 @@ CHECKS: dict[str, Callable[..., CheckResult]] = {
     "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(model, seed=inputs.seed, **c),
 }
 
-# The keyword arguments (the implementation's parts) each check takes: a mutant's component goes to every check that
-# drives that part (a Trainer subclass to the GA and the MP check alike), not to its own property's check alone.
+# The implementation's parts each check takes (its keyword-only arguments naming a class or function, e.g.
+# ``trainer_cls``): a mutant's component goes to every check that takes that part (a Trainer subclass to the GA and
+# the MP check alike), not to its own property's check alone.
 CHECK_PARTS: dict[str, frozenset[str]] = {
     name: frozenset(p for p, v in inspect.signature(fn).parameters.items()
-                    if v.kind == v.KEYWORD_ONLY and p in {"trainer_cls", "half_base", "cache_cls", "generator_cls",
-                                                         "lora_layer_cls", "block_runner"})
+                    if v.kind == v.KEYWORD_ONLY and (p.endswith("_cls") or p in ("half_base", "block_runner")))
     for name, fn in {"kv_cache": check_kv_cache, "grad_accum": check_grad_accumulation,
                      "lora_merge": check_lora_merge, "mixed_precision": check_mixed_precision,
                      "gradient_checkpointing": check_gradient_checkpointing}.items()}

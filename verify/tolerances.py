@@ -73,7 +73,8 @@ CALIBRATION_FACTORS: dict[str, float] = {
 IMPLEMENTATIONS: dict[str, Tolerance] = {
     # llama_ref vs transformers' LlamaForCausalLM (complex vs cos/sin RoPE, other reduction orders), logits. Measured
     # over 900 drawn configs: <= 3.5e-6 untied; <= 4.6e-5 tied, where the output matrix is the N(0, 1) embedding and
-    # |logits| reach ~130 (a few ulp of fp32 there). A wrong index costs > 1e-2 (tests/verify/test_oracle_hf.py's teeth).
+    # |logits| reach ~130 (a few ulp of fp32 there). A wrong index costs > 1e-2 (the teeth of
+    # tests/verify/test_oracle_hf.py).
     "hf_logits": Tolerance(0.0, 1e-4),
     # llama_ref + our LoRA vs transformers + PEFT on the same adapter: the logits bound above, the LoRA branch
     # adding one more matmul of the same size (measured <= 3.4e-6 on the tiny preset, up to all seven targets).

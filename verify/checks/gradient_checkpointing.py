@@ -13,7 +13,8 @@ trainable parameter — a ``None`` against a tensor is a failure, never a skip. 
   replay the forward's autocast state.
 
 And the checkpointed blocks really were recomputed: over one forward + backward, every block that the policy selects
-runs twice, every other block once (counted from outside, by forward hooks the check installs on its copies). The blocks a policy selects are taken from the
+runs twice, every other block once (counted from outside, by forward pre-hooks the check installs on its copies).
+The blocks a policy selects are taken from the
 policy's definition (:func:`policy_layers`), not from the implementation's parser, so a policy that silently maps to
 no block ("checkpoint silently not applied") fails.
 

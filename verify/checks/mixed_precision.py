@@ -125,11 +125,12 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
             error = error or message
 
     window = [_random_batch(base.params, g, device) for _ in range(2)]
-    run(f"full {PRECISION_NAMES[dtype]}", lambda: _autocast_problems(base, window[:1], dtype, cals, "full", trainer_cls))
+    run(f"full {PRECISION_NAMES[dtype]}",
+        lambda: _autocast_problems(base, window[:1], dtype, cals, "full", trainer_cls))
     if lora:
         run(f"LoRA on a {PRECISION_NAMES[dtype]} base",
-            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g, half_base), window[:1], dtype, cals, "lora",
-                                       trainer_cls))
+            lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g, half_base), window[:1], dtype, cals,
+                                       "lora", trainer_cls))
     run("upcasts", lambda: _upcast_problems(base, [dtype] + ([torch.float16] if fp16_ok else []), g))
     if fp16_ok:
         run("GradScaler skip", lambda: _scaler_skip_problems(base, g, device, trainer_cls))
@@ -137,8 +138,7 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
     else:
         notes.append(f"fp16 not checked (GradScaler, unscale before clip, fp16 loss curve): {fp16_why}")
     curve_dtypes = list(dict.fromkeys([dtype] + ([torch.float16] if fp16_ok else [])))
-    run("loss curve", lambda: _curve_problems(base, curve_dtypes, steps, g, device, cals, notes,
-                                                     trainer_cls))
+    run("loss curve", lambda: _curve_problems(base, curve_dtypes, steps, g, device, cals, notes, trainer_cls))
 
     worst_abs = max((c.max_abs for c in cals.values()), default=float("inf"))
     worst_ratio = max((c.ratio for k, c in cals.items() if not k.startswith("curve")), default=float("inf"))
@@ -161,7 +161,8 @@ def _autocast_problems(model: Transformer, window: list[Batch], half: torch.dtyp
     hook = test.register_forward_hook(lambda m, args, out: logits.append(out.detach()))
     rec = OpRecorder(test)
     try:
-        result, grads, attempts = _step_capturing_grads(test, window, PRECISION_NAMES[half], rec, trainer_cls=trainer_cls)
+        result, grads, attempts = _step_capturing_grads(test, window, PRECISION_NAMES[half], rec,
+                                                        trainer_cls=trainer_cls)
     finally:
         rec.remove()
         hook.remove()

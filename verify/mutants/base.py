@@ -19,8 +19,9 @@ class Mutant:
     origin: str
     patches: Callable[[], list[Patch]] = list  # name bindings replaced, only where the product has no seam
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    # Injected components, passed to the check as keyword arguments (``check(model, **m.components)``):
-    # ``trainer_cls`` (a Trainer subclass overriding the one decision it gets wrong), ...
+    # Injected components, passed to the checks as keyword arguments (``check(model, **m.components)``): a
+    # ``trainer_cls`` (a Trainer subclass overriding the one decision it gets wrong), ``cache_cls``, ``generator_cls``,
+    # ``block_runner``, ``lora_layer_cls`` or ``half_base``.
     components: dict[str, Any] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -37,8 +38,8 @@ class Mutant:
 def collector(zoo: list[Mutant], prop: str) -> Callable[..., Callable[[Any], Any]]:
     """A decorator ``@mutant(name, description, origin, component=None, **model_overrides)`` adding property
     ``prop``'s mutants to the list ``zoo`` of their module (nothing global: the registry in ``verify.mutants`` lists
-    the modules). It decorates the component itself (``component="trainer_cls"``: a Trainer subclass, given to the check as that keyword) or, without
-    ``component``, a function returning the patches."""
+    the modules). It decorates the component itself (``component="trainer_cls"``: a Trainer subclass, given to the
+    checks as that keyword) or, without ``component``, a function returning the patches."""
     def mutant(name: str, description: str, origin: str, component: Optional[str] = None, **model_overrides: Any):
         def add(obj: Any) -> Any:
             if component is None:

@@ -23,7 +23,8 @@ mutant = collector(ZOO, PROP)
 
 @mutant("ga_mean_of_micro_means",
         "each micro-batch's mean token loss divided by K (and their mean logged): short sequences weigh more",
-        "transformers Trainer until v4.46 (Oct 2024, the unsloth.ai/blog/gradient report); mlx-lm PR #1413", component="trainer_cls")
+        "transformers Trainer until v4.46 (Oct 2024, the unsloth.ai/blog/gradient report); mlx-lm PR #1413",
+        component="trainer_cls")
 class _MeanOfMicroMeans(Trainer):
     def loss_divisor(self, batch: Batch, window: Sequence[Batch], window_tokens: int) -> float:
         return self.count_targets(batch["labels"]) * len(window)
@@ -33,7 +34,8 @@ class _MeanOfMicroMeans(Trainer):
 
 
 @mutant("ga_loss_not_divided", "micro-batch loss sums backpropagated undivided (gradients × window tokens)",
-        "karpathy/nanoGPT issue #168: loss not divided by gradient_accumulation_steps before backward", component="trainer_cls")
+        "karpathy/nanoGPT issue #168: loss not divided by gradient_accumulation_steps before backward",
+        component="trainer_cls")
 class _NotDivided(Trainer):
     def loss_divisor(self, batch: Batch, window: Sequence[Batch], window_tokens: int) -> float:
         return 1
@@ -76,7 +78,8 @@ class _ZeroEach(Trainer):
 
 
 @mutant("ga_clip_each_micro_batch", "gradient clipping after every micro-batch's backward, on partial sums",
-        "transformers issues #986 and #1563 (run_squad/run_glue examples, 2019): clip_grad_norm_ after each backward", component="trainer_cls")
+        "transformers issues #986 and #1563 (run_squad/run_glue examples, 2019): clip_grad_norm_ after each backward",
+        component="trainer_cls")
 class _ClipEach(Trainer):
     def micro_step(self, batch: Batch, window_tokens: float) -> torch.Tensor:
         out = super().micro_step(batch, window_tokens)
@@ -106,7 +109,8 @@ class _LoggedDividedByK(Trainer):
 
 
 @mutant("ga_count_unshifted_labels", "window tokens counted on unshifted labels (labels != -100)",
-        "transformers PR #46204: num_items_in_batch counted position 0, which the shifted loss never predicts", component="trainer_cls")
+        "transformers PR #46204: num_items_in_batch counted position 0, which the shifted loss never predicts",
+        component="trainer_cls")
 class _CountUnshifted(Trainer):
     def count_targets(self, labels: torch.Tensor) -> int:
         return int((labels != IGNORE_INDEX).sum())
@@ -120,14 +124,16 @@ class _NotCleared(Trainer):
 
 
 @mutant("ga_last_window_dropped", "windows() drops a last window shorter than K (drop_last)",
-        "timoschick/pet issue #36, tomhosking/torchseq issue #8: leftover micro-batches never stepped", component="trainer_cls")
+        "timoschick/pet issue #36, tomhosking/torchseq issue #8: leftover micro-batches never stepped",
+        component="trainer_cls")
 class _DropLast(Trainer):
     def windows(self, micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
         return (window for window in super().windows(micro_batches, ga) if len(window) == ga)
 
 
 @mutant("ga_optimizer_step_each_micro_batch", "optimizer stepped after every micro-batch: GA a no-op",
-        "paiml/entrenar issue #123 ('gradient accumulation currently a no-op': per-sequence optimizer updates)", component="trainer_cls")
+        "paiml/entrenar issue #123 ('gradient accumulation currently a no-op': per-sequence optimizer updates)",
+        component="trainer_cls")
 class _OptimizerEach(Trainer):
     def micro_step(self, batch: Batch, window_tokens: float) -> torch.Tensor:
         out = super().micro_step(batch, window_tokens)
@@ -142,7 +148,8 @@ class _OptimizerEach(Trainer):
 
 
 @mutant("ga_scheduler_before_optimizer", "lr_scheduler.step() before optimizer.step(): every lr one step early",
-        "the PyTorch < 1.1 order (pytorch/pytorch issue #20124), still in loops ported from it", component="trainer_cls")
+        "the PyTorch < 1.1 order (pytorch/pytorch issue #20124), still in loops ported from it",
+        component="trainer_cls")
 class _ScheduleFirst(Trainer):
     def apply_update(self) -> bool:
         if self.scheduler is not None:

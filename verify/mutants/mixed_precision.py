@@ -52,7 +52,8 @@ class _ScheduleOnSkip(Trainer):
 
 
 @mutant("mp_clip_before_unscale", "gradients clipped while still multiplied by the loss scale",
-        "loops that add clip_grad_norm_ to the AMP recipe without scaler.unscale_ (torch AMP examples warn)", component="trainer_cls")
+        "loops that add clip_grad_norm_ to the AMP recipe without scaler.unscale_ (torch AMP examples warn)",
+        component="trainer_cls")
 class _ClipBeforeUnscale(Trainer):
     def prepare_gradients(self, loss: float) -> Optional[float]:
         grad_norm = None
@@ -64,7 +65,8 @@ class _ClipBeforeUnscale(Trainer):
 
 
 @mutant("mp_optimizer_step_bypasses_scaler", "optimizer.step() instead of scaler.step(optimizer)",
-        "loops that unscale_ for clipping and then call optimizer.step() themselves: inf/NaN steps are taken", component="trainer_cls")
+        "loops that unscale_ for clipping and then call optimizer.step() themselves: inf/NaN steps are taken",
+        component="trainer_cls")
 class _BypassScaler(Trainer):
     def apply_update(self) -> bool:
         if self.scaler is None:
@@ -76,7 +78,8 @@ class _BypassScaler(Trainer):
 
 
 @mutant("mp_scaler_step_per_micro_batch", "scaler.step + scaler.update run for every micro-batch of a window",
-        "the AMP recipe pasted inside a gradient-accumulation loop (torch AMP docs: update once per effective batch)", component="trainer_cls")
+        "the AMP recipe pasted inside a gradient-accumulation loop (torch AMP docs: update once per effective batch)",
+        component="trainer_cls")
 class _ScalerPerMicroBatch(Trainer):
     def micro_step(self, batch: Batch, window_tokens: float) -> torch.Tensor:
         if self.scaler is None:
@@ -90,7 +93,8 @@ class _ScalerPerMicroBatch(Trainer):
 
 
 @mutant("mp_autocast_wrong_device", "autocast for a device type the model is not on: silently fp32",
-        "the seed report's autocast('cuda', ...) hard-coded, run on another device (torch only warns)", component="trainer_cls")
+        "the seed report's autocast('cuda', ...) hard-coded, run on another device (torch only warns)",
+        component="trainer_cls")
 class _AutocastWrongDevice(Trainer):
     def autocast(self):
         other = "cuda" if self.device_type == "cpu" else "cpu"

@@ -29,7 +29,8 @@ def _correct_code_passes(prop: str, overrides: tuple) -> bool:
     return CHECKS[prop](default_model(DEFAULT_SEED, **dict(overrides)), Inputs(seed=1)).ok
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # the mutants' own bug
+# The mutants' own bug, not a problem of the test:
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_mutant_is_caught_by_its_propertys_check(name):
     m = MUTANTS[name]
