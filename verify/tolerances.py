@@ -65,6 +65,13 @@ CALIBRATION_FACTORS: dict[str, float] = {
     # 8-step AdamW loss curves vs fp32, calibrated by fp32 trained from half-rounded weights (that baseline floored
     # at 0.1·eps·||curve||: unfloored it is spiky, 14.5 once). Measured over 100 models: <= 1.92 bf16, <= 3.65 fp16.
     "mixed_precision_curve": 8.0,
+    # A half-weight model's logits at the end of its context (32 tokens at max_seq_len - 32) vs float64, calibrated
+    # by the same model's error at positions 0-31 (RoPE is relative: float64 gives the same logits at both). Measured
+    # over 40 models (tiny seeds 0-9 with theta 1e4 / 256 positions and with Llama 3.2's RoPE / 8192 positions,
+    # 20 random configs: head_dim 8-64, GQA, SDPA, 128-8192 positions), bf16 and fp16: 0.91-1.09. 2 leaves ~2x
+    # headroom; RoPE angles formed in the half dtype (transformers#29285) reach 3.5-4.8 at 256 positions and 26-236
+    # at 8192.
+    "mixed_precision_rope": 2.0,
 }
 
 

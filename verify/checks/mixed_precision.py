@@ -28,6 +28,13 @@ On copies of the model (fp32 master weights), driving ``llama_ref.train.trainer.
   are unscaled before clipping: with clipping binding, ``StepResult.grad_norm`` is the true pre-clip norm
   (calibrated against the plain fp16 path's, not 65536 times it) and the clipped SGD update matches the float64
   one (a window of two micro-batches: one scale for the whole window);
+* **long positions** — a model whose weights are all in the half dtype (how Llama 3.2 ships, and the base of
+  ``--mp --lora``) gives, for ``LONG_CHUNK`` tokens at the end of its context (``max_seq_len - LONG_CHUNK`` on),
+  logits at most ``FACTORS["mixed_precision_rope"]`` times further from float64 than the same tokens at positions
+  0 on (RoPE is relative: float64 gives the same logits at both). RoPE angles ``t·θ`` formed in the half dtype
+  (transformers#29285) are off by whole radians there; at the first few dozen positions, where the other claims
+  run, the error hides in their calibration. A table wrong by the same amount at every position is not this
+  claim's to see (its baseline shares it);
 * **training tracks fp32** — ``steps`` AdamW steps with clipping in bf16 and in fp16 give a loss curve within
   ``FACTORS["mixed_precision_curve"]`` times the distance that rounding the initial weights to the half dtype once
   (then training in fp32) moves the fp32 curve.
@@ -75,6 +82,7 @@ NAME = "mixed_precision"
 FACTORS = CALIBRATION_FACTORS  # "mixed_precision" and "mixed_precision_curve", measured in verify/tolerances.py
 CURVE_FLOOR = 0.1  # × eps(half)·||fp32 curve||: the rounded start can land closer than MP's per-step rounding allows
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+LONG_CHUNK = 32  # tokens of the long-position claim: a chunk of positions, so relative angles there are seen
 SKIP_LR, SKIP_WARMUP = 1e-3, 48  # the GradScaler claim's warm-up schedule: every step taken changes the lr
 Batch = dict[str, torch.Tensor]
 
@@ -131,20 +139,25 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
         run(f"LoRA on a {PRECISION_NAMES[dtype]} base",
             lambda: _autocast_problems(_lora_half_base(base, lora, dtype, g, half_base), window[:1], dtype, cals,
                                        "lora", trainer_cls))
-    run("upcasts", lambda: _upcast_problems(base, [dtype] + ([torch.float16] if fp16_ok else []), g))
+    halves = list(dict.fromkeys([dtype] + ([torch.float16] if fp16_ok else [])))
+    run("upcasts", lambda: _upcast_problems(base, halves, g))
+    run("long positions", lambda: _long_position_problems(base, halves, g, device, cals, notes))
     if fp16_ok:
         run("GradScaler skip", lambda: _scaler_skip_problems(base, g, device, trainer_cls))
         run("unscale before clip", lambda: _unscale_clip_problems(base, window, cals, trainer_cls))
     else:
         notes.append(f"fp16 not checked (GradScaler, unscale before clip, fp16 loss curve): {fp16_why}")
-    curve_dtypes = list(dict.fromkeys([dtype] + ([torch.float16] if fp16_ok else [])))
-    run("loss curve", lambda: _curve_problems(base, curve_dtypes, steps, g, device, cals, notes, trainer_cls))
+    run("loss curve", lambda: _curve_problems(base, halves, steps, g, device, cals, notes, trainer_cls))
 
     worst_abs = max((c.max_abs for c in cals.values()), default=float("inf"))
-    worst_ratio = max((c.ratio for k, c in cals.items() if not k.startswith("curve")), default=float("inf"))
-    curve_ratio = max((c.ratio for k, c in cals.items() if k.startswith("curve")), default=float("inf"))
-    criterion = (f"calibrated {worst_ratio:.2f}x <= {FACTORS['mixed_precision']:g}x, curve {curve_ratio:.2f}x <= "
-                 f"{FACTORS['mixed_precision_curve']:g}x; half matmuls, fp32 reductions, fp32 master, scaler")
+    def worst(kind: Optional[str] = None) -> float:  # a comparison's kind is its key's first word
+        ratios = [c.ratio for k, c in cals.items()
+                  if (k.split()[0] == kind if kind else k.split()[0] not in ("curve", "rope"))]
+        return max(ratios, default=float("inf"))
+    worst_ratio = worst()
+    criterion = (f"calibrated {worst_ratio:.2f}x <= {FACTORS['mixed_precision']:g}x, curve {worst('curve'):.2f}x <= "
+                 f"{FACTORS['mixed_precision_curve']:g}x, long positions {worst('rope'):.2f}x <= "
+                 f"{FACTORS['mixed_precision_rope']:g}x; half matmuls, fp32 reductions, fp32 master, scaler")
     return CheckResult(NAME, not failures, worst_abs, worst_ratio, tolerance(dtype), failures + notes, case,
                        error=error, criterion=criterion)
 
@@ -296,6 +309,38 @@ def _upcast_problems(model: Transformer, halves: Sequence[torch.dtype], g: torch
         if loss.dtype != torch.float32 or not abs(float(loss) - expected_loss) <= bound:
             problems.append(f"token_loss_sum on {_dt((half,))} logits returned {float(loss):.6f} "
                             f"({_dt((loss.dtype,))}), float64 says {expected_loss:.6f} (allowed ±{bound:.1e})")
+    return problems
+
+
+# ---- long positions: the rotary table of a half model -----------------------------------------------------------
+
+def _long_position_problems(model: Transformer, halves: Sequence[torch.dtype], g: torch.Generator,
+                            device: torch.device, cals: dict[str, CalibratedComparison], notes: list[str]) -> list[str]:
+    """The whole model in each half dtype, no autocast: logits of one chunk at the end of the context against
+    float64, calibrated by the same chunk at position 0."""
+    p = model.params
+    chunk = min(LONG_CHUNK, p.max_seq_len // 2)
+    far = p.max_seq_len - chunk
+    if far < 2 * chunk:
+        notes.append(f"long positions not checked: max_seq_len={p.max_seq_len} has no position far from the start")
+        return []
+    tokens = torch.randint(0, p.vocab_size, (2, chunk), generator=g).to(device)
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref = {0: exact(tokens, 0), far: exact(tokens, far)}
+    problems = []
+    factor = FACTORS["mixed_precision_rope"]
+    for half in halves:
+        test = copy.deepcopy(model).to(half)
+        with torch.no_grad():
+            near, end = test(tokens, 0), test(tokens, far)
+        # The baseline: the error at positions 0 on, moved onto the reference at the far positions (both float64).
+        c = compare_calibrated(end, near.double() - ref[0] + ref[far], ref[far], factor)
+        cals[f"rope {PRECISION_NAMES[half]}"] = c
+        if not c.ok:
+            problems.append(f"{PRECISION_NAMES[half]} weights, positions {far}-{far + chunk - 1} vs float64: {c} "
+                            f"(the error at positions 0-{chunk - 1} is the baseline; RoPE angles formed in "
+                            f"{PRECISION_NAMES[half]}?)")
     return problems
 
 

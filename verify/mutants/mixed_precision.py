@@ -131,6 +131,27 @@ def _loss_on_half_logits() -> list[Patch]:
     return [(T, "token_loss_sum", token_loss_sum)]
 
 
+@mutant("mp_rope_angles_in_half", "RoPE angles t·θ formed in the model's half dtype (θ itself computed in fp32)",
+        "transformers#29285: under autocast the `inv_freq @ position_ids` matmul ran in bf16, wrong by whole radians "
+        "on long contexts (fixed by forcing fp32 with autocast off)")
+def _rope_angles_in_half() -> list[Patch]:
+    exact = M.Transformer.rotary_freqs
+
+    def rotary_freqs(self, start_pos, seqlen, device, dtype=torch.float32):
+        if dtype in (torch.float32, torch.float64):
+            return exact(self, start_pos, seqlen, device, dtype)
+        if (device, dtype) not in self._freqs_cis:
+            p = self.params
+            theta = 1.0 / (p.rope_theta ** (torch.arange(0, p.head_dim, 2, device=device).float() / p.head_dim))
+            if p.use_scaled_rope:
+                theta = M.apply_scaling(theta, p.rope_scale_factor)
+            t = torch.arange(p.max_seq_len, device=device)
+            angles = torch.outer(t.to(dtype), theta.to(dtype)).float()  # the product rounded to the half dtype
+            self._freqs_cis[(device, dtype)] = torch.polar(torch.ones_like(angles), angles)
+        return self._freqs_cis[(device, dtype)][start_pos:start_pos + seqlen]
+    return [(M.Transformer, "rotary_freqs", rotary_freqs)]
+
+
 @mutant("mp_frozen_base_kept_fp32", "with --mp --lora the frozen base stays fp32 (half copies made per matmul)",
         "the seed report: LoRA+MP took more memory than fp32 LoRA (9,630 vs 7,521 MB): mixed precision saved nothing",
         component="half_base")

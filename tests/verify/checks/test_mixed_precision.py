@@ -3,6 +3,7 @@ base that is half, calibrated accuracy, GradScaler skips and unscales before cli
 claim tested on the Trainer directly, the whole check under hypothesis, and every mixed-precision mutant caught."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, strategies as st
 import llama_ref.train.trainer as T
 import verify.checks.mixed_precision as MP
 from verify import oracles
+from llama_ref.args import ModelArgs
 from llama_ref.default import default_args, default_model
 from llama_ref.train.config import TrainConfig, build_model, half_frozen_base
 from llama_ref.lora import lora_layers
@@ -235,6 +237,38 @@ def test_unscale_before_clip_and_skip_subchecks_pass():
     assert MP._scaler_skip_problems(model, g, torch.device("cpu")) == []
 
 
+# ---- long positions -----------------------------------------------------------------------------------------------
+
+def _llama_3_2_rope_model(seed: int):
+    """The tiny model with Llama 3.2 1B's RoPE (theta, scaling) and 8192 positions: the table a real preset uses."""
+    real = ModelArgs.preset("llama-3.2-1b")
+    return default_model(seed, rope_theta=real.rope_theta, use_scaled_rope=real.use_scaled_rope,
+                         rope_scale_factor=real.rope_scale_factor, max_seq_len=8192, kv_caching=False)
+
+
+@pytest.mark.parametrize("mutated", [False, True], ids=["ours", "angles-in-half"])
+def test_long_positions_near_8k_of_llama_3_2_rope_are_calibrated_against_float64(mutated):
+    model, cals, notes = _llama_3_2_rope_model(0), {}, []
+    halves = [h for h, ok in ((torch.bfloat16, True), (torch.float16, CPU_FP16)) if ok]
+    with (inject("mp_rope_angles_in_half") if mutated else contextlib.nullcontext()):
+        problems = MP._long_position_problems(model, halves, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                              cals, notes)
+    assert set(cals) == {f"rope {MP.PRECISION_NAMES[h]}" for h in halves} and notes == []
+    if mutated:  # measured 26-41 (bf16) and 150-236 (fp16) over 40 models, against an allowed 2
+        assert len(problems) == len(halves) and "positions 8160-8191" in problems[0], problems
+        assert all(c.ratio > 10 for c in cals.values()), cals
+    else:
+        assert problems == [] and all(c.ratio <= MP.FACTORS["mixed_precision_rope"] for c in cals.values())
+
+
+def test_a_context_too_short_for_far_positions_is_noted_not_passed():
+    notes: list = []
+    problems = MP._long_position_problems(default_model(0, max_seq_len=64), [torch.bfloat16],
+                                          torch.Generator().manual_seed(0), torch.device("cpu"), {}, notes)
+    assert problems == [] and notes == ["long positions not checked: max_seq_len=64 has no position far from the "
+                                        "start"]
+
+
 # ---- training tracks fp32 ---------------------------------------------------------------------------------------
 
 @needs_cpu_fp16
@@ -261,6 +295,7 @@ EXPECTED = {  # mutant → a detail line it must produce (the claim that catches
     "mp_loss_on_half_logits": "token_loss_sum on bfloat16 logits",
     "mp_frozen_base_kept_fp32": "frozen base not stored in bfloat16",
     "mp_schedule_advances_on_skipped_step": "the LR schedule does not count optimizer steps actually taken",
+    "mp_rope_angles_in_half": "RoPE angles formed in bf16?",
 }
 
 
