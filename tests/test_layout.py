@@ -166,3 +166,20 @@ def test_source_files_are_short_or_say_why():
         if len(lines) > MAX_LINES and not any(line.startswith(REASON) for line in lines[:5]):
             long.append(f"{f.relative_to(ROOT)}: {len(lines)} lines")
     assert not long, f"over {MAX_LINES} lines without a '{REASON} …' line at the top: {long}"
+
+
+# Checks that run on any target (verify.targets): they reach the implementation only through a target, so they
+# import nothing of llama_ref. The other checks still take llama_ref's Transformer; each joins this list as it
+# moves onto targets.
+TARGET_CHECK_MODULES = ("verify.checks.kv_cache",)
+
+
+def test_checks_on_targets_import_nothing_of_llama_ref(graph):
+    from verify.report import TARGET_CHECKS
+    assert {f"verify.checks.{name}" for name in TARGET_CHECKS} == set(TARGET_CHECK_MODULES)
+    direct = {m: sorted(d for d in graph[m] if d == "llama_ref" or d.startswith("llama_ref."))
+              for m in TARGET_CHECK_MODULES}
+    assert not any(direct.values()), direct
+    adapters = {m for m, deps in graph.items() if m.startswith("verify.targets.")
+                and any(d.startswith("llama_ref") for d in deps)}
+    assert adapters == {"verify.targets.llama_ref"}, adapters

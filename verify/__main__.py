@@ -1,4 +1,5 @@
-"""``llama-verify``: every check on the embedded default model (or a Meta checkpoint), a table, an exit code."""
+"""``llama-verify``: every check on the embedded default model, a Meta checkpoint or the user's own model
+(``--target``), a table, an exit code: 0 when nothing failed, 1 on a FAIL, 2 on bad input."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +13,18 @@ from llama_ref.generation import SEED_PROMPTS
 
 from .mutants import MUTANTS
 from .report import (CHECKS, DTYPES, Inputs, environment, format_kill_matrix, format_results, kill_matrix, run_checks,
-                     uncaught, write_json)
+                     run_target_checks, uncaught, write_json)
+from .targets.spec import as_target, load_factory
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-verify", description=__doc__)
     p.add_argument("--ckpt-dir", help="a Meta checkpoint directory (params.json + consolidated.*.pth); "
                                       "default: the embedded tiny model")
+    p.add_argument("--target", metavar="SPEC", default="llama_ref",
+                   help="the model to check: llama_ref (the embedded default), PATH.py:FACTORY or "
+                        "package.module:FACTORY, a function returning a fresh model (llama_ref's Transformer or "
+                        "Meta-style: forward(tokens, start_pos), cache_k/cache_v) (default: %(default)s)")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
@@ -37,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
-    except (FileNotFoundError, ValueError) as e:  # bad paths, checkpoints, tokenizers: a message, not a traceback
+    except (FileNotFoundError, ValueError, TypeError) as e:  # bad paths, checkpoints, tokenizers, targets: a message
         print(f"llama-verify: error: {e}", file=sys.stderr)
         return 2
 
@@ -49,6 +55,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         _parser().error(f"--device {args.device}: CUDA is not available")
 
+    if args.target != "llama_ref":
+        if args.ckpt_dir or args.mutants or args.attn_impl:
+            _parser().error("--target SPEC takes none of --ckpt-dir, --mutants, --attn-impl (they are llama_ref's)")
+        return _main_target(args)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
         from llama_ref.tokenizer import Tokenizer
@@ -98,6 +108,33 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
           + (f"; {len(missed)} mutant(s) NOT caught: {', '.join(missed)}" if args.mutants and missed else
              (f"; all {len(matrix)} mutants caught" if args.mutants else "")))
     return 1 if failed or missed else 0
+
+
+def _main_target(args: argparse.Namespace) -> int:
+    factory = load_factory(args.target)
+    try:
+        probe = factory()
+    except Exception as e:
+        raise ValueError(f"target {args.target!r}: calling its factory raised {type(e).__name__}: {e}") from e
+    description = str(as_target(probe))  # TypeError, naming what is missing, for an object no adapter takes
+    del probe
+    checks = args.check or list(CHECKS)
+    env = environment(args.device)
+    print(f"llama-verify on {args.target}: {description}")
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print()
+    results = run_target_checks(factory, Inputs(seed=args.seed), checks=checks, dtypes=args.dtype or [None],
+                                device=args.device)
+    print(format_results(results))
+    failed = [r for r in results if not r.ok]
+    na = [r for r in results if r.not_applicable]
+    if args.json:
+        write_json(args.json, {"target": args.target, "description": description, "environment": env,
+                               "results": [r.to_json() for r in results]})
+    print()
+    print(f"{len(results) - len(failed) - len(na)}/{len(results)} checks passed, {len(failed)} failed, "
+          f"{len(na)} not applicable")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from .checks.lora_merge import check_lora_merge
 from .checks.mixed_precision import check_mixed_precision
 from .mutants import Mutant
 from .result import CheckResult
+from .targets.spec import as_target
 
 ModelFactory = Callable[..., Transformer]  # factory(**ModelArgs overrides) → a fresh model, same weights every call
 
@@ -61,10 +62,14 @@ CHECK_PARTS: dict[str, frozenset[str]] = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# The checks that run on any target (verify.targets); the others still take llama_ref's Transformer itself.
+TARGET_CHECKS = frozenset({"kv_cache"})
+
 
 def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Sequence[str] = tuple(CHECKS),
                dtypes: Sequence[str] = ("float32",), attn_impls: Sequence[str] = ("math",),
                device: str = "cpu") -> list[CheckResult]:
+    """Every check × dtype × attention path on a fresh model from ``factory(attn_impl=…)``."""
     results = []
     for name in checks:
         for dtype in dtypes:
@@ -73,6 +78,24 @@ def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Sequence[str] =
                 result = CHECKS[name](model, inputs)
                 result.case = f"{impl} {result.case}"
                 results.append(result)
+    return results
+
+
+def run_target_checks(factory: Callable[[], Any], inputs: Inputs, *, checks: Sequence[str] = tuple(CHECKS),
+                      dtypes: Sequence[Optional[str]] = (None,), device: Optional[str] = None) -> list[CheckResult]:
+    """Every check × dtype on a fresh model from a user's ``factory()`` (moved to ``device``/dtype where given and
+    it is an ``nn.Module``); a property the target cannot be asked is reported not applicable, with why."""
+    results = []
+    for name in checks:
+        for dtype in dtypes:
+            model = factory()
+            if isinstance(model, torch.nn.Module) and (device or dtype):
+                model = model.to(device=device, dtype=DTYPES[dtype] if dtype else None)
+            target = as_target(model)
+            why = target.not_applicable(name)
+            if why is None and name not in TARGET_CHECKS:
+                why = f"this check runs on llama_ref's Transformer only, and the target is {target}"
+            results.append(CheckResult.na(name, why, str(target)) if why else CHECKS[name](target, inputs))
     return results
 
 
@@ -122,11 +145,14 @@ def environment(device: str) -> dict[str, Any]:
 def format_results(results: Sequence[CheckResult]) -> str:
     rows = [("check", "case", "max abs error", "tolerance", "verdict")]
     for r in results:
-        verdict = "PASS" if r.ok else "FAIL"
-        rows.append((r.name, r.case, f"{r.max_abs:.3e}", r.criterion or str(r.tol), verdict))
+        if r.not_applicable:
+            rows.append((r.name, r.case, "-", "-", r.verdict))
+        else:
+            rows.append((r.name, r.case, f"{r.max_abs:.3e}", r.criterion or str(r.tol), r.verdict))
     text = _table(rows)
     notes = [f"  {r.name} [{r.case}]: {line}" for r in results for line in
-             ([f"raised {r.error}"] if r.error else []) + r.details]
+             ([f"not applicable: {r.not_applicable}"] if r.not_applicable else [])
+             + ([f"raised {r.error}"] if r.error else []) + r.details]
     return text + ("\n" + "\n".join(notes) if notes else "")
 
 

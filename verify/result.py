@@ -12,7 +12,9 @@ class CheckResult:
     """One property checked on one model: ``ok`` and the worst error seen over all its cases.
 
     ``details`` holds one line per case that failed (and notes such as near-ties that were excused);
-    ``error`` is set when the implementation under test raised instead of returning.
+    ``error`` is set when the implementation under test raised instead of returning. ``not_applicable`` says why
+    the property could not be asked of the target at all (no LoRA layers, a forward under ``inference_mode``):
+    such a result is neither PASS nor FAIL (``verdict`` "N/A"); it fails nothing and proves nothing.
     """
 
     name: str
@@ -24,6 +26,16 @@ class CheckResult:
     case: str = ""
     error: Optional[str] = None
     criterion: str = ""  # how the check judged, where ``tol`` alone does not say it (calibrated comparisons)
+    not_applicable: Optional[str] = None
+
+    @classmethod
+    def na(cls, name: str, why: str, case: str = "") -> "CheckResult":
+        """The property cannot be asked of this target, and ``why``."""
+        return cls(name, True, float("nan"), float("nan"), None, [], case, not_applicable=why)
+
+    @property
+    def verdict(self) -> str:
+        return "N/A" if self.not_applicable else ("PASS" if self.ok else "FAIL")
 
     def __bool__(self) -> bool:
         return self.ok
@@ -34,10 +46,27 @@ class CheckResult:
         return d
 
     def __str__(self) -> str:
-        head = (f"{self.name}: {'PASS' if self.ok else 'FAIL'} max_abs={self.max_abs:.3e} "
+        if self.not_applicable:
+            return f"{self.name}: N/A {self.case}\n  not applicable: {self.not_applicable}"
+        head = (f"{self.name}: {self.verdict} max_abs={self.max_abs:.3e} "
                 f"({self.criterion or self.tol}) {self.case}")
         lines = [head] + ([f"  raised: {self.error}"] if self.error else []) + [f"  {d}" for d in self.details]
         return "\n".join(lines)
+
+
+def describe_exception(e: BaseException) -> str:
+    """``Type: message (at file.py:line in function)``, the place being the innermost frame outside torch and
+    ``verify`` itself: in the implementation under test, where a user looks first."""
+    import traceback
+    from pathlib import Path
+
+    import torch
+
+    skip = (Path(torch.__file__).parent, Path(__file__).parent)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not any(Path(f.filename).is_relative_to(d) for d in skip)]
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def name_list(names: Sequence[Any], limit: int = 4) -> str:

@@ -7,34 +7,26 @@ chunking of T (several-token chunks at ``start_pos > 0`` included), for every ba
 tokens diverge, that is excused only if the uncached top-2 logit margin at that step is within twice the logit
 tolerance (a genuine tie, which either path may break either way).
 
+The check runs on a target (:class:`verify.targets.base.KVCacheTarget`): llama_ref's model, a Meta-style one, or
+any object offering those operations; a target without a cache switch gets "not applicable", never PASS.
+
 Logits are compared with assert_close's rtol/atol, the relative term taken on the largest |logit| of the same
 position (see :func:`verify.compare.compare`): measured over 300 random fp32 configs, |cached − uncached| reached
 4.8e-7 of that scale (5.3e-5 on logits of 111), while the elementwise rule failed 14 of them on small logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from llama_ref.generation import Llama
-from llama_ref.kv_cache import KVCache
-from llama_ref.model import Transformer
-
 from ..compare import compare, row_scale
-from ..result import CheckResult
+from ..result import CheckResult, describe_exception
+from ..targets.base import KVCacheTarget
+from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
 
 NAME = "kv_cache"
-
-
-@dataclass(frozen=True)
-class _NoStops:
-    """A vocabulary without stop tokens, so every generation runs its full length."""
-
-    n_words: int
-    stop_tokens: frozenset = frozenset()
 
 
 def random_chunking(length: int, generator: torch.Generator, max_chunk: int = 5) -> list[int]:
@@ -58,44 +50,39 @@ def describe_chunking(chunking: Sequence[int]) -> str:
     return "+".join(f"{s}x{n}" if n > 1 else str(s) for s, n in runs)
 
 
-def _chunked_logits(model: Transformer, tokens: torch.Tensor, chunking: Sequence[int]) -> torch.Tensor:
+def _chunked_logits(target: KVCacheTarget, tokens: torch.Tensor, chunking: Sequence[int]) -> torch.Tensor:
     outs, pos = [], 0
     for size in chunking:
-        outs.append(model(tokens[:, pos:pos + size], pos))
+        outs.append(target.logits(tokens[:, pos:pos + size], pos, kv_caching=True))
         pos += size
     return torch.cat(outs, dim=1)
 
 
-def _uncached(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    model.kv_caching = False
-    try:
-        return model(tokens, 0)
-    finally:
-        model.kv_caching = True
-
-
-def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
+def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
                    chunkings: Optional[Sequence[Sequence[int]]] = None,
                    batch_sizes: Optional[Sequence[int]] = None,
                    prompts: Optional[Sequence[Sequence[int]]] = None, max_gen_len: int = 12,
-                   seed: int = 0, tol: Optional[Tolerance] = None, cache_cls: Optional[type[KVCache]] = None,
-                   generator_cls: type[Llama] = Llama) -> CheckResult:
-    """Check property 1 on ``model`` (left in its original train/eval mode, cache class and cache setting).
+                   seed: int = 0, tol: Optional[Tolerance] = None, cache_cls: Optional[type] = None,
+                   generator_cls: Optional[type] = None) -> CheckResult:
+    """Check property 1 on ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts — left as it
+    was (train/eval mode, cache class, cache setting and contents).
 
     ``tokens`` (B, L) default to random ids drawn from ``seed``; ``chunkings`` default to the whole sequence,
     one token at a time, and a random chunking; ``batch_sizes`` (each ≤ B) default to ``(B, 1)``, run in that
-    order on the same instance; ``prompts`` (ragged, for ``generate``) default to random ones. The parts under
-    test can be another implementation's: ``cache_cls`` (a ``KVCache`` subclass; the model's own by default) and
-    ``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model).
+    order on the same instance, whose cache rows were first filled with other data; ``prompts`` (ragged, for
+    greedy generation) default to random ones. With llama_ref's model the parts under test can be another
+    implementation's: ``cache_cls`` (a ``KVCache`` subclass) and ``generator_cls`` (a ``Llama`` subclass).
     """
-    p = model.params
-    dtype = model.output.weight.dtype
-    tol = tol or tolerance(dtype, NAME)
-    device = model.output.weight.device
+    target = as_target(model, cache_cls=cache_cls, generator_cls=generator_cls)
+    why = target.not_applicable(NAME)
+    if why:
+        return CheckResult.na(NAME, why, str(target))
+    lim = target.limits
+    tol = tol or tolerance(lim.dtype, NAME)
     g = torch.Generator().manual_seed(seed)
     if tokens is None:
-        tokens = torch.randint(0, p.vocab_size, (min(3, p.max_batch_size), min(24, p.max_seq_len)), generator=g)
-    tokens = tokens.to(device)
+        tokens = torch.randint(0, lim.vocab_size, (min(3, lim.max_batch_size), min(24, lim.max_seq_len)), generator=g)
+    tokens = tokens.to(lim.device)
     bsz, length = tokens.shape
     chunkings = [list(c) for c in chunkings] if chunkings is not None else [
         [length], [1] * length, random_chunking(length, g)]
@@ -107,61 +94,49 @@ def check_kv_cache(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
         raise ValueError(f"batch sizes {batch_sizes} exceed the {bsz} rows of tokens")
     if prompts is None:
         lens = torch.randint(1, max(2, length // 2) + 1, (bsz,), generator=g).tolist()
-        prompts = [torch.randint(0, p.vocab_size, (n,), generator=g).tolist() for n in lens]
-    max_gen_len = min(max_gen_len, p.max_seq_len - max(len(q) for q in prompts))
+        prompts = [torch.randint(0, lim.vocab_size, (n,), generator=g).tolist() for n in lens]
+    max_gen_len = min(max_gen_len, lim.max_seq_len - max(len(q) for q in prompts))
 
-    was_training, kv_before, cls_before = model.training, model.kv_caching, model.kv_cache_cls
     details: list[str] = []
     worst_abs = worst_rel = 0.0
-    case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(dtype).replace('torch.', '')}"
-    model.eval()
-    model.kv_caching = False  # a fresh cache of the class under test
-    model.kv_cache_cls = cache_cls or cls_before
-    model.kv_caching = True
+    case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(lim.dtype).replace('torch.', '')}"
     try:
-        with torch.no_grad():
+        with target.kv_session():
             # Fill every cache row with other data first, so that reading a stale row or position shows.
-            poison_rows = min(p.max_batch_size, bsz + 1)
-            model(torch.randint(0, p.vocab_size, (poison_rows, length), generator=g).to(device), 0)
+            poison_rows = min(lim.max_batch_size, bsz + 1)
+            target.logits(torch.randint(0, lim.vocab_size, (poison_rows, length), generator=g).to(lim.device), 0,
+                          kv_caching=True)
             for b in batch_sizes:
-                expected = _uncached(model, tokens[:b])
+                expected = target.logits(tokens[:b], 0, kv_caching=False)
                 for chunking in chunkings:
-                    got = _chunked_logits(model, tokens[:b], chunking)
+                    got = _chunked_logits(target, tokens[:b], chunking)
                     c = compare(got, expected, tol, "logits", scale=row_scale(expected))
                     worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
                     if not c.ok:
                         details.append(f"teacher-forced B={b} chunks={describe_chunking(chunking)}: {c}")
 
-            abs_, rel_, gen_details = _check_generation(generator_cls, model, prompts, max_gen_len, tol)
+            abs_, rel_, gen_details = _check_generation(target, prompts, max_gen_len, tol)
             worst_abs, worst_rel = max(worst_abs, abs_), max(worst_rel, rel_)
             details += gen_details
         ok = not any(not d.startswith("tie:") for d in details)
         return CheckResult(NAME, ok, worst_abs, worst_rel, tol, details, case)
     except Exception as e:  # the implementation under test crashed: that is a failure, with its message
-        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case,
-                           error=f"{type(e).__name__}: {e}")
-    finally:
-        model.train(was_training)
-        model.kv_caching = False
-        model.kv_cache_cls = cls_before
-        model.kv_caching = kv_before
+        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
 
 
-def _check_generation(generator_cls: type[Llama], model: Transformer, prompts: Sequence[Sequence[int]],
-                      max_gen_len: int, tol: Tolerance) -> tuple[float, float, list[str]]:
-    llm = generator_cls(model, _NoStops(model.vocab_size))  # type: ignore[arg-type]
-    runs = {kv: llm.generate(prompts, max_gen_len, temperature=0.0, logprobs=True, kv_caching=kv)
-            for kv in (True, False)}
+def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], max_gen_len: int,
+                      tol: Tolerance) -> tuple[float, float, list[str]]:
+    runs = {kv: target.generate(prompts, max_gen_len, kv_caching=kv) for kv in (True, False)}
     (cached, cached_lp), (uncached, uncached_lp) = runs[True], runs[False]
     details: list[str] = []
     worst_abs = worst_rel = 0.0
-    device = model.output.weight.device
+    device = target.limits.device
     for row, (a, b) in enumerate(zip(cached, uncached)):
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         if n < len(a) or n < len(b):
             # First divergence at generated index n: is it a genuine tie in the uncached logits?
             prefix = torch.tensor([list(prompts[row]) + a[:n]], device=device)
-            logits = _uncached(model, prefix)[0, -1]
+            logits = target.logits(prefix, 0, kv_caching=False)[0, -1]
             top2 = logits.topk(2).values
             margin = float(top2[0] - top2[1])
             allowed = 2 * tol.bound(float(logits.abs().max()))  # each path may be off by one bound
@@ -173,7 +148,8 @@ def _check_generation(generator_cls: type[Llama], model: Transformer, prompts: S
         if n:
             # Log-probabilities carry the rounding error of the logits they come from: scale by the row's logits.
             seq = torch.tensor([list(prompts[row]) + a[:n]], device=device)
-            scale = row_scale(_uncached(model, seq)[0, len(prompts[row]) - 1:len(prompts[row]) - 1 + n])[:, 0]
+            scale = row_scale(target.logits(seq, 0, kv_caching=False)[0, len(prompts[row]) - 1:
+                                                                      len(prompts[row]) - 1 + n])[:, 0]
             c = compare(torch.tensor(cached_lp[row][:n]), torch.tensor(uncached_lp[row][:n]), tol, "logprobs",
                         scale=scale)
             worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)

@@ -1,0 +1,176 @@
+"""A Llama in the shape of Meta's reference ``model.py``, with the seed report's KV-cache switch: a target written
+as our users write theirs, for the Meta-style adapter's tests and ``llama-verify --target``.
+
+Written anew from the architecture (RMSNorm, complex RoPE, GQA attention with per-layer ``cache_k``/``cache_v``,
+SwiGLU, ``@torch.inference_mode()`` forward with the mask shifted by ``start_pos``) and from the seed report's
+changes (``../shared/seed/report.txt``): a ``kv_caching`` attribute on every attention module; uncached, keys and
+values are the new tokens' own. :class:`SeedAttention` indexes the cache as the seed wrote it,
+``cache_k[:, bsz, start_pos : start_pos + seqlen]``, where Meta's code has ``cache_k[:bsz, start_pos : ...]``;
+other wrong caches are subclasses overriding :meth:`Attention.update_cache`.
+
+Factories for ``--target tests/verify/targets/seed_style.py:FACTORY``: :func:`make` (the seed's indexing) and
+:func:`make_fixed` (Meta's); both the same seeded weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = 2
+    vocab_size: int = 256
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 4
+    max_seq_len: int = 64
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, length: int, theta: float) -> torch.Tensor:
+    inv = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.arange(length).float()[:, None] * inv[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * table[None, :, None, :]).flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        shape = (args.max_batch_size, args.max_seq_len, self.n_kv_heads, self.head_dim)
+        self.cache_k, self.cache_v = torch.zeros(shape), torch.zeros(shape)
+        self.kv_caching = True  # the seed report's switch
+
+    def update_cache(self, xk, xv, bsz: int, start_pos: int, seqlen: int):
+        """Meta's: write the new keys/values of rows ``:bsz`` at their positions, read every position so far."""
+        self.cache_k[:bsz, start_pos:start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
+        return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
+
+    def forward(self, x, start_pos: int, table, mask):
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = rotate(xq, table), rotate(xk, table)
+        if self.kv_caching:
+            self.cache_k = self.cache_k.to(xq)
+            self.cache_v = self.cache_v.to(xq)
+            keys, values = self.update_cache(xk, xv, bsz, start_pos, seqlen)
+        else:
+            keys, values = xk, xv
+        rep = self.n_heads // self.n_kv_heads
+        keys = keys.repeat_interleave(rep, dim=2).transpose(1, 2)
+        values = values.repeat_interleave(rep, dim=2).transpose(1, 2)
+        scores = xq.transpose(1, 2) @ keys.transpose(2, 3) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask
+        out = F.softmax(scores.float(), dim=-1).type_as(xq) @ values
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class SeedAttention(Attention):
+    def update_cache(self, xk, xv, bsz: int, start_pos: int, seqlen: int):
+        """The seed report's indexing: ``bsz`` lands on the position axis."""
+        self.cache_k[:, bsz, start_pos:start_pos + seqlen] = xk
+        self.cache_v[:, bsz, start_pos:start_pos + seqlen] = xv
+        return self.cache_k[:, bsz, :start_pos + seqlen], self.cache_v[:, bsz, :start_pos + seqlen]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, multiple_of: int):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)
+        hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, attention_cls: type[Attention]):
+        super().__init__()
+        self.attention = attention_cls(args)
+        self.feed_forward = FeedForward(args.dim, args.multiple_of)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos, table, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, table, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs, attention_cls: type[Attention] = Attention):
+        super().__init__()
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(params, attention_cls) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        self.table = rope_table(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int):
+        _bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)
+        table = self.table[start_pos:start_pos + seqlen]
+        mask = None
+        if seqlen > 1:  # Meta's mask: causal among the new tokens, every cached position visible
+            mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=tokens.device), diagonal=1)
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        for layer in self.layers:
+            h = layer(h, start_pos, table, mask)
+        return self.output(self.norm(h)).float()
+
+
+def _seeded(model: Transformer, seed: int = 0) -> Transformer:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "tok_embeddings" in name else p.shape[-1] ** -0.5))
+    return model
+
+
+def make(attention_cls: type[Attention] = SeedAttention) -> Transformer:
+    """The seed report's model: ``cache_k[:, bsz, …]`` (or another ``attention_cls``)."""
+    return _seeded(Transformer(ModelArgs(), attention_cls))
+
+
+def make_fixed() -> Transformer:
+    """The same model with Meta's indexing, ``cache_k[:bsz, …]``."""
+    return make(Attention)

@@ -1,0 +1,1 @@
+"""Targets: what the checks ask of the implementation under test, and adapters that make targets of models."""

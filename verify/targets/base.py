@@ -1,0 +1,79 @@
+"""What a check needs of the implementation under test: a *target*, offering the few operations of each property.
+
+A check takes a target (or a model, which :func:`verify.targets.spec.as_target` adapts), never a concrete model
+class. The adapters: :mod:`verify.targets.llama_ref` (this project's ``Transformer``, the only module of ``verify/``
+checks reach ``llama_ref`` through) and :mod:`verify.targets.meta_style` (any ``nn.Module`` with Meta's
+``forward(tokens, start_pos)`` and per-layer ``cache_k``/``cache_v``).
+
+A target that cannot be asked a property says why (:meth:`Target.not_applicable`); the check then reports
+"not applicable" with that reason, never PASS.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What inputs the model takes: ids below ``vocab_size``, at most ``max_batch_size`` rows (its KV cache's) and
+    ``max_seq_len`` positions; the dtype and device of its weights."""
+
+    vocab_size: int
+    max_batch_size: int
+    max_seq_len: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@runtime_checkable
+class KVCacheTarget(Protocol):
+    """Property 1 (the KV cache changes nothing)."""
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def kv_session(self) -> ContextManager[None]:
+        """Eval mode and an empty cache (of the implementation's own class) for the length of the block; on exit the
+        model is as it was: mode, cache setting, cache contents."""
+        ...
+
+    def logits(self, tokens: torch.Tensor, start_pos: int, *, kv_caching: bool) -> torch.Tensor:
+        """Logits (B, T, V) of ``tokens`` (B, T) at positions ``start_pos …``, without gradient. Cached: through the
+        cache, which the call extends. Uncached: ``start_pos`` is 0 and the cache is neither read nor written."""
+        ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_gen_len: int, *, kv_caching: bool
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+        """Greedy generation of ``max_gen_len`` tokens after each (ragged) prompt, no stop tokens: the new tokens
+        and the log-probability of each, per row."""
+        ...
+
+
+class Target:
+    """Base of the adapters: a description and, per property, whether it can be asked."""
+
+    description = "a model"
+
+    def not_applicable(self, prop: str) -> Optional[str]:
+        """None if property ``prop`` (a check name) can be checked on this target, else why not."""
+        return f"{self.description} offers no operations for {prop}"
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def restore_mode(module: torch.nn.Module) -> ContextManager[None]:
+    """Eval mode inside the block, the module's own train/eval mode restored on exit."""
+    @contextlib.contextmanager
+    def block():
+        was_training = module.training
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was_training)
+    return block()

@@ -1,0 +1,89 @@
+"""The target for this project's own model: ``llama_ref.model.Transformer`` (the default of every check).
+
+The only module of ``verify/`` that the checks reach ``llama_ref`` through. The parts under test can be swapped
+for another implementation's (the bug zoo's components): ``cache_cls`` (a ``KVCache`` subclass) and
+``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from llama_ref.generation import Llama
+from llama_ref.kv_cache import KVCache
+from llama_ref.model import Transformer
+
+from .base import Limits, Target
+
+
+def is_llama_ref(obj: Any) -> bool:
+    return isinstance(obj, Transformer)
+
+
+@dataclass(frozen=True)
+class _NoStops:
+    """A vocabulary without stop tokens, so every generation runs its full length."""
+
+    n_words: int
+    stop_tokens: frozenset = frozenset()
+
+
+class LlamaRefTarget(Target):
+    def __init__(self, model: Transformer, *, cache_cls: Optional[type[KVCache]] = None,
+                 generator_cls: Optional[type[Llama]] = None):
+        self.model = model
+        self.cache_cls = cache_cls
+        self.generator_cls = generator_cls or Llama
+        p = model.params
+        self.description = f"llama_ref Transformer (dim {p.dim}, {p.n_layers} layers, {p.attn_impl} attention)"
+
+    def not_applicable(self, prop: str) -> Optional[str]:
+        return None
+
+    @property
+    def limits(self) -> Limits:
+        p, w = self.model.params, self.model.output.weight
+        return Limits(p.vocab_size, p.max_batch_size, p.max_seq_len, w.dtype, w.device)
+
+    @contextlib.contextmanager
+    def kv_session(self) -> Iterator[None]:
+        model = self.model
+        was_training, kv_before, cls_before = model.training, model.kv_caching, model.kv_cache_cls
+        model.eval()
+        model.kv_caching = False  # a fresh cache of the class under test
+        model.kv_cache_cls = self.cache_cls or cls_before
+        model.kv_caching = True
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            model.kv_caching = False
+            model.kv_cache_cls = cls_before
+            model.kv_caching = kv_before
+
+    def logits(self, tokens: torch.Tensor, start_pos: int, *, kv_caching: bool) -> torch.Tensor:
+        model = self.model
+        with torch.no_grad():
+            if kv_caching:
+                if not model.kv_caching:
+                    raise RuntimeError("cached logits asked outside kv_session(): the model holds no cache")
+                return model(tokens, start_pos)
+            if start_pos != 0:
+                raise ValueError(f"uncached logits start at position 0, not {start_pos}")
+            caches = [layer.attention.kv_cache for layer in model.layers]
+            for layer in model.layers:  # the switch is the cache's presence: set aside, neither read nor written
+                layer.attention.kv_cache = None
+            try:
+                return model(tokens, 0)
+            finally:
+                for layer, cache in zip(model.layers, caches):
+                    layer.attention.kv_cache = cache
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_gen_len: int, *, kv_caching: bool
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+        llm = self.generator_cls(self.model, _NoStops(self.model.vocab_size))  # type: ignore[arg-type]
+        tokens, logprobs = llm.generate(prompts, max_gen_len, temperature=0.0, logprobs=True, kv_caching=kv_caching)
+        return tokens, logprobs or []

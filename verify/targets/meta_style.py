@@ -1,0 +1,173 @@
+"""The target for Llama code in the shape of Meta's reference ``model.py`` (a fork, the seed report's, a user's own).
+
+Recognised by what Meta's code has: an ``nn.Module`` whose ``forward`` takes ``(tokens, start_pos)`` and returns
+logits, with attention modules holding their KV cache as ``cache_k`` / ``cache_v`` tensors of shape
+(max_batch_size, max_seq_len, n_kv_heads, head_dim). Meta's own model always caches; the cache switch is taken as
+the seed report wrote it (a ``kv_caching`` attribute on every attention module) or given as a callable
+``kv_switch(model, on)``. Meta's ``forward`` runs under ``@torch.inference_mode()``: the KV check needs no gradient.
+
+The uncached forward must leave the cache alone: if a cache tensor is written during it (or replaced), the switch
+has no effect and the adapter says so instead of comparing the cache with itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .base import Limits, Target
+from .decode import greedy_generate
+
+KVSwitch = Callable[[nn.Module, bool], None]
+NEEDS_GRADIENTS = ("grad_accum", "mixed_precision", "gradient_checkpointing")
+
+
+def _forward_parameters(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def cache_modules(module: nn.Module) -> list[nn.Module]:
+    """The submodules holding a Meta-style KV cache (``cache_k`` and ``cache_v`` tensors), in order."""
+    return [m for m in module.modules()
+            if isinstance(getattr(m, "cache_k", None), torch.Tensor) and isinstance(getattr(m, "cache_v", None),
+                                                                                    torch.Tensor)]
+
+
+def meta_style_problems(obj: Any) -> list[str]:
+    """What ``obj`` lacks to be adapted as a Meta-style model (empty: it can be)."""
+    if not isinstance(obj, nn.Module):
+        return [f"an nn.Module (got {type(obj).__qualname__})"]
+    problems = []
+    if _forward_parameters(obj)[:2] != ["tokens", "start_pos"]:
+        problems.append(f"forward(tokens, start_pos) (its forward takes {tuple(_forward_parameters(obj))})")
+    if not cache_modules(obj):
+        problems.append("attention modules with cache_k / cache_v tensors")
+    return problems
+
+
+class MetaStyleTarget(Target):
+    def __init__(self, model: nn.Module, *, kv_switch: Optional[KVSwitch] = None, vocab_size: Optional[int] = None):
+        problems = meta_style_problems(model)
+        if problems:
+            raise TypeError(f"{type(model).__qualname__} is not a Meta-style model: it lacks {'; '.join(problems)}")
+        self.model = model
+        self.attention = cache_modules(model)
+        self._kv_switch = kv_switch
+        self._vocab_size = vocab_size
+        self.description = f"Meta-style {type(model).__qualname__} ({len(self.attention)} cached attention modules)"
+
+    # ---- what it offers ------------------------------------------------------------------------------------------
+
+    def _switch_problem(self) -> Optional[str]:
+        if self._kv_switch is not None:
+            return None
+        missing = [i for i, m in enumerate(self.attention) if not isinstance(getattr(m, "kv_caching", None), bool)]
+        if missing:
+            return ("no KV-cache switch: attention modules " + ", ".join(map(str, missing[:4]))
+                    + (" …" if len(missing) > 4 else "") + " have no boolean kv_caching attribute (Meta's own code "
+                    "always caches; give the target a kv_switch(model, on))")
+        return None
+
+    def not_applicable(self, prop: str) -> Optional[str]:
+        if prop == "kv_cache":
+            return self._switch_problem()
+        if prop in NEEDS_GRADIENTS and self._forward_without_gradient():
+            return ("the forward runs under torch.inference_mode() (Meta's decorator) or without autograd: no "
+                    f"gradient reaches the parameters, and {prop} needs one")
+        return f"the Meta-style adapter offers no operations for {prop}"
+
+    def _forward_without_gradient(self) -> bool:
+        """One token at position 0 through the forward (uncached where it can be) with autograd on: does its output
+        have no gradient path? A forward that raises is not judged here: the check that runs it reports the crash."""
+        tokens = torch.zeros((1, 1), dtype=torch.long, device=self.limits.device)
+        switchable = self._switch_problem() is None
+        with self.kv_session(), torch.enable_grad():
+            if switchable:
+                self._set_kv_caching(False)
+            try:
+                out = self.model(tokens, 0)
+            except Exception:
+                return False
+            finally:
+                if switchable:
+                    self._set_kv_caching(True)
+        return torch.is_inference(out) or not out.requires_grad
+
+    @property
+    def limits(self) -> Limits:
+        cache = self.attention[0].cache_k
+        params = getattr(self.model, "params", None)
+        vocab = self._vocab_size or getattr(params, "vocab_size", None)
+        if vocab is None:
+            emb = getattr(self.model, "tok_embeddings", None)
+            vocab = getattr(emb, "num_embeddings", None)
+        if not isinstance(vocab, int) or vocab < 1:
+            raise TypeError(f"{self.description}: its vocabulary size is unknown (no params.vocab_size, no "
+                            "tok_embeddings.num_embeddings); give the target vocab_size")
+        weight = next(p for p in self.model.parameters() if p.is_floating_point())
+        return Limits(vocab, int(cache.shape[0]), int(cache.shape[1]), weight.dtype, weight.device)
+
+    # ---- property 1 ----------------------------------------------------------------------------------------------
+
+    def _set_kv_caching(self, on: bool) -> None:
+        if self._kv_switch is not None:
+            self._kv_switch(self.model, on)
+        else:
+            for m in self.attention:
+                m.kv_caching = on
+
+    @contextlib.contextmanager
+    def kv_session(self) -> Iterator[None]:
+        model = self.model
+        was_training = model.training
+        saved = [(m.cache_k, m.cache_v, m.cache_k.clone(), m.cache_v.clone()) for m in self.attention]
+        switches = [getattr(m, "kv_caching", None) for m in self.attention]  # restored as found
+        model.eval()
+        with torch.no_grad():
+            for m in self.attention:
+                m.cache_k.zero_()
+                m.cache_v.zero_()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for m, (k, v, k0, v0) in zip(self.attention, saved):
+                    k.copy_(k0)
+                    v.copy_(v0)
+                    m.cache_k, m.cache_v = k, v
+            if self._kv_switch is not None:
+                self._kv_switch(self.model, True)  # a callable switch cannot be read back: Meta's default, cached
+            for m, on in zip(self.attention, switches):
+                if on is not None:
+                    m.kv_caching = on
+
+    def logits(self, tokens: torch.Tensor, start_pos: int, *, kv_caching: bool) -> torch.Tensor:
+        if not kv_caching and start_pos != 0:
+            raise ValueError(f"uncached logits start at position 0, not {start_pos}")
+        before = [(m.cache_k, m.cache_k._version, m.cache_v, m.cache_v._version) for m in self.attention]
+        self._set_kv_caching(kv_caching)
+        try:
+            with torch.no_grad():
+                out = self.model(tokens, start_pos)
+        finally:
+            self._set_kv_caching(True)
+        if not kv_caching:
+            touched = [i for i, (m, (k, kv, v, vv)) in enumerate(zip(self.attention, before))
+                       if m.cache_k is not k or m.cache_v is not v or k._version != kv or v._version != vv]
+            if touched:
+                raise RuntimeError(f"the cache of attention module(s) {touched[:4]} was written during a forward with "
+                                   "the KV cache switched off: the switch has no effect, so the cached and uncached "
+                                   "paths cannot be compared")
+        return out
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_gen_len: int, *, kv_caching: bool
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+        lim = self.limits
+        return greedy_generate(self.logits, prompts, max_gen_len, lim.max_seq_len, lim.device, kv_caching=kv_caching)

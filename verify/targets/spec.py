@@ -1,0 +1,70 @@
+"""From what the user names to a target: ``--target SPEC`` and the adapter chosen by what a factory returns.
+
+A SPEC is ``llama_ref`` (the embedded default model), ``PATH.py:FACTORY`` or ``package.module:FACTORY``; the
+factory, called with no arguments, returns a fresh model (the same weights every call) or a ready target.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .base import Target
+
+
+def as_target(obj: Any, **parts: Any) -> Target:
+    """``obj`` as a target: a target as it is, llama_ref's ``Transformer`` (with ``parts`` swapped in: ``cache_cls``,
+    ``generator_cls``) or a Meta-style model. Anything else: TypeError naming what it lacks."""
+    parts = {k: v for k, v in parts.items() if v is not None}
+    if isinstance(obj, Target):
+        if parts:
+            raise ValueError(f"{', '.join(sorted(parts))}: parts are swapped into a model, not into a ready target")
+        return obj
+    from .llama_ref import LlamaRefTarget, is_llama_ref
+    if is_llama_ref(obj):
+        return LlamaRefTarget(obj, **parts)
+    if parts:
+        raise ValueError(f"{', '.join(sorted(parts))}: parts of llama_ref's Transformer, not of "
+                         f"{type(obj).__qualname__}")
+    from .meta_style import MetaStyleTarget, meta_style_problems
+    problems = meta_style_problems(obj)
+    if problems:
+        raise TypeError(f"{type(obj).__qualname__} is not a model verify can adapt: neither llama_ref's Transformer "
+                        f"nor Meta-style, which needs {'; '.join(problems)}")
+    return MetaStyleTarget(obj)
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """The callable a SPEC names (``PATH.py:FACTORY`` or ``package.module:FACTORY``); ValueError naming the SPEC and
+    what is wrong with it."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"target {spec!r}: expected PATH.py:FACTORY or package.module:FACTORY")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"target {spec!r}: no such file {where}")
+        module_name = f"_llama_verify_target_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ValueError(f"target {spec!r}: cannot load {where} as Python")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look their module up by name
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[module_name]
+            raise ValueError(f"target {spec!r}: importing {where} raised {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"target {spec!r}: cannot import {where}: {e}") from e
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise ValueError(f"target {spec!r}: {where} has no {name}")
+    if not callable(factory):
+        raise ValueError(f"target {spec!r}: {name} is a {type(factory).__name__}, not a callable")
+    return factory
