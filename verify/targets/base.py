@@ -10,7 +10,6 @@ A target that cannot be asked a property says why (:meth:`Target.not_applicable`
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
 
@@ -64,16 +63,3 @@ class Target:
 
     def __str__(self) -> str:
         return self.description
-
-
-def restore_mode(module: torch.nn.Module) -> ContextManager[None]:
-    """Eval mode inside the block, the module's own train/eval mode restored on exit."""
-    @contextlib.contextmanager
-    def block():
-        was_training = module.training
-        module.eval()
-        try:
-            yield
-        finally:
-            module.train(was_training)
-    return block()
