@@ -87,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError("--clip, --warmup-steps and --weight-decay must be >= 0")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"--weight-decay is AdamW's (decoupled); --optimizer {self.optimizer} takes none")
         check_choices(self)
         checkpoint_policy_layers(self.gc_policy, 1)  # validates the policy's syntax
         if self.half_base and not (self.lora and self.mp != "off"):

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from llama_ref.train import config as finetune
-from llama_ref.cli.finetune import EXIT_NONFINITE, EXIT_OOM, METRICS_FILE, STATE_FILE, build_parser, main, run
+from llama_ref.cli.finetune import (EXIT_NONFINITE, EXIT_OOM, METRICS_FILE, STATE_FILE, build_parser, main,
+                                    micro_batches, run)
+from llama_ref.lora import lora_layers
 from llama_ref.train.config import TrainConfig
 from llama_ref.train.trainer import Trainer
 from verify.tolerances import tolerance
@@ -202,3 +204,29 @@ def test_a_short_last_window_is_trained_and_ends_the_schedule(tmp_path):
     # window holds exactly the seventh micro-batch's.
     assert sum(s["tokens"] for s in steps) == sum(s["tokens"] for s in runs[1])
     assert steps[-1]["tokens"] == runs[1][-1]["tokens"]
+
+
+def test_each_epoch_visits_every_example_once_in_an_order_of_its_own():
+    # As torch.utils.data's RandomSampler does: a fresh permutation per epoch (drawn from seed + epoch), every
+    # example once per epoch. A loop that reuses the first epoch's order trains on the same sequence of batches.
+    class Numbered:
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.tensor([i]), "labels": torch.tensor([i])}
+
+    cfg = TrainConfig(epochs=3, batch_size=1, progress=False)
+    order = [int(b["input_ids"][0, 0]) for b in micro_batches(Numbered(), cfg, pad_id=0)]
+    epochs = [order[12 * e:12 * (e + 1)] for e in range(3)]
+    assert len(order) == 36 and all(sorted(e) == list(range(12)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 3
+
+
+def test_the_lora_flags_reach_every_block():
+    argv = ["--lora", "--lora-targets", "wq, wk,w2", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.2"]
+    model, _ = finetune.build_model(TrainConfig(**vars(build_parser().parse_args(argv))))
+    layers = dict(lora_layers(model))
+    parents = {"wq": "attention", "wk": "attention", "w2": "feed_forward"}
+    assert set(layers) == {f"layers.{i}.{parents[t]}.{t}" for i in range(model.params.n_layers) for t in parents}
+    assert {(m.r, m.lora_alpha, m.lora_dropout.p) for m in layers.values()} == {(4, 8.0, 0.2)}
