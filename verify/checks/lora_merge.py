@@ -1,31 +1,35 @@
 """Property 3: merging LoRA changes nothing but speed.
 
 With the adapters' ``B`` drawn non-zero (a fresh ``B = 0`` would hide every merge bug) and ``alpha ≠ r`` (so that
-``alpha/r``, ``r/alpha`` and ``alpha`` differ), on every target of every block — non-square ``wk``/``wv`` under GQA
-and the FFN included:
+``alpha/r``, ``r/alpha`` and ``alpha`` differ), on every adapted layer — with llama_ref, every target of every
+block, non-square ``wk``/``wv`` under GQA and the FFN included:
 
-* a fresh adapter (B = 0) gives the base model's logits, merged and unmerged;
-* in train mode only LoRA parameters receive gradients, and every one of them does (non-zero, finite);
-* the merged weight equals ``W + (alpha/r)·B·A`` computed here independently in float64 (on the weights, not
-  only on outputs);
-* merged logits equal unmerged logits in eval mode (dropout > 0 but inactive), calibrated: merged may be at
-  most ``CALIBRATION_FACTORS["lora_merge"]`` times further from a float64 unmerged reference than unmerged is;
+* a fresh adapter gives the base model's logits, merged and unmerged;
+* only LoRA parameters are trainable, and (where the forward lets a gradient through) in train mode every one of
+  them receives a gradient (non-zero, finite) and nothing else does;
+* the merged weight equals ``W + (alpha/r)·B·A`` computed here independently in float64 from the layer's
+  ``lora_alpha`` and ``r`` (on the weights, not only on outputs);
+* merged logits equal unmerged logits in eval mode (dropout inactive), calibrated: merged may be at most
+  ``CALIBRATION_FACTORS["lora_merge"]`` times further from a float64 unmerged reference than unmerged is;
 * merging twice, and ``eval()`` twice, are no-ops; ``unmerge`` and ``train()`` restore ``W``.
+
+The check runs on a target (:class:`verify.targets.base.LoRATarget`): llama_ref's model, to which it applies the
+adapters asked for, or a model that comes with loralib-shaped LoRA layers (a Meta-style fork's); a model without
+any is "not applicable". The claims about ``eval()``/``train()`` merging apply to layers with loralib's
+``merge_weights`` switch.
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
-from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama, lora_layers, merge_lora, unmerge_lora
-from llama_ref.model import Transformer
-
 from ..compare import compare, compare_calibrated, row_scale
-from ..result import CheckResult
+from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
+from ..targets.base import LoRATarget
+from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "lora_merge"
@@ -38,32 +42,33 @@ def weight_tolerance(dtype: torch.dtype, rank: int) -> Tolerance:
     return Tolerance((rank / 2 + 2) * torch.finfo(dtype).eps, 0.0)
 
 
-def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
-                     targets: Iterable[str] = ALL_TARGETS, rank: int = 4, alpha: Optional[float] = None,
+def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
+                     targets: Optional[Iterable[str]] = None, rank: int = 4, alpha: Optional[float] = None,
                      dropout: float = 0.1, use_rslora: bool = False, seed: int = 0,
-                     lora_layer_cls: type[LoRALinear] = LoRALinear) -> CheckResult:
-    """Check property 3 on copies of ``model`` (which is left untouched), with LoRA on ``targets``.
+                     lora_layer_cls: Optional[type] = None) -> CheckResult:
+    """Check property 3 on a copy of ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts —
+    which is left untouched.
 
-    ``alpha`` defaults to ``3·rank`` (≠ rank); ``tokens`` (B, L) to random ids drawn from ``seed``;
-    ``lora_layer_cls`` is the adapter layer under test (a ``LoRALinear`` subclass; llama_ref's own by default).
+    With llama_ref's model, LoRA goes on ``targets`` (default: every Linear of every block) with ``rank``, ``alpha`` (default ``3·rank``, ≠ rank),
+    ``dropout`` and ``use_rslora``, its layers of class ``lora_layer_cls`` (a ``LoRALinear`` subclass: the layer
+    under test; llama_ref's own by default); a model that comes adapted is checked with its own adapters.
+    ``tokens`` (B, L) default to random ids drawn from ``seed``.
     """
-    p = model.params
-    dtype = model.output.weight.dtype
-    device = model.output.weight.device
-    tol = tolerance(dtype, NAME)
-    w_tol = weight_tolerance(dtype, rank)
+    target = as_target(model)
+    why = target.not_applicable(NAME)
+    if why:
+        return CheckResult.na(NAME, why, str(target))
+    lim = target.limits
+    tol = tolerance(lim.dtype, NAME)
     factor = CALIBRATION_FACTORS[NAME]
     alpha = 3 * rank if alpha is None else alpha
-    scaling = alpha / (math.sqrt(rank) if use_rslora else rank)  # the definition, not the layer's property
     g = torch.Generator().manual_seed(seed)
     if tokens is None:
-        tokens = torch.randint(0, p.vocab_size, (min(2, p.max_batch_size), min(16, p.max_seq_len)), generator=g)
-    tokens = tokens.to(device)
-    targets = tuple(targets)
-    case = (f"targets={','.join(targets)} r={rank} alpha={alpha:g}{' rslora' if use_rslora else ''} "
-            f"dropout={dropout:g} {str(dtype).replace('torch.', '')}")
+        tokens = torch.randint(0, lim.vocab_size, (min(2, lim.max_batch_size), min(16, lim.max_seq_len)), generator=g)
+    tokens = tokens.to(lim.device)
     details: list[str] = []
     worst = [0.0, 0.0]
+    case = str(target)
 
     def record(label: str, c) -> None:
         worst[0], worst[1] = max(worst[0], c.max_abs), max(worst[1], c.max_rel)
@@ -71,42 +76,44 @@ def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, 
             details.append(f"{label}: {c}")
 
     try:
-        base = copy.deepcopy(model).eval()
-        base.kv_caching = False
-        with torch.no_grad():
-            base_logits = base(tokens)
-        del base
-        lora = copy.deepcopy(model)
-        lora.kv_caching = False
-        apply_lora_to_llama(lora, rank, alpha, dropout, targets, merge_weights=True, use_rslora=use_rslora,
-                            layer_cls=lora_layer_cls, generator=g)
-        layers = dict(lora_layers(lora))
+        lora = target.lora_target(targets=None if targets is None else tuple(targets), rank=rank, alpha=alpha, dropout=dropout,
+                                  use_rslora=use_rslora, layer_cls=lora_layer_cls, generator=g)
+        layers = {layer.name: layer for layer in lora.layers}
+        case = _describe(layers.values(), lim.dtype)
+        w_tol = weight_tolerance(lim.dtype, max(layer.rank for layer in layers.values()))
+        base_logits = lora.base_logits(tokens)
 
         # A fresh adapter is the base model, merged (eval) and unmerged (train mode, dropout on the zero update).
         with torch.no_grad():
-            record("fresh adapter, merged, vs base", compare(lora.eval()(tokens), base_logits, tol, "logits",
-                                                             scale=row_scale(base_logits)))
-            record("fresh adapter, unmerged, vs base", compare(lora.train()(tokens), base_logits, tol, "logits",
-                                                               scale=row_scale(base_logits)))
-        if any(layer.merged for layer in layers.values()):
-            details.append("train() left layers merged: " + ", ".join(n for n, l in layers.items() if l.merged))
+            lora.train(False)
+            record("fresh adapter, eval (merged where eval() merges), vs base",
+                   compare(lora.logits(tokens), base_logits, tol, "logits", scale=row_scale(base_logits)))
+            lora.train(True)
+            record("fresh adapter, train mode (unmerged), vs base",
+                   compare(lora.logits(tokens), base_logits, tol, "logits", scale=row_scale(base_logits)))
+        still = [n for n, layer in layers.items() if layer.merged]
+        if still:
+            details.append("train() left layers merged: " + _names(still))
 
         with torch.no_grad():
             for layer in layers.values():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(rank))
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.rank))
 
-        details += _gradient_problems(lora, tokens, g)
+        details += _trainable_problems(lora)
+        if lora.no_gradient is None:
+            details += _gradient_problems(lora, tokens, g)
 
         # Merged vs unmerged, on outputs and on the weights themselves.
+        modes = {n: layer.merges_on_eval for n, layer in layers.items()}
         for layer in layers.values():
-            layer.merge_weights = False
-        lora.eval()
+            layer.set_merges_on_eval(False)
+        lora.train(False)
         w0 = {n: layer.weight.detach().clone() for n, layer in layers.items()}
         with torch.no_grad():
-            reference = copy.deepcopy(lora).double()(tokens)  # unmerged, float64: the exact answer
-            unmerged = lora(tokens)
-            merge_lora(lora)
-            merged = lora(tokens)
+            reference = lora.float64_copy().logits(tokens)  # unmerged, float64: the exact answer
+            unmerged = lora.logits(tokens)
+            lora.merge()
+            merged = lora.logits(tokens)
         cal = compare_calibrated(merged, unmerged, reference, factor)
         worst[0] = max(worst[0], float((merged.double() - unmerged.double()).abs().max()))  # shown, judged by cal
         if not cal.ok:
@@ -114,49 +121,84 @@ def check_lora_merge(model: Transformer, tokens: Optional[torch.Tensor] = None, 
         scales = {}
         for n, layer in layers.items():
             a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-            expected = (w0[n].double() + scaling * (b @ a)).to(dtype)
-            scales[n] = w0[n].double().abs() + scaling * (b.abs() @ a.abs())
+            expected = (w0[n].double() + layer.scaling * (b @ a)).to(lim.dtype)
+            scales[n] = w0[n].double().abs() + layer.scaling * (b.abs() @ a.abs())
             record(f"{n} merged weight vs W + (alpha/r)·B·A", compare(layer.weight, expected, w_tol, n, scale=scales[n]))
 
         snapshot = {n: layer.weight.detach().clone() for n, layer in layers.items()}
-        merge_lora(lora)
-        for layer in layers.values():
-            layer.merge_weights = True
-        lora.eval()
+        lora.merge()
+        for n, layer in layers.items():
+            layer.set_merges_on_eval(bool(modes[n]))
+        lora.train(False)
         changed = [n for n, layer in layers.items() if not torch.equal(layer.weight, snapshot[n])]
         if changed:
             details.append(f"merging twice / eval() twice changed the weights of {_names(changed)}")
 
-        for label, undo in (("unmerge", lambda: unmerge_lora(lora)), ("train() after eval()", lora.train)):
+        undos = [("unmerge", lora.unmerge)]
+        if any(modes.values()):
+            undos.append(("train() after eval()", lambda: lora.train(True)))
+        for label, undo in undos:
             undo()
             for n, layer in layers.items():
-                record(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scales[n]))
-            lora.eval()  # merged again for the next round
+                if label == "unmerge" or modes[n]:
+                    record(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scales[n]))
+            lora.train(False)
+            for n, layer in layers.items():  # merged again for the next round
+                if not modes[n]:
+                    layer.merge()
         criterion = f"calibrated {cal.ratio:.2f}x <= {factor:g}x; W rtol={w_tol.rtol:.1e}; fresh {tol}"
-        return CheckResult(NAME, not details, worst[0], worst[1], tol, details, case, criterion=criterion)
+        if lora.no_gradient:
+            details.append(f"note: gradient claims not applicable: {lora.no_gradient}")
+        ok = not any(not d.startswith("note:") for d in details)
+        return CheckResult(NAME, ok, worst[0], worst[1], tol, details, case, criterion=criterion)
     except Exception as e:  # the implementation under test crashed: a failure, with its message
-        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case,
-                           error=f"{type(e).__name__}: {e}")
+        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
 
 
-def _gradient_problems(model: Transformer, tokens: torch.Tensor, g: torch.Generator) -> list[str]:
+def _describe(layers: Iterable[Any], dtype: torch.dtype) -> str:
+    """``targets=wq,wv r=4 alpha=12 rslora dropout=0.1 float32``, from the layers themselves."""
+    layers = list(layers)
+    kinds = list(dict.fromkeys(layer.name.rsplit(".", 1)[-1] for layer in layers))
+    ranks = sorted({layer.rank for layer in layers})
+    alphas = sorted({layer.alpha for layer in layers})
+    drops = sorted({layer.dropout for layer in layers})
+    return (f"targets={','.join(kinds)} r={'/'.join(map(str, ranks))} alpha={'/'.join(f'{a:g}' for a in alphas)}"
+            f"{' rslora' if any(layer.use_rslora for layer in layers) else ''}"
+            f" dropout={'/'.join(f'{p:g}' for p in drops)} {str(dtype).replace('torch.', '')}")
+
+
+def _trainable_problems(lora: LoRATarget) -> list[str]:
+    """Only the adapters' ``lora_A``/``lora_B`` are trainable (``requires_grad``), every one of them."""
+    lora_names = set(lora.lora_parameter_names())
+    params = dict(lora.named_parameters())
+    problems = []
+    base_trainable = [n for n, p in params.items() if n not in lora_names and p.requires_grad]
+    if base_trainable:
+        problems.append(f"base parameters trainable: {_names(base_trainable)}")
+    frozen = [n for n in sorted(lora_names) if not params[n].requires_grad]
+    if frozen:
+        problems.append(f"LoRA parameters frozen: {_names(frozen)}")
+    return problems
+
+
+def _gradient_problems(lora: LoRATarget, tokens: torch.Tensor, g: torch.Generator) -> list[str]:
     """Train-mode backward: LoRA parameters get finite, non-zero gradients; nothing else gets any."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    logits = model(tokens)
+    lora.train(True)
+    lora.zero_grad()
+    logits = lora.logits(tokens)
     weights = torch.randn(logits.shape, generator=g).to(logits.device)
     (logits * weights).sum().backward()
     problems = []
-    lora_names = {f"{n}.{w}" for n, m in model.named_modules() if isinstance(m, LoRALinear) for w in ("lora_A", "lora_B")}
-    frozen_trainable = [n for n, p in model.named_parameters() if n not in lora_names and (p.requires_grad or p.grad is not None)]
-    if frozen_trainable:
-        problems.append(f"base parameters trainable or with a gradient: {_names(frozen_trainable)}")
-    params = dict(model.named_parameters())
+    lora_names = set(lora.lora_parameter_names())
+    params = dict(lora.named_parameters())
+    with_grad = [n for n, p in params.items() if n not in lora_names and p.grad is not None]
+    if with_grad:
+        problems.append(f"base parameters with a gradient: {_names(with_grad)}")
     missing = [n for n in sorted(lora_names) if params[n].grad is None]
     zero = [n for n in sorted(lora_names) if params[n].grad is not None and not bool(params[n].grad.ne(0).any())]
     nonfinite = [n for n in sorted(lora_names) if params[n].grad is not None and not bool(params[n].grad.isfinite().all())]
     for label, names in (("no gradient", missing), ("an all-zero gradient", zero), ("a non-finite gradient", nonfinite)):
         if names:
             problems.append(f"LoRA parameters with {label}: {_names(names)}")
-    model.zero_grad(set_to_none=True)
+    lora.zero_grad()
     return problems

@@ -11,7 +11,7 @@ A target that cannot be asked a property says why (:meth:`Target.not_applicable`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ContextManager, Optional, Protocol, Sequence, runtime_checkable
+from typing import ContextManager, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -52,6 +52,62 @@ class KVCacheTarget(Protocol):
         ...
 
 
+@runtime_checkable
+class LoRALayer(Protocol):
+    """One adapted Linear, read live (:class:`verify.targets.lora.LoRALayerView` for loralib's shape)."""
+
+    name: str
+    weight: torch.Tensor  # the base weight (out, in); W + scaling·B·A while merged
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    rank: int
+    alpha: float
+    use_rslora: bool
+    dropout: float  # on the adapter's input; inactive in eval mode
+    merged: bool
+    merges_on_eval: Optional[bool]  # eval() merges and train() unmerges; None: the mode does not merge
+
+    def set_merges_on_eval(self, on: bool) -> None: ...
+    def merge(self) -> None: ...
+    def unmerge(self) -> None: ...
+
+
+@runtime_checkable
+class LoRATarget(Protocol):
+    """Property 3 (merging LoRA changes nothing): a fresh copy of the model with its adapters, which the check may
+    change at will (:class:`verify.targets.lora.LoralibTarget`); a target makes one with ``lora_target(...)``."""
+
+    description: str
+    layers: Sequence[LoRALayer]
+    no_gradient: Optional[str]  # why a backward cannot reach the parameters; None where it can
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Uncached logits (B, L, V) in the current mode; with autograd where the forward allows it."""
+        ...
+
+    def base_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model without adapters, eval mode, no gradient."""
+        ...
+
+    def train(self, mode: bool = True) -> None:
+        """The model's own mode switch."""
+        ...
+
+    def merge(self) -> None: ...
+    def unmerge(self) -> None: ...
+
+    def float64_copy(self) -> "LoRATarget":
+        """An unmerged float64 copy, for the exact answer."""
+        ...
+
+    def lora_parameter_names(self) -> list[str]:
+        """The names (as ``named_parameters`` gives them) of every layer's ``lora_A`` and ``lora_B``."""
+        ...
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]: ...
+    def zero_grad(self) -> None: ...
+
+
 class Target:
     """Base of the adapters: a description and, per property, whether it can be asked."""
 
@@ -60,6 +116,12 @@ class Target:
     def not_applicable(self, prop: str) -> Optional[str]:
         """None if property ``prop`` (a check name) can be checked on this target, else why not."""
         return f"{self.description} offers no operations for {prop}"
+
+    def lora_target(self, *, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float, use_rslora: bool,
+                    layer_cls: Optional[type] = None, generator: Optional[torch.Generator] = None) -> LoRATarget:
+        """A fresh copy with LoRA adapters, for the merge check: where the target can apply them, those asked for
+        (``layer_cls`` the layer under test); a model that comes adapted keeps its own and ignores the request."""
+        raise NotImplementedError(f"{self.description} offers no LoRA operations")
 
     def __str__(self) -> str:
         return self.description

@@ -7,6 +7,7 @@ for another implementation's (the bug zoo's components): ``cache_cls`` (a ``KVCa
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -14,9 +15,11 @@ import torch
 
 from llama_ref.generation import Llama
 from llama_ref.kv_cache import KVCache
+from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama
 from llama_ref.model import Transformer
 
 from .base import Limits, Target
+from .lora import LoralibTarget
 
 
 def is_llama_ref(obj: Any) -> bool:
@@ -87,3 +90,21 @@ class LlamaRefTarget(Target):
         llm = self.generator_cls(self.model, _NoStops(self.model.vocab_size))  # type: ignore[arg-type]
         tokens, logprobs = llm.generate(prompts, max_gen_len, temperature=0.0, logprobs=True, kv_caching=kv_caching)
         return tokens, logprobs or []
+
+    def _base_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The untouched model's uncached logits in eval mode (its mode restored)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.logits(tokens, 0, kv_caching=False)
+        finally:
+            self.model.train(was_training)
+
+    def lora_target(self, *, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float, use_rslora: bool,
+                    layer_cls: Optional[type] = None, generator: Optional[torch.Generator] = None) -> LoralibTarget:
+        lora = copy.deepcopy(self.model)
+        lora.kv_caching = False
+        apply_lora_to_llama(lora, rank, alpha, dropout, ALL_TARGETS if targets is None else targets, merge_weights=True,
+                            use_rslora=use_rslora, layer_cls=layer_cls or LoRALinear, generator=generator)
+        return LoralibTarget(lora, lambda m, tokens: m(tokens), description=self.description,
+                             base=self._base_logits)

@@ -12,6 +12,7 @@ has no effect and the adapter says so instead of comparing the cache with itself
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -20,9 +21,12 @@ from torch import nn
 
 from .base import Limits, Target
 from .decode import greedy_generate
+from .lora import LoralibTarget, loralib_layers
 
 KVSwitch = Callable[[nn.Module, bool], None]
 NEEDS_GRADIENTS = ("grad_accum", "mixed_precision", "gradient_checkpointing")
+_NO_GRADIENT = ("the forward runs under torch.inference_mode() (Meta's decorator) or without autograd: no gradient "
+                "reaches the parameters")
 
 
 def _forward_parameters(module: nn.Module) -> list[str]:
@@ -77,17 +81,25 @@ class MetaStyleTarget(Target):
     def not_applicable(self, prop: str) -> Optional[str]:
         if prop == "kv_cache":
             return self._switch_problem()
+        if prop == "lora_merge":
+            if not loralib_layers(self.model):
+                return ("no LoRA layers of loralib's shape (modules with weight, lora_A, lora_B, r, lora_alpha, "
+                        "merged, merge(), unmerge()): let the factory return the model with its adapters applied")
+            return None
         if prop in NEEDS_GRADIENTS and self._forward_without_gradient():
-            return ("the forward runs under torch.inference_mode() (Meta's decorator) or without autograd: no "
-                    f"gradient reaches the parameters, and {prop} needs one")
+            return _NO_GRADIENT + f", and {prop} needs one"
         return f"the Meta-style adapter offers no operations for {prop}"
 
     def _forward_without_gradient(self) -> bool:
-        """One token at position 0 through the forward (uncached where it can be) with autograd on: does its output
-        have no gradient path? A forward that raises is not judged here: the check that runs it reports the crash."""
+        """One token at position 0 through the forward in train mode (uncached where it can be; LoRA layers that
+        merge on eval() are then unmerged) with autograd on: does its output have no gradient path although some
+        parameter is trainable? A forward that raises is not judged here: the check that runs it reports the crash."""
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return False  # nothing to differentiate: not the forward's doing
         tokens = torch.zeros((1, 1), dtype=torch.long, device=self.limits.device)
         switchable = self._switch_problem() is None
         with self.kv_session(), torch.enable_grad():
+            self.model.train()  # kv_session restores the mode
             if switchable:
                 self._set_kv_caching(False)
             try:
@@ -171,3 +183,27 @@ class MetaStyleTarget(Target):
                  ) -> tuple[list[list[int]], list[list[float]]]:
         lim = self.limits
         return greedy_generate(self.logits, prompts, max_gen_len, lim.max_seq_len, lim.device, kv_caching=kv_caching)
+
+    # ---- property 3 ----------------------------------------------------------------------------------------------
+
+    def _uncached(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """``model(tokens, 0)``, with the cache switched off where there is a switch (a cached forward from
+        position 0 over the whole sequence is the uncached one, where there is not)."""
+        switchable = self._switch_problem() is None
+        twin = MetaStyleTarget(model, kv_switch=self._kv_switch, vocab_size=self._vocab_size) if switchable else None
+        if twin is not None:
+            twin._set_kv_caching(False)
+        try:
+            return model(tokens, 0)
+        finally:
+            if twin is not None:
+                twin._set_kv_caching(True)
+
+    def lora_target(self, *, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float, use_rslora: bool,
+                    layer_cls: Optional[type] = None, generator: Optional[torch.Generator] = None) -> LoralibTarget:
+        if layer_cls is not None:
+            raise ValueError("layer_cls is swapped into llama_ref's model; a Meta-style model comes with its own "
+                             "LoRA layers")
+        no_gradient = _NO_GRADIENT if self._forward_without_gradient() else None
+        return LoralibTarget(copy.deepcopy(self.model), self._uncached, no_gradient=no_gradient,
+                             description=self.description)

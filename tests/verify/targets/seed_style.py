@@ -8,8 +8,14 @@ values are the new tokens' own. :class:`SeedAttention` indexes the cache as the 
 ``cache_k[:, bsz, start_pos : start_pos + seqlen]``, where Meta's code has ``cache_k[:bsz, start_pos : ...]``;
 other wrong caches are subclasses overriding :meth:`Attention.update_cache`.
 
-Factories for ``--target tests/verify/targets/seed_style.py:FACTORY``: :func:`make` (the seed's indexing) and
-:func:`make_fixed` (Meta's); both the same seeded weights.
+The seed's LoRA, written anew from its description: a loralib-style ``LoRALinear(nn.Linear)`` with ``lora_A``,
+``lora_B``, ``scaling = lora_alpha / r``, dropout on the adapter's input and ``merge_weights`` (eval() merges,
+train() unmerges); :func:`apply_lora` replaces ``wq`` and ``wv`` of every block (r=16, alpha=32, dropout 0.05, as
+the report ran it) and freezes all but the adapters. Its ``layer_cls`` takes any class with that layer's
+``from_linear`` (the bug zoo's LoRA layers).
+
+Factories for ``--target tests/verify/targets/seed_style.py:FACTORY``: :func:`make` (the seed's indexing),
+:func:`make_fixed` (Meta's) and :func:`make_lora` (Meta's, with the seed's LoRA); all the same seeded weights.
 """
 from __future__ import annotations
 
@@ -56,6 +62,74 @@ def rope_table(head_dim: int, length: int, theta: float) -> torch.Tensor:
 def rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * table[None, :, None, :]).flatten(3).type_as(x)
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 merge_weights: bool = True):
+        super().__init__(in_features, out_features, bias=False)
+        self.r, self.lora_alpha, self.scaling = r, lora_alpha, lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merge_weights, self.merged = merge_weights, False
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.weight.requires_grad = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    merge_weights: bool = True, *_, **__) -> "LoRALinear":
+        layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, merge_weights)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)  # the report: copy the original weights in
+        return layer
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.weight += self.lora_B @ self.lora_A * self.scaling
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.lora_B @ self.lora_A * self.scaling
+            self.merged = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.merge_weights:
+            self.unmerge() if mode else self.merge()
+        return self
+
+    def forward(self, x):
+        out = F.linear(x, self.weight)
+        if self.merged:
+            return out
+        return out + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+
+
+def apply_lora(model: "Transformer", rank: int = 16, alpha: float = 32, dropout: float = 0.05,
+               layer_cls: type = LoRALinear, freeze: bool = True) -> "Transformer":
+    """The seed's ``apply_lora_to_llama``: ``wq`` and ``wv`` of every block become LoRA layers (in place); all but
+    the adapters frozen (``freeze=False``: the bug of forgetting to)."""
+    g_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the adapters' A: the same every call
+    try:
+        for block in model.layers:
+            for name in ("wq", "wv"):
+                setattr(block.attention, name, layer_cls.from_linear(getattr(block.attention, name), rank, alpha,
+                                                                      dropout, True))
+    finally:
+        torch.set_rng_state(g_state)
+    if freeze:
+        mark_only_lora_as_trainable(model)
+    return model
 
 
 class Attention(nn.Module):
@@ -174,3 +248,8 @@ def make(attention_cls: type[Attention] = SeedAttention) -> Transformer:
 def make_fixed() -> Transformer:
     """The same model with Meta's indexing, ``cache_k[:bsz, …]``."""
     return make(Attention)
+
+
+def make_lora(layer_cls: type = LoRALinear, freeze: bool = True) -> Transformer:
+    """Meta's indexing with the seed's LoRA on ``wq`` and ``wv`` (a fresh adapter: ``B = 0``)."""
+    return apply_lora(make_fixed(), layer_cls=layer_cls, freeze=freeze)

@@ -1,0 +1,163 @@
+"""LoRA layers as the merge check sees them, on any model: loralib's shape, recognised by what a layer has.
+
+loralib (Hu et al.'s reference code), this project's ``LoRALinear`` and most hand-written adapters (the seed
+report's among them) share one shape: a Linear-like module with the base ``weight`` (out, in), the adapter's
+``lora_A`` (r, in) and ``lora_B`` (out, r) tensors, its ``r`` and ``lora_alpha``, a ``merged`` flag and
+``merge()`` / ``unmerge()``; with ``merge_weights`` set, ``eval()`` merges and ``train()`` unmerges. The check
+computes the scaling from ``lora_alpha`` and ``r`` itself (``alpha / r``, or ``alpha / sqrt(r)`` where the layer
+says ``use_rslora``), never from the layer's own ``scaling``: that is what it checks.
+
+:class:`LoralibTarget` is the :class:`verify.targets.base.LoRATarget` for a model holding such layers; the adapters
+make one from a fresh copy (llama_ref's with the adapters the check asks for, a foreign model with its own).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # forward(module, tokens) → uncached logits (B, L, V)
+
+
+def is_loralib_layer(m: nn.Module) -> bool:
+    """Does ``m`` have loralib's shape: ``weight``, ``lora_A``, ``lora_B`` tensors, an int ``r``, a numeric
+    ``lora_alpha``, a bool ``merged`` and callable ``merge`` / ``unmerge``?"""
+    tensors = all(isinstance(getattr(m, a, None), torch.Tensor) for a in ("weight", "lora_A", "lora_B"))
+    r, alpha = getattr(m, "r", None), getattr(m, "lora_alpha", None)
+    return (tensors and isinstance(r, int) and not isinstance(r, bool) and isinstance(alpha, (int, float))
+            and isinstance(getattr(m, "merged", None), bool)
+            and callable(getattr(m, "merge", None)) and callable(getattr(m, "unmerge", None)))
+
+
+def loralib_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name → module of every loralib-shaped layer of ``model``, in order."""
+    return {name: m for name, m in model.named_modules() if is_loralib_layer(m)}
+
+
+class LoRALayerView:
+    """One adapted layer, read live: its tensors, hyper-parameters and state, and its merge operations."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        return self.module.lora_A
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        return self.module.lora_B
+
+    @property
+    def rank(self) -> int:
+        return self.module.r
+
+    @property
+    def alpha(self) -> float:
+        return float(self.module.lora_alpha)
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(getattr(self.module, "use_rslora", False))
+
+    @property
+    def scaling(self) -> float:
+        """The definition (alpha/r; alpha/sqrt(r) with rsLoRA), from the hyper-parameters, not the layer's."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def dropout(self) -> float:
+        """The probability of the dropout on the adapter's input (``lora_dropout.p``; 0 without one)."""
+        return float(getattr(getattr(self.module, "lora_dropout", None), "p", 0.0))
+
+    @property
+    def merged(self) -> bool:
+        return self.module.merged
+
+    @property
+    def merges_on_eval(self) -> Optional[bool]:
+        """loralib's ``merge_weights`` (eval() merges, train() unmerges); None where the layer has no such switch."""
+        on = getattr(self.module, "merge_weights", None)
+        return on if isinstance(on, bool) else None
+
+    def set_merges_on_eval(self, on: bool) -> None:
+        if self.merges_on_eval is not None:
+            self.module.merge_weights = on
+
+    def merge(self) -> None:
+        self.module.merge()
+
+    def unmerge(self) -> None:
+        self.module.unmerge()
+
+
+class LoralibTarget:
+    """A model with loralib-shaped LoRA layers, as the merge check drives it (:class:`verify.targets.base.LoRATarget`).
+
+    ``forward(module, tokens)`` gives the uncached logits; ``base`` (optional) the same model without adapters,
+    for the fresh-adapter claim — without it, the base is this model with every ``lora_A`` set to zero (the update
+    ``B·A·x`` is then zero whatever ``B`` holds). ``no_gradient`` says why a backward cannot reach the parameters
+    (a forward under ``inference_mode``), None where it can.
+    """
+
+    def __init__(self, module: nn.Module, forward: Forward, *, description: str,
+                 base: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, no_gradient: Optional[str] = None):
+        self.module, self._forward, self.description = module, forward, description
+        self._base, self.no_gradient = base, no_gradient
+        self.layers = [LoRALayerView(n, m) for n, m in loralib_layers(module).items()]
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Uncached logits in the model's current mode; with autograd where the forward allows it."""
+        return self._forward(self.module, tokens)
+
+    def base_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits of the model without its adapters, in eval mode, without gradient."""
+        if self._base is not None:
+            with torch.no_grad():
+                return self._base(tokens)
+        bare = copy.deepcopy(self.module)
+        bare_layers = loralib_layers(bare)
+        for m in bare_layers.values():
+            if getattr(m, "merge_weights", None) is True:
+                m.merge_weights = False  # eval() must not fold anything into W
+        bare.eval()
+        with torch.no_grad():
+            for name, m in bare_layers.items():
+                if m.merged:
+                    raise ValueError(f"{name} came merged: the model without adapters cannot be recovered")
+                m.lora_A.zero_()
+            return self._forward(bare, tokens)
+
+    def train(self, mode: bool = True) -> None:
+        """The model's own mode switch (loralib layers merge on eval() and unmerge on train())."""
+        self.module.train(mode)
+
+    def merge(self) -> None:
+        for layer in self.layers:
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers:
+            layer.unmerge()
+
+    def float64_copy(self) -> "LoralibTarget":
+        """An unmerged float64 copy (modes and flags as they are), for the exact answer."""
+        twin = copy.deepcopy(self.module).double()
+        return LoralibTarget(twin, self._forward, description=self.description, no_gradient=self.no_gradient)
+
+    def lora_parameter_names(self) -> list[str]:
+        params = {id(p): n for n, p in self.module.named_parameters()}
+        return [params[id(t)] for layer in self.layers for t in (layer.lora_A, layer.lora_B) if id(t) in params]
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
