@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import llama_ref.train.trainer as T
 import verify.checks.mixed_precision as MP
@@ -82,6 +82,10 @@ def test_the_trainer_and_the_check_agree_on_what_cpu_autocast_supports():
         assert T.autocast_supported("cpu", dtype) == autocast_observed("cpu", dtype)[0], dtype
 
 
+# Found by hypothesis: correct code whose wk gradient was 5.84x further from float64 than the plain bf16 path's,
+# which failed the per-parameter factor of 5 (now 10, from the tail measured in verify/tolerances.py).
+@example(seed=12547, args=ModelArgs(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=32, multiple_of=8,
+                                    max_batch_size=1, max_seq_len=8, attn_impl="math"), dtype=torch.bfloat16)
 @given(seed=seeds(), args=model_args(max_layers=1), dtype=st.sampled_from(HALVES if CPU_FP16 else HALVES[:1]))
 def test_the_check_passes_for_any_seed_and_config(seed, args, dtype):
     result = check_mixed_precision(init_weights(Transformer(args), seed % 1000), dtype=dtype, lora=("wq", "w2"),
