@@ -63,7 +63,7 @@ CHECK_PARTS: dict[str, frozenset[str]] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The checks that run on any target (verify.targets); the others still take llama_ref's Transformer itself.
-TARGET_CHECKS = frozenset({"kv_cache", "lora_merge"})
+TARGET_CHECKS = frozenset({"kv_cache", "lora_merge", "gradient_checkpointing"})
 
 
 def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Sequence[str] = tuple(CHECKS),

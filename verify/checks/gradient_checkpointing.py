@@ -12,6 +12,12 @@ trainable parameter — a ``None`` against a tensor is a failure, never a skip. 
 * all of the above in fp32 and again under ``torch.autocast(dtype=autocast_dtype)``, where the recomputation must
   replay the forward's autocast state.
 
+The check runs on a target (:class:`verify.targets.base.CheckpointingTarget`): llama_ref's model (any policy, LoRA
+applied here) or a Meta-style one (its blocks are the modules holding the cached attention; the policies its switch
+offers; its own LoRA layers, if it has any — without, the LoRA case becomes the blocks trained with everything
+outside them frozen, where the reentrant checkpoint fails the same way). A target without a switch, or whose
+forward lets no gradient through, is "not applicable".
+
 And the checkpointed blocks really were recomputed: over one forward + backward, every block that the policy selects
 runs twice, every other block once (counted from outside, by forward pre-hooks the check installs on its copies).
 The blocks a policy selects are taken from the
@@ -36,16 +42,17 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-
-from llama_ref.lora import apply_lora_to_llama, lora_layers
-from llama_ref.model import BlockRunner, Transformer
+from torch import nn
 
 from ..compare import Comparison, GradComparison, compare, compare_grads
 from ..oracles import policy_layers
-from ..result import CheckResult, name_list
+from ..result import CheckResult, describe_exception, name_list
+from ..targets.base import CheckpointingTarget
+from ..targets.lora import loralib_layers
+from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
 
 NAME = "gradient_checkpointing"
@@ -59,7 +66,7 @@ class _Run:
     logits: torch.Tensor
     grads: dict[str, Optional[torch.Tensor]]
     forwards: list[int]  # forwards of each block during one forward + backward (recomputations included)
-    selected: frozenset[int]  # the blocks the implementation says it checkpoints
+    selected: Optional[frozenset[int]]  # the blocks the implementation says it checkpoints (None: it does not say)
     warned: list[str]
 
 
@@ -91,36 +98,48 @@ def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
-def _run(template: Transformer, policy: Optional[str], tokens: torch.Tensor, weights: torch.Tensor,
-         autocast_dtype: Optional[torch.dtype], seed: int) -> _Run:
+def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str], tokens: torch.Tensor,
+         weights: torch.Tensor, autocast_dtype: Optional[torch.dtype], seed: int) -> _Run:
     """One forward + backward of a fresh copy of ``template`` under ``policy``; the loss is the per-token mean of
     ``logits · weights``, so every logit is weighted (a mean over logits would hide permuted ones)."""
     model = copy.deepcopy(template)
     model.zero_grad(set_to_none=True)
-    model.set_gradient_checkpointing(policy)
+    target.set_checkpointing(model, policy)
     device_type = tokens.device.type
-    with warnings.catch_warnings(record=True) as caught, counting_forwards(model.layers) as forwards:
+    with warnings.catch_warnings(record=True) as caught, counting_forwards(target.blocks(model)) as forwards:
         # warnings recorded, not shown: reported with the failure they explain
         warnings.simplefilter("always")
         torch.manual_seed(seed)  # the same dropout masks in every run
         with torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-            logits = model(tokens)  # (B, T, V)
+            logits = target.train_logits(model, tokens)  # (B, T, V)
         loss = (logits * weights.to(logits.dtype)).sum() / (tokens.shape[0] * tokens.shape[1])
         loss.backward()
     return _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
-                frozenset(model.checkpointed_layers), [str(w.message) for w in caught])
+                target.checkpointed_blocks(model), [str(w.message) for w in caught])
 
 
-def _lora_template(model: Transformer, targets: Sequence[str], dropout: float, g: torch.Generator) -> Transformer:
-    """A copy with LoRA on ``targets``: ``A`` and a non-zero ``B`` drawn from ``g`` — with ``B = 0``, ``A`` would get
-    a zero gradient and a lost one would not show."""
-    lora = copy.deepcopy(model)
-    apply_lora_to_llama(lora, LORA_RANK, LORA_ALPHA, dropout, targets, generator=g)
+def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout: float,
+                   g: torch.Generator) -> Optional[nn.Module]:
+    """A copy with LoRA on a frozen base (on ``targets`` where the target applies it: ``A`` drawn from ``g``) and a
+    non-zero ``B`` drawn from ``g`` — with ``B = 0``, ``A`` would get a zero gradient and a lost one would not show.
+    None where the target has no LoRA layers."""
+    lora = target.gc_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
+    if lora is None:
+        return None
     with torch.no_grad():
-        for _, layer in lora_layers(lora):
-            b = torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(LORA_RANK)
+        for layer in loralib_layers(lora).values():
+            b = torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.r)
             layer.lora_B.copy_(b.to(layer.lora_B))
     return lora
+
+
+def _blocks_only_template(target: CheckpointingTarget, base: nn.Module) -> nn.Module:
+    """A copy whose blocks are trainable and everything outside them frozen: no block's input requires grad, as
+    under LoRA on a frozen base."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    for block in target.blocks(model):
+        block.requires_grad_(True)
+    return model
 
 
 class _Tally:
@@ -142,99 +161,130 @@ class _Tally:
         self.details.extend(f"{where} gradient of {problem}" for problem in c.problems)
 
 
-def check_gradient_checkpointing(model: Transformer, tokens: Optional[torch.Tensor] = None, *,
+def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = None, *,
                                  policies: Sequence[str] = ("all", "seed", "every:2"), lora: bool = True,
                                  lora_targets: Sequence[str] = ("wq", "wv", "w2"), dropout: float = 0.1,
                                  autocast_dtype: Optional[torch.dtype] = torch.bfloat16, full_finetune: bool = True,
-                                 seed: int = 0, block_runner: Optional[BlockRunner] = None) -> CheckResult:
-    """Check property 4 on copies of ``model`` (left untouched, the global RNG included).
+                                 seed: int = 0, block_runner: Optional[Callable[..., torch.Tensor]] = None
+                                 ) -> CheckResult:
+    """Check property 4 on copies of ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts —
+    which is left untouched, the global RNG included.
 
-    ``policies`` are compared with the plain run on the LoRA model (``lora=True``: rank 4, alpha 8, ``dropout``, on
-    ``lora_targets`` of every block); ``full_finetune`` adds the fully trainable model under ``"all"``, in train and
-    in eval mode. Every case runs in the model's dtype and, when ``autocast_dtype`` is given, again under autocast.
-    ``tokens`` (B, L) default to random ids drawn from ``seed``. ``block_runner`` replaces the copies' way of running
-    a block (another implementation's checkpointing); by default the model's own. An unknown policy raises ValueError.
+    ``policies`` (those the target offers) are compared with the plain run on the LoRA model (``lora=True``; with
+    llama_ref rank 4, alpha 8, ``dropout``, on ``lora_targets`` of every block); ``full_finetune`` adds the fully
+    trainable model under ``"all"`` (or the target's one policy), in train and in eval mode. Every case runs in the
+    model's dtype and, when ``autocast_dtype`` is given, again under autocast. ``tokens`` (B, L) default to random ids
+    drawn from ``seed``. ``block_runner`` (llama_ref) replaces the copies' way of running a block (another
+    implementation's checkpointing). An unknown policy raises ValueError.
     """
-    p = model.params
-    n_layers = len(model.layers)
     policies = list(policies)
     for policy in policies:
-        policy_layers(policy, n_layers)  # a bad policy is the caller's error, raised before anything runs
+        policy_layers(policy, 1)  # a bad policy is the caller's error, raised before anything runs
     if not (lora or full_finetune):
         raise ValueError("nothing to check: lora and full_finetune are both False")
-    param_dtype = model.output.weight.dtype
-    device = model.output.weight.device
-    tol = tolerance(param_dtype, NAME)
+    target = as_target(model, block_runner=block_runner)
+    why = target.not_applicable(NAME)
+    if why:
+        return CheckResult.na(NAME, why, str(target))
+    notes: list[str] = []
+    if target.policies is not None:
+        offered = [q for q in policies if q in target.policies]
+        if not offered:
+            return CheckResult.na(NAME, f"its checkpointing switch offers policies {list(target.policies)}, none of "
+                                  f"{policies}", str(target))
+        if offered != policies:
+            notes.append(f"note: policies {[q for q in policies if q not in offered]} not checked: the target's "
+                         f"switch offers {list(target.policies)}")
+        policies = offered
+    full_policy = "all" if target.policies is None else policies[0]
+    lim = target.limits
+    tol = tolerance(lim.dtype, NAME)
     g = torch.Generator().manual_seed(seed)
     if tokens is None:
-        tokens = torch.randint(0, p.vocab_size, (2, min(16, p.max_seq_len)), generator=g)
-    tokens = tokens.to(device)
-    weights = torch.randn((*tokens.shape, p.vocab_size), generator=g).to(device)
+        tokens = torch.randint(0, lim.vocab_size, (min(2, lim.max_batch_size), min(16, lim.max_seq_len)),
+                               generator=g)
+    tokens = tokens.to(lim.device)
+    weights = torch.randn((*tokens.shape, lim.vocab_size), generator=g).to(lim.device)
 
     precisions: list[Optional[torch.dtype]] = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
-    modes = [_dtype_name(param_dtype)] + [f"{_dtype_name(d)} autocast" for d in precisions[1:]]
-    parts = []
-    if lora:
-        parts.append(f"LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {','.join(lora_targets)} dropout={dropout:g} "
-                     f"policies={','.join(policies)}")
-    if full_finetune:
-        parts.append("full fine-tune policy=all (train, eval)")
-    case = f"{'; '.join(parts)}; {' + '.join(modes)}; B={tokens.shape[0]} L={tokens.shape[1]} layers={n_layers}"
-    criterion = f"loss, logits, grads {tol}; checkpointed blocks 2 forwards, others 1"
+    modes = [_dtype_name(lim.dtype)] + [f"{_dtype_name(d)} autocast" for d in precisions[1:]]
     tally = _Tally()
+    tally.details += notes
     stage = "copying the model and applying LoRA"
+    case = str(target)
+    criterion = f"loss, logits, grads {tol}; checkpointed blocks 2 forwards, others 1"
     try:
-        with _rng_fork(device):
-            base = copy.deepcopy(model)
-            base.kv_caching = False
-            if block_runner is not None:
-                base.block_runner = block_runner
-            templates: list[tuple[str, Transformer, list[str]]] = []
+        with _rng_fork(lim.device):
+            base = target.gc_model()
+            n_layers = len(target.blocks(base))
+            templates: list[tuple[str, nn.Module, list[str]]] = []
+            parts = []
             if lora:
-                templates.append(("LoRA", _lora_template(base, lora_targets, dropout, g).train(), policies))
+                lora_model = _lora_template(target, lora_targets, dropout, g)
+                if lora_model is not None:
+                    templates.append(("LoRA", lora_model.train(), policies))
+                    layers = list(loralib_layers(lora_model).values())
+                    kinds = ",".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in loralib_layers(lora_model)))
+                    parts.append(f"LoRA r={'/'.join(sorted({str(m.r) for m in layers}))} "
+                                 f"alpha={'/'.join(sorted({f'{m.lora_alpha:g}' for m in layers}))} on {kinds} "
+                                 f"dropout={_dropouts(layers)} policies={','.join(policies)}")
+                else:
+                    templates.append(("blocks only", _blocks_only_template(target, base).train(), policies))
+                    parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
             if full_finetune:
                 full = base.requires_grad_(True).train()
-                templates += [("full", full, ["all"]), ("full eval", copy.deepcopy(full).eval(), ["all"])]
+                for layer in loralib_layers(full).values():  # a model that comes adapted: eval() must not merge
+                    if isinstance(getattr(layer, "merge_weights", None), bool):
+                        layer.merge_weights = False
+                templates += [("full", full, [full_policy]), ("full eval", copy.deepcopy(full).eval(), [full_policy])]
+                parts.append(f"full fine-tune policy={full_policy} (train, eval)")
+            case = (f"{'; '.join(parts)}; {' + '.join(modes)}; B={tokens.shape[0]} L={tokens.shape[1]} "
+                    f"layers={n_layers}")
             for precision, mode in zip(precisions, modes):
                 for label, template, case_policies in templates:
                     where = f"{mode} {label}"
                     stage = f"{where} plain run"
-                    plain = _run(template, None, tokens, weights, precision, seed)  # if it raises, nothing to compare
+                    plain = _run(target, template, None, tokens, weights, precision, seed)  # if it raises: no case
                     if plain.forwards != [1] * n_layers:
                         tally.details.append(f"{where} plain run: forwards per block {plain.forwards}, expected 1 each")
                     missing = [n for n, q in template.named_parameters() if q.requires_grad and plain.grads[n] is None]
                     if missing:
                         tally.details.append(f"{where} plain run: no gradient on trainable {_names(missing)}")
                     for policy in case_policies:
-                        _compare_policy(f"{where} policy={policy}", template, policy, plain, tokens, weights,
+                        _compare_policy(f"{where} policy={policy}", target, template, policy, plain, tokens, weights,
                                         precision, seed, tol, tally)
     except Exception as e:  # the plain run (or the copy) failed: nothing could be compared
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case,
-                           error=f"{stage}: {type(e).__name__}: {e}", criterion=criterion)
+                           error=f"{stage}: {describe_exception(e)}", criterion=criterion)
+    failed = [d for d in tally.details if not d.startswith("note:")]
     if tally.errors:
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case, error=tally.errors[0],
                            criterion=criterion)
-    return CheckResult(NAME, not tally.details, tally.max_abs, tally.max_rel, tol, tally.details, case,
+    return CheckResult(NAME, not failed, tally.max_abs, tally.max_rel, tol, tally.details, case,
                        criterion=criterion)
+
+
+def _dropouts(layers: Sequence[nn.Module]) -> str:
+    return "/".join(sorted({f"{float(getattr(getattr(m, 'lora_dropout', None), 'p', 0.0)):g}" for m in layers}))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _compare_policy(where: str, template: Transformer, policy: str, plain: _Run, tokens: torch.Tensor,
-                    weights: torch.Tensor, precision: Optional[torch.dtype], seed: int, tol: Tolerance,
-                    tally: _Tally) -> None:
+def _compare_policy(where: str, target: CheckpointingTarget, template: nn.Module, policy: str, plain: _Run,
+                    tokens: torch.Tensor, weights: torch.Tensor, precision: Optional[torch.dtype], seed: int,
+                    tol: Tolerance, tally: _Tally) -> None:
     """One checkpointed run against the plain run: block selection, recomputation counts, loss, logits, gradients."""
     try:
-        run = _run(template, policy, tokens, weights, precision, seed)
+        run = _run(target, template, policy, tokens, weights, precision, seed)
     except Exception as e:  # the checkpointed path crashed where the plain one did not
         tally.errors.append(f"{where}: {type(e).__name__}: {e}")
         tally.details.append(f"{where}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return
     n_before = len(tally.details)
     expected = policy_layers(policy, len(run.forwards))
-    if run.selected != expected:
+    if run.selected is not None and run.selected != expected:
         tally.details.append(f"{where}: the model checkpoints blocks {sorted(run.selected)}, the policy means "
                              f"{sorted(expected)}")
     want = [2 if i in expected else 1 for i in range(len(run.forwards))]

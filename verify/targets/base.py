@@ -108,6 +108,44 @@ class LoRATarget(Protocol):
     def zero_grad(self) -> None: ...
 
 
+@runtime_checkable
+class CheckpointingTarget(Protocol):
+    """Property 4 (gradient checkpointing changes no gradient). The check runs fresh copies (``gc_model``) and
+    counts each block's forwards with hooks on ``blocks(model)``; every operation takes the copy it acts on."""
+
+    description: str
+    policies: Optional[tuple[str, ...]]  # the checkpointing policies it can be set to; None: any
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def gc_model(self) -> torch.nn.Module:
+        """A fresh copy of the model for one run: cache off, parameters as the model has them."""
+        ...
+
+    def gc_lora_model(self, targets: Sequence[str], rank: int, alpha: float, dropout: float,
+                      generator: torch.Generator) -> Optional[torch.nn.Module]:
+        """A fresh copy with LoRA on a frozen base (where the target can apply it, on ``targets``; a model that comes
+        adapted keeps its own adapters), or None where there is none."""
+        ...
+
+    def blocks(self, model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+        """The transformer blocks of ``model``, in order: what a policy selects and the check counts."""
+        ...
+
+    def set_checkpointing(self, model: torch.nn.Module, policy: Optional[str]) -> None:
+        """Checkpoint the blocks ``policy`` selects (None: none)."""
+        ...
+
+    def checkpointed_blocks(self, model: torch.nn.Module) -> Optional[frozenset[int]]:
+        """The blocks the implementation says it checkpoints; None where it does not say."""
+        ...
+
+    def train_logits(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Uncached logits (B, L, V) of ``tokens`` from position 0, with autograd, in the model's current mode."""
+        ...
+
+
 class Target:
     """Base of the adapters: a description and, per property, whether it can be asked."""
 

@@ -1,8 +1,9 @@
 """The target for this project's own model: ``llama_ref.model.Transformer`` (the default of every check).
 
 The only module of ``verify/`` that the checks reach ``llama_ref`` through. The parts under test can be swapped
-for another implementation's (the bug zoo's components): ``cache_cls`` (a ``KVCache`` subclass) and
-``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model).
+for another implementation's (the bug zoo's components): ``cache_cls`` (a ``KVCache`` subclass),
+``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model) and
+``block_runner`` (how a block is run, checkpointed or not).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from llama_ref.generation import Llama
 from llama_ref.kv_cache import KVCache
 from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama
-from llama_ref.model import Transformer
+from llama_ref.model import BlockRunner, Transformer
 
 from .base import Limits, Target
 from .lora import LoralibTarget
@@ -35,9 +36,12 @@ class _NoStops:
 
 
 class LlamaRefTarget(Target):
+    policies = None  # any: set_gradient_checkpointing parses the policy itself
+
     def __init__(self, model: Transformer, *, cache_cls: Optional[type[KVCache]] = None,
-                 generator_cls: Optional[type[Llama]] = None):
+                 generator_cls: Optional[type[Llama]] = None, block_runner: Optional[BlockRunner] = None):
         self.model = model
+        self.block_runner = block_runner
         self.cache_cls = cache_cls
         self.generator_cls = generator_cls or Llama
         p = model.params
@@ -108,3 +112,30 @@ class LlamaRefTarget(Target):
                             use_rslora=use_rslora, layer_cls=layer_cls or LoRALinear, generator=generator)
         return LoralibTarget(lora, lambda m, tokens: m(tokens), description=self.description,
                              base=self._base_logits)
+
+    # ---- property 4 ----------------------------------------------------------------------------------------------
+
+    def gc_model(self) -> Transformer:
+        model = copy.deepcopy(self.model)
+        model.kv_caching = False
+        if self.block_runner is not None:
+            model.block_runner = self.block_runner
+        return model
+
+    def gc_lora_model(self, targets: Sequence[str], rank: int, alpha: float, dropout: float,
+                      generator: torch.Generator) -> Transformer:
+        model = self.gc_model()
+        apply_lora_to_llama(model, rank, alpha, dropout, targets, generator=generator)
+        return model
+
+    def blocks(self, model: Transformer) -> Sequence[torch.nn.Module]:
+        return list(model.layers)
+
+    def set_checkpointing(self, model: Transformer, policy: Optional[str]) -> None:
+        model.set_gradient_checkpointing(policy)
+
+    def checkpointed_blocks(self, model: Transformer) -> frozenset[int]:
+        return frozenset(model.checkpointed_layers)
+
+    def train_logits(self, model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+        return model(tokens)

@@ -4,7 +4,12 @@ Recognised by what Meta's code has: an ``nn.Module`` whose ``forward`` takes ``(
 logits, with attention modules holding their KV cache as ``cache_k`` / ``cache_v`` tensors of shape
 (max_batch_size, max_seq_len, n_kv_heads, head_dim). Meta's own model always caches; the cache switch is taken as
 the seed report wrote it (a ``kv_caching`` attribute on every attention module) or given as a callable
-``kv_switch(model, on)``. Meta's ``forward`` runs under ``@torch.inference_mode()``: the KV check needs no gradient.
+``kv_switch(model, on)``. Meta's ``forward`` runs under ``@torch.inference_mode()``: the KV and LoRA-merge checks
+need no gradient; the others say they are not applicable.
+
+Gradient checkpointing: the blocks are the modules holding each cached attention; the switch is the seed report's
+(``params.use_gradient_checkpoint``, which checkpoints block i when ``i % 3 != 0``: the "seed" policy only) or given
+as a callable ``gc_switch(model, blocks)`` checkpointing exactly the block indices it is given (any policy).
 
 The uncached forward must leave the cache alone: if a cache tensor is written during it (or replaced), the switch
 has no effect and the adapter says so instead of comparing the cache with itself.
@@ -19,11 +24,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..oracles import policy_layers
 from .base import Limits, Target
 from .decode import greedy_generate
 from .lora import LoralibTarget, loralib_layers
 
 KVSwitch = Callable[[nn.Module, bool], None]
+GCSwitch = Callable[[nn.Module, frozenset[int]], None]  # checkpoint exactly these blocks (empty: none)
 NEEDS_GRADIENTS = ("grad_accum", "mixed_precision", "gradient_checkpointing")
 _NO_GRADIENT = ("the forward runs under torch.inference_mode() (Meta's decorator) or without autograd: no gradient "
                 "reaches the parameters")
@@ -56,13 +63,15 @@ def meta_style_problems(obj: Any) -> list[str]:
 
 
 class MetaStyleTarget(Target):
-    def __init__(self, model: nn.Module, *, kv_switch: Optional[KVSwitch] = None, vocab_size: Optional[int] = None):
+    def __init__(self, model: nn.Module, *, kv_switch: Optional[KVSwitch] = None,
+                 gc_switch: Optional[GCSwitch] = None, vocab_size: Optional[int] = None):
         problems = meta_style_problems(model)
         if problems:
             raise TypeError(f"{type(model).__qualname__} is not a Meta-style model: it lacks {'; '.join(problems)}")
         self.model = model
         self.attention = cache_modules(model)
         self._kv_switch = kv_switch
+        self._gc_switch = gc_switch
         self._vocab_size = vocab_size
         self.description = f"Meta-style {type(model).__qualname__} ({len(self.attention)} cached attention modules)"
 
@@ -88,6 +97,8 @@ class MetaStyleTarget(Target):
             return None
         if prop in NEEDS_GRADIENTS and self._forward_without_gradient():
             return _NO_GRADIENT + f", and {prop} needs one"
+        if prop == "gradient_checkpointing":
+            return self._gc_problem()
         return f"the Meta-style adapter offers no operations for {prop}"
 
     def _forward_without_gradient(self) -> bool:
@@ -207,3 +218,43 @@ class MetaStyleTarget(Target):
         no_gradient = _NO_GRADIENT if self._forward_without_gradient() else None
         return LoralibTarget(copy.deepcopy(self.model), self._uncached, no_gradient=no_gradient,
                              description=self.description)
+
+    # ---- property 4 ----------------------------------------------------------------------------------------------
+
+    def _seed_switch(self, model: nn.Module) -> bool:
+        return isinstance(getattr(getattr(model, "params", None), "use_gradient_checkpoint", None), bool)
+
+    def _gc_problem(self) -> Optional[str]:
+        if self._gc_switch is not None or self._seed_switch(self.model):
+            return None
+        return ("no gradient-checkpointing switch: neither params.use_gradient_checkpoint (the seed report's) nor a "
+                "gc_switch(model, blocks) given to the target")
+
+    @property
+    def policies(self) -> Optional[tuple[str, ...]]:
+        return None if self._gc_switch is not None else ("seed",)
+
+    def gc_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def gc_lora_model(self, targets: Sequence[str], rank: int, alpha: float, dropout: float,
+                      generator: torch.Generator) -> Optional[nn.Module]:
+        return self.gc_model() if loralib_layers(self.model) else None
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        attention = {id(m) for m in cache_modules(model)}
+        return [m for m in model.modules() if any(id(c) in attention for c in m.children())]
+
+    def set_checkpointing(self, model: nn.Module, policy: Optional[str]) -> None:
+        if self._gc_switch is not None:
+            self._gc_switch(model, policy_layers(policy, len(self.blocks(model))))
+        elif policy in (None, "seed"):
+            model.params.use_gradient_checkpoint = policy is not None
+        else:
+            raise ValueError(f"policy {policy!r}: the seed report's switch checkpoints the 'seed' blocks only")
+
+    def checkpointed_blocks(self, model: nn.Module) -> None:
+        return None  # the user's code does not say; the check counts the recomputations
+
+    def train_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return self._uncached(model, tokens)

@@ -16,7 +16,7 @@ from .base import Target
 
 def as_target(obj: Any, **parts: Any) -> Target:
     """``obj`` as a target: a target as it is, llama_ref's ``Transformer`` (with ``parts`` swapped in: ``cache_cls``,
-    ``generator_cls``) or a Meta-style model. Anything else: TypeError naming what it lacks."""
+    ``generator_cls``, ``block_runner``) or a Meta-style model. Anything else: TypeError naming what it lacks."""
     parts = {k: v for k, v in parts.items() if v is not None}
     if isinstance(obj, Target):
         if parts:

@@ -14,18 +14,27 @@ train() unmerges); :func:`apply_lora` replaces ``wq`` and ``wv`` of every block 
 the report ran it) and freezes all but the adapters. Its ``layer_cls`` takes any class with that layer's
 ``from_linear`` (the bug zoo's LoRA layers).
 
+The seed's gradient checkpointing: ``params.use_gradient_checkpoint`` makes ``forward`` checkpoint block i when
+``i % 3 != 0``, with ``checkpoint(layer, h, start_pos, freqs_cis, mask)`` as the report called it (no
+``use_reentrant``: torch's default, the reentrant checkpoint, and a warning). For tests, ``checkpoint_blocks`` (a
+set of block indices) overrides the seed's choice, and ``block_runner`` is the seam through which another way of
+running a block goes in (the bug zoo's, which share llama_ref's ``(layer, h, start_pos, table, mask, checkpointed)``).
+:func:`trainable` takes Meta's ``forward`` out of ``inference_mode``, as a fork that trains does.
+
 Factories for ``--target tests/verify/targets/seed_style.py:FACTORY``: :func:`make` (the seed's indexing),
 :func:`make_fixed` (Meta's) and :func:`make_lora` (Meta's, with the seed's LoRA); all the same seeded weights.
 """
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -40,6 +49,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_batch_size: int = 4
     max_seq_len: int = 64
+    use_gradient_checkpoint: bool = False  # the seed report's switch
 
 
 class RMSNorm(nn.Module):
@@ -207,6 +217,12 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def seed_block_runner(layer, h, start_pos, table, mask, checkpointed: bool):
+    if checkpointed:
+        return checkpoint(layer, h, start_pos, table, mask)  # as the report wrote it: use_reentrant not given
+    return layer(h, start_pos, table, mask)
+
+
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, attention_cls: type[Attention] = Attention):
         super().__init__()
@@ -216,6 +232,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         self.table = rope_table(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta)
+        self.block_runner = seed_block_runner
+        self.checkpoint_blocks: Optional[frozenset[int]] = None  # None: the seed's i % 3 != 0 when switched on
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int):
@@ -226,8 +244,10 @@ class Transformer(nn.Module):
         if seqlen > 1:  # Meta's mask: causal among the new tokens, every cached position visible
             mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=tokens.device), diagonal=1)
             mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
-        for layer in self.layers:
-            h = layer(h, start_pos, table, mask)
+        for i, layer in enumerate(self.layers):
+            on = (self.params.use_gradient_checkpoint and i % 3 != 0 if self.checkpoint_blocks is None
+                  else i in self.checkpoint_blocks)
+            h = self.block_runner(layer, h, start_pos, table, mask, on)
         return self.output(self.norm(h)).float()
 
 
@@ -253,3 +273,9 @@ def make_fixed() -> Transformer:
 def make_lora(layer_cls: type = LoRALinear, freeze: bool = True) -> Transformer:
     """Meta's indexing with the seed's LoRA on ``wq`` and ``wv`` (a fresh adapter: ``B = 0``)."""
     return apply_lora(make_fixed(), layer_cls=layer_cls, freeze=freeze)
+
+
+def trainable(model: Transformer) -> Transformer:
+    """``model`` with Meta's ``forward`` taken out of ``inference_mode`` (in place)."""
+    model.forward = types.MethodType(Transformer.forward.__wrapped__, model)
+    return model

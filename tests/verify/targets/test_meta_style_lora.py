@@ -2,8 +2,6 @@
 (tests/verify/targets/seed_style.py), found by loralib's shape; the merge zoo injected into it, every mutant caught."""
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -14,12 +12,6 @@ from verify.targets.lora import loralib_layers
 from . import seed_style
 
 LAYER_MUTANTS = [m for m in mutants_for("lora_merge") if "lora_layer_cls" in m.components]
-
-
-def _with_autograd(model: seed_style.Transformer) -> seed_style.Transformer:
-    """The same model with Meta's forward taken out of ``inference_mode`` (as a fork that trains does)."""
-    model.forward = types.MethodType(seed_style.Transformer.forward.__wrapped__, model)
-    return model
 
 
 def test_the_seeds_lora_passes_and_the_gradient_claims_say_why_they_did_not_run():
@@ -34,7 +26,7 @@ def test_the_seeds_lora_passes_and_the_gradient_claims_say_why_they_did_not_run(
 
 
 def test_with_autograd_the_gradient_claims_run_and_pass():
-    result = check_lora_merge(_with_autograd(seed_style.make_lora()))
+    result = check_lora_merge(seed_style.trainable(seed_style.make_lora()))
     assert result.ok and not any(d.startswith("note:") for d in result.details), str(result)
 
 
@@ -49,7 +41,7 @@ class _DetachedB(seed_style.LoRALinear):
 
 
 def test_an_adapter_that_gets_no_gradient_is_caught_when_the_forward_allows_one():
-    result = check_lora_merge(_with_autograd(seed_style.make_lora(_DetachedB)))
+    result = check_lora_merge(seed_style.trainable(seed_style.make_lora(_DetachedB)))
     assert not result.ok and any("LoRA parameters with no gradient: layers.0.attention.wq.lora_B" in d
                                  for d in result.details), str(result)
 
