@@ -172,7 +172,7 @@ def test_source_files_are_short_or_say_why():
 # import nothing of llama_ref. The other checks still take llama_ref's Transformer; each joins this list as it
 # moves onto targets.
 TARGET_CHECK_MODULES = ("verify.checks.kv_cache", "verify.checks.lora_merge",
-                        "verify.checks.gradient_checkpointing")
+                        "verify.checks.gradient_checkpointing", "verify.checks.grad_accum")
 
 
 def test_checks_on_targets_import_nothing_of_llama_ref(graph):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ from .mutants import MUTANTS
 from .report import (CHECKS, DTYPES, Inputs, environment, format_kill_matrix, format_results, kill_matrix, run_checks,
                      run_target_checks, uncaught, write_json)
 from .targets.spec import as_target, load_factory
+from .targets.train_step import load_train_step
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the model to check: llama_ref (the embedded default), PATH.py:FACTORY or "
                         "package.module:FACTORY, a function returning a fresh model (llama_ref's Transformer or "
                         "Meta-style: forward(tokens, start_pos), cache_k/cache_v) (default: %(default)s)")
+    p.add_argument("--train-step", metavar="SPEC",
+                   help="PATH.py:FN or package.module:FN: your training step, fn(model, optimizer, window, max_norm) "
+                        "-> logged loss, for the grad_accum check (default: the target's own loop, llama_ref's "
+                        "Trainer; a Meta-style model has none)")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
@@ -55,10 +60,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         _parser().error(f"--device {args.device}: CUDA is not available")
 
+    train_step = load_train_step(args.train_step) if args.train_step else None  # a bad SPEC: exit 2 before any work
     if args.target != "llama_ref":
         if args.ckpt_dir or args.mutants or args.attn_impl:
             _parser().error("--target SPEC takes none of --ckpt-dir, --mutants, --attn-impl (they are llama_ref's)")
-        return _main_target(args)
+        return _main_target(args, train_step)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
         from llama_ref.tokenizer import Tokenizer
@@ -78,7 +84,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     # The seed's prompts, cut to 16 tokens: still ragged, and short enough that uncached decoding stays cheap.
     prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:probe.params.max_batch_size]
     del probe
-    inputs = Inputs(seed=args.seed, prompts=prompts)
+    inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step)
     checks = args.check or list(CHECKS)
     env = environment(args.device)
     print(f"llama-verify on the {target}")
@@ -110,7 +116,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failed or missed else 0
 
 
-def _main_target(args: argparse.Namespace) -> int:
+def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]]) -> int:
     factory = load_factory(args.target)
     try:
         probe = factory()
@@ -123,7 +129,7 @@ def _main_target(args: argparse.Namespace) -> int:
     print(f"llama-verify on {args.target}: {description}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print()
-    results = run_target_checks(factory, Inputs(seed=args.seed), checks=checks, dtypes=args.dtype or [None],
+    results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step), checks=checks, dtypes=args.dtype or [None],
                                 device=args.device)
     print(format_results(results))
     failed = [r for r in results if not r.ok]

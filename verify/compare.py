@@ -21,6 +21,7 @@ class Comparison:
     numel: int
     tol: Tolerance
     message: str = ""  # assert_close's own message on failure
+    margin: float = 0.0  # largest |a − e| / (atol + rtol·|e|): how close to failing (> 1 fails; inf: NaN or shape)
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else f"{self.n_mismatched}/{self.numel} mismatched"
@@ -38,7 +39,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: 
     """
     if actual.shape != expected.shape:
         return Comparison(False, float("inf"), float("inf"), None, actual.numel(), actual.numel(), tol,
-                          f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+                          f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}", float("inf"))
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
     if a.numel() == 0:
@@ -46,8 +47,11 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: 
     same_inf = (a == e) & torch.isinf(e)  # inf == inf passes, as in assert_close; NaN never does
     diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
     magnitude = e.abs() if scale is None else torch.maximum(e.abs(), scale.detach().to("cpu", torch.float64))
-    bad = ~(diff <= tol.atol + tol.rtol * magnitude)  # True wherever a NaN is involved
+    allowed = tol.atol + tol.rtol * magnitude
+    bad = ~(diff <= allowed)  # True wherever a NaN is involved
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)  # report NaN as inf
+    ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / allowed)  # 0/0 (atol 0, exact) is no error
+    margin = float(torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio).max())
     flat = int(diff.argmax())
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
     nonzero = (e != 0) & torch.isfinite(e)
@@ -59,7 +63,7 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: 
             torch.testing.assert_close(a, e, rtol=tol.rtol, atol=tol.atol, msg=None)
         except AssertionError as err:
             message = f"{name}: {err}"
-    return Comparison(n_bad == 0, float(diff.max()), max_rel, where, n_bad, diff.numel(), tol, message)
+    return Comparison(n_bad == 0, float(diff.max()), max_rel, where, n_bad, diff.numel(), tol, message, margin)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,13 @@ class GradComparison:
     @property
     def max_rel(self) -> float:
         return max((c.max_rel for c in self.per_param.values()), default=0.0)
+
+    @property
+    def margin(self) -> float:
+        """The worst parameter's margin; inf where a gradient is missing on one side."""
+        if any("gradient is None" in p or "present only" in p for p in self.problems):
+            return float("inf")
+        return max((c.margin for c in self.per_param.values()), default=0.0)
 
 
 def compare_grads(actual: Mapping[str, Optional[torch.Tensor]], expected: Mapping[str, Optional[torch.Tensor]],
@@ -118,6 +129,12 @@ class CalibratedComparison:
     @property
     def ratio(self) -> float:
         return self.error / max(self.plain_error, self.floor) if max(self.plain_error, self.floor) else float("inf")
+
+    @property
+    def margin(self) -> float:
+        """ratio ÷ factor: > 1 fails."""
+        ratio = self.ratio
+        return float("inf") if ratio != ratio else ratio / self.factor  # NaN (a non-finite test) as inf
 
     def __str__(self) -> str:
         return (f"{'ok' if self.ok else 'TOO FAR'}: ||test - ref|| = {self.error:.3e} is {self.ratio:.2f}x "

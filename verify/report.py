@@ -35,6 +35,7 @@ class Inputs:
     seed: int = 0
     prompts: Optional[Sequence[Sequence[int]]] = None
     fail_fast: bool = False  # the checks that can stop at their first failing case do (a verdict, not a report)
+    train_step: Optional[Callable[..., float]] = None  # the user's training step, for GA (verify.targets.base.TrainStep)
 
 
 # check name -> check(model, inputs, **components): components are the implementation's parts under test
@@ -42,7 +43,8 @@ class Inputs:
 CHECKS: dict[str, Callable[..., CheckResult]] = {
     "kv_cache": lambda model, inputs, **c: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed, **c),
     "grad_accum": lambda model, inputs, **c: check_grad_accumulation(model, seed=inputs.seed,
-                                                                     fail_fast=inputs.fail_fast, **c),
+                                                                     fail_fast=inputs.fail_fast,
+                                                                     train_step=inputs.train_step, **c),
     "lora_merge": lambda model, inputs, **c: check_lora_merge(model, seed=inputs.seed, **c),
     "mixed_precision": lambda model, inputs, **c: check_mixed_precision(
         model, dtype=torch.float16 if model.output.weight.dtype == torch.float16 else torch.bfloat16,
@@ -63,7 +65,7 @@ CHECK_PARTS: dict[str, frozenset[str]] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The checks that run on any target (verify.targets); the others still take llama_ref's Transformer itself.
-TARGET_CHECKS = frozenset({"kv_cache", "lora_merge", "gradient_checkpointing"})
+TARGET_CHECKS = frozenset({"kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum"})
 
 
 def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Sequence[str] = tuple(CHECKS),
@@ -142,18 +144,39 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+WIDTH = 120  # the table fits a 120-column terminal; the notes below it say the rest
+MAX_DETAILS = 6  # detail lines shown per result (``--json`` holds them all)
+
+
+def _margin(r: CheckResult) -> str:
+    if r.not_applicable or r.margin is None:
+        return "-"
+    return "inf" if r.margin == float("inf") else (f"{r.margin:.2f}" if r.margin < 100 else f"{r.margin:.1e}")
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def format_results(results: Sequence[CheckResult]) -> str:
-    rows = [("check", "case", "max abs error", "tolerance", "verdict")]
-    for r in results:
-        if r.not_applicable:
-            rows.append((r.name, r.case, "-", "-", r.verdict))
-        else:
-            rows.append((r.name, r.case, f"{r.max_abs:.3e}", r.criterion or str(r.tol), r.verdict))
-    text = _table(rows)
-    notes = [f"  {r.name} [{r.case}]: {line}" for r in results for line in
-             ([f"not applicable: {r.not_applicable}"] if r.not_applicable else [])
-             + ([f"raised {r.error}"] if r.error else []) + r.details]
-    return text + ("\n" + "\n".join(notes) if notes else "")
+    """A table, one row per result (``margin``: the worst error ÷ what the criterion allows; above 1 fails), then
+    per row what was judged how, why it does not apply, and what failed."""
+    head = ("#", "check", "case", "max abs err", "margin", "verdict")
+    cells = [(str(i), r.name, r.case, "-" if r.not_applicable else f"{r.max_abs:.2e}", _margin(r), r.verdict)
+             for i, r in enumerate(results, 1)]
+    widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
+    widths[2] = max(len(head[2]), min(widths[2], WIDTH - (sum(widths) - widths[2]) - 2 * (len(head) - 1)))
+    text = _table([head] + [tuple(_cut(c, widths[2]) if i == 2 else c for i, c in enumerate(row)) for row in cells])
+    notes = []
+    for i, r in enumerate(results, 1):
+        lines = ([f"not applicable: {r.not_applicable}"] if r.not_applicable else
+                 [f"judged by: {r.criterion or r.tol}"] + ([f"raised {r.error}"] if r.error else []))
+        shown = r.details[:MAX_DETAILS]
+        lines += shown + ([f"… and {len(r.details) - len(shown)} more (--json has them all)"]
+                          if len(r.details) > len(shown) else [])
+        notes.append(f"[{i}] {r.name} {r.verdict}: {r.case}")
+        notes += [f"    {line}" for line in lines]
+    return text + "\n\n" + "\n".join(notes)
 
 
 def format_kill_matrix(matrix: dict[str, dict[str, CheckResult]], mutants: Sequence[Mutant]) -> str:

@@ -27,6 +27,7 @@ class CheckResult:
     error: Optional[str] = None
     criterion: str = ""  # how the check judged, where ``tol`` alone does not say it (calibrated comparisons)
     not_applicable: Optional[str] = None
+    margin: Optional[float] = None  # worst error ÷ what its criterion allows, over every comparison (> 1 fails)
 
     @classmethod
     def na(cls, name: str, why: str, case: str = "") -> "CheckResult":

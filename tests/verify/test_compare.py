@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verify.compare import compare, compare_grads
+from verify.compare import compare, compare_calibrated, compare_grads
 from verify.tolerances import DTYPE_DEFAULTS, Tolerance, tolerance
 
 TIGHT = tolerance(torch.float32)
@@ -70,3 +70,31 @@ def test_scale_sets_the_magnitude_of_the_relative_term():
     scale = expected.abs().amax(-1, keepdim=True)
     assert compare(actual, expected, TIGHT, scale=scale).ok  # 5e-5 ≤ 1e-5 + 1.3e-6·100
     assert not compare(expected + torch.tensor([[0.0, 2e-4]]), expected, TIGHT, scale=scale).ok
+
+
+def test_the_margin_is_the_worst_error_over_what_the_rule_allows():
+    tol = Tolerance(1e-3, 1e-4)
+    # |2.0015 - 2| = 1.5e-3 against 1e-4 + 1e-3·2 = 2.1e-3; the exact element counts 0, a NaN is past any bound
+    c = compare(torch.tensor([1.0, 2.0015], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64), tol)
+    assert c.ok and c.margin == pytest.approx(1.5e-3 / 2.1e-3)
+    assert not compare(torch.tensor([3.0]), torch.tensor([2.0]), tol).ok
+    assert compare(torch.tensor([3.0]), torch.tensor([2.0]), tol).margin > 1
+    assert compare(torch.tensor([float("nan")]), torch.tensor([2.0]), tol).margin == float("inf")
+    assert compare(torch.zeros(2), torch.zeros(2), Tolerance(0.0, 0.0)).margin == 0.0  # exact, atol 0: no 0/0
+    cal = compare_calibrated(torch.tensor([1.3]), torch.tensor([1.1]), torch.tensor([1.0]), factor=4.0)
+    assert cal.margin == pytest.approx(0.3 / 0.1 / 4.0)
+
+
+def test_the_report_table_fits_120_columns_and_shows_each_margin():
+    from verify.report import format_results
+    from verify.result import CheckResult
+
+    results = [CheckResult("kv_cache", True, 1e-6, 1e-6, Tolerance(1e-5, 0.0), case="x" * 300, margin=0.25),
+               CheckResult("grad_accum", False, 2.0, 0.0, None, ["step 1 grads: TOO FAR"], "short", margin=12.5),
+               CheckResult.na("lora_merge", "no LoRA layers", "m")]
+    text = format_results(results)
+    table = text.split("\n\n")[0].splitlines()
+    assert max(map(len, table)) <= 120 and table[2].endswith("  0.25    PASS")
+    assert "12.50" in table[3] and table[3].endswith("FAIL") and table[4].endswith("N/A")
+    assert "[1] kv_cache PASS: " + "x" * 300 in text  # the whole case below the table
+    assert "    step 1 grads: TOO FAR" in text and "    not applicable: no LoRA layers" in text

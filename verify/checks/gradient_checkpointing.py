@@ -123,7 +123,7 @@ def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout:
     """A copy with LoRA on a frozen base (on ``targets`` where the target applies it: ``A`` drawn from ``g``) and a
     non-zero ``B`` drawn from ``g`` — with ``B = 0``, ``A`` would get a zero gradient and a lost one would not show.
     None where the target has no LoRA layers."""
-    lora = target.gc_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
+    lora = target.fresh_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
     if lora is None:
         return None
     with torch.no_grad():
@@ -150,14 +150,17 @@ class _Tally:
         self.errors: list[str] = []
         self.max_abs = 0.0
         self.max_rel = 0.0
+        self.margin = 0.0
 
     def add(self, label: str, c: Comparison) -> None:
         self.max_abs, self.max_rel = max(self.max_abs, c.max_abs), max(self.max_rel, c.max_rel)
+        self.margin = max(self.margin, c.margin)
         if not c.ok:
             self.details.append(f"{label}: {c}")
 
     def add_grads(self, where: str, c: GradComparison) -> None:
         self.max_abs, self.max_rel = max(self.max_abs, c.max_abs), max(self.max_rel, c.max_rel)
+        self.margin = max(self.margin, c.margin)
         self.details.extend(f"{where} gradient of {problem}" for problem in c.problems)
 
 
@@ -215,7 +218,7 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     criterion = f"loss, logits, grads {tol}; checkpointed blocks 2 forwards, others 1"
     try:
         with _rng_fork(lim.device):
-            base = target.gc_model()
+            base = target.fresh_model()
             n_layers = len(target.blocks(base))
             templates: list[tuple[str, nn.Module, list[str]]] = []
             parts = []
@@ -260,8 +263,9 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     if tally.errors:
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case, error=tally.errors[0],
                            criterion=criterion)
+    margin = tally.margin if not failed or tally.margin > 1 else float("inf")  # a failure no comparison measured
     return CheckResult(NAME, not failed, tally.max_abs, tally.max_rel, tol, tally.details, case,
-                       criterion=criterion)
+                       criterion=criterion, margin=margin)
 
 
 def _dropouts(layers: Sequence[nn.Module]) -> str:

@@ -98,7 +98,7 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
     max_gen_len = min(max_gen_len, lim.max_seq_len - max(len(q) for q in prompts))
 
     details: list[str] = []
-    worst_abs = worst_rel = 0.0
+    worst_abs = worst_rel = margin = 0.0
     case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(lim.dtype).replace('torch.', '')}"
     try:
         with target.kv_session():
@@ -112,24 +112,27 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
                     got = _chunked_logits(target, tokens[:b], chunking)
                     c = compare(got, expected, tol, "logits", scale=row_scale(expected))
                     worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
+                    margin = max(margin, c.margin)
                     if not c.ok:
                         details.append(f"teacher-forced B={b} chunks={describe_chunking(chunking)}: {c}")
 
-            abs_, rel_, gen_details = _check_generation(target, prompts, max_gen_len, tol)
-            worst_abs, worst_rel = max(worst_abs, abs_), max(worst_rel, rel_)
+            abs_, rel_, gen_margin, gen_details = _check_generation(target, prompts, max_gen_len, tol)
+            worst_abs, worst_rel, margin = max(worst_abs, abs_), max(worst_rel, rel_), max(margin, gen_margin)
             details += gen_details
         ok = not any(not d.startswith("tie:") for d in details)
-        return CheckResult(NAME, ok, worst_abs, worst_rel, tol, details, case)
+        if not ok and margin <= 1:
+            margin = float("inf")  # a failure no comparison measured (generations diverging, not a tie)
+        return CheckResult(NAME, ok, worst_abs, worst_rel, tol, details, case, margin=margin)
     except Exception as e:  # the implementation under test crashed: that is a failure, with its message
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
 
 
 def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], max_gen_len: int,
-                      tol: Tolerance) -> tuple[float, float, list[str]]:
+                      tol: Tolerance) -> tuple[float, float, float, list[str]]:
     runs = {kv: target.generate(prompts, max_gen_len, kv_caching=kv) for kv in (True, False)}
     (cached, cached_lp), (uncached, uncached_lp) = runs[True], runs[False]
     details: list[str] = []
-    worst_abs = worst_rel = 0.0
+    worst_abs = worst_rel = margin = 0.0
     device = target.limits.device
     for row, (a, b) in enumerate(zip(cached, uncached)):
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -152,7 +155,7 @@ def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], m
                                                                       len(prompts[row]) - 1 + n])[:, 0]
             c = compare(torch.tensor(cached_lp[row][:n]), torch.tensor(uncached_lp[row][:n]), tol, "logprobs",
                         scale=scale)
-            worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
+            worst_abs, worst_rel, margin = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel), max(margin, c.margin)
             if not c.ok:
                 details.append(f"generate row {row} logprobs: {c}")
-    return worst_abs, worst_rel, details
+    return worst_abs, worst_rel, margin, details

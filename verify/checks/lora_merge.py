@@ -67,11 +67,11 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         tokens = torch.randint(0, lim.vocab_size, (min(2, lim.max_batch_size), min(16, lim.max_seq_len)), generator=g)
     tokens = tokens.to(lim.device)
     details: list[str] = []
-    worst = [0.0, 0.0]
+    worst = [0.0, 0.0, 0.0]  # max abs, max rel, margin
     case = str(target)
 
     def record(label: str, c) -> None:
-        worst[0], worst[1] = max(worst[0], c.max_abs), max(worst[1], c.max_rel)
+        worst[0], worst[1], worst[2] = max(worst[0], c.max_abs), max(worst[1], c.max_rel), max(worst[2], c.margin)
         if not c.ok:
             details.append(f"{label}: {c}")
 
@@ -115,6 +115,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             lora.merge()
             merged = lora.logits(tokens)
         cal = compare_calibrated(merged, unmerged, reference, factor)
+        worst[2] = max(worst[2], cal.margin)
         worst[0] = max(worst[0], float((merged.double() - unmerged.double()).abs().max()))  # shown, judged by cal
         if not cal.ok:
             details.append(f"merged logits vs the float64 unmerged reference: {cal}")
@@ -150,7 +151,8 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         if lora.no_gradient:
             details.append(f"note: gradient claims not applicable: {lora.no_gradient}")
         ok = not any(not d.startswith("note:") for d in details)
-        return CheckResult(NAME, ok, worst[0], worst[1], tol, details, case, criterion=criterion)
+        margin = worst[2] if ok or worst[2] > 1 else float("inf")  # a failure no comparison measured
+        return CheckResult(NAME, ok, worst[0], worst[1], tol, details, case, criterion=criterion, margin=margin)
     except Exception as e:  # the implementation under test crashed: a failure, with its message
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
 

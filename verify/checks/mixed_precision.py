@@ -163,8 +163,11 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
                  f"{FACTORS['mixed_precision_grad']:g}x, curve {worst('curve'):.2f}x <= "
                  f"{FACTORS['mixed_precision_curve']:g}x, long positions {worst('rope'):.2f}x <= "
                  f"{FACTORS['mixed_precision_rope']:g}x; half matmuls, fp32 reductions, fp32 master, scaler")
+    margin = max((c.margin for c in cals.values()), default=0.0)  # each comparison carries its own factor
+    if failures and margin <= 1:
+        margin = float("inf")  # a failure no calibrated comparison measured (an op's dtype, a skipped step)
     return CheckResult(NAME, not failures, worst_abs, max(worst_ratio, worst("grad")), tolerance(dtype),
-                       failures + notes, case, error=error, criterion=criterion)
+                       failures + notes, case, error=error, criterion=criterion, margin=margin)
 
 
 # ---- autocast forward/backward vs float64 and the plain half path ---------------------------------------------

@@ -110,7 +110,7 @@ class LoRATarget(Protocol):
 
 @runtime_checkable
 class CheckpointingTarget(Protocol):
-    """Property 4 (gradient checkpointing changes no gradient). The check runs fresh copies (``gc_model``) and
+    """Property 4 (gradient checkpointing changes no gradient). The check runs fresh copies (``fresh_model``) and
     counts each block's forwards with hooks on ``blocks(model)``; every operation takes the copy it acts on."""
 
     description: str
@@ -119,12 +119,12 @@ class CheckpointingTarget(Protocol):
     @property
     def limits(self) -> Limits: ...
 
-    def gc_model(self) -> torch.nn.Module:
+    def fresh_model(self) -> torch.nn.Module:
         """A fresh copy of the model for one run: cache off, parameters as the model has them."""
         ...
 
-    def gc_lora_model(self, targets: Sequence[str], rank: int, alpha: float, dropout: float,
-                      generator: torch.Generator) -> Optional[torch.nn.Module]:
+    def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
+                         generator: torch.Generator) -> Optional[torch.nn.Module]:
         """A fresh copy with LoRA on a frozen base (where the target can apply it, on ``targets``; a model that comes
         adapted keeps its own adapters), or None where there is none."""
         ...
@@ -143,6 +143,46 @@ class CheckpointingTarget(Protocol):
 
     def train_logits(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """Uncached logits (B, L, V) of ``tokens`` from position 0, with autograd, in the model's current mode."""
+        ...
+
+
+Batch = dict[str, torch.Tensor]  # "input_ids", "labels": (B, L) int64, right-padded; labels -100 where ignored
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What a training step said of one window; None where it says nothing."""
+
+    loss: float  # the loss it logs for the window
+    n_tokens: Optional[int] = None
+    grad_norm: Optional[float] = None  # before clipping
+    lr: Optional[float] = None
+
+
+@runtime_checkable
+class TrainStep(Protocol):
+    """The user's training step, for property 2: ``step(model, optimizer, window, max_norm) -> loss``.
+
+    ``window`` is the micro-batches of one optimizer step, each ``{"input_ids", "labels"}`` (B, L), labels aligned
+    with the inputs as transformers has them (position t's logits predict ``labels[:, t + 1]``; -100 ignored). The
+    step accumulates their gradients, clips the total norm of the trainable gradients to ``max_norm`` (None: no
+    clipping), calls ``optimizer.step()`` once, leaves the gradients zeroed for the next window, and returns the
+    loss it logs for the window. The learning rate is set on ``optimizer`` by the caller; the step leaves it alone.
+    """
+
+    def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: Sequence[Batch],
+                 max_norm: Optional[float]) -> float: ...
+
+
+@runtime_checkable
+class StepDriver(Protocol):
+    """A training loop the GA check drives: how it groups micro-batches into windows, and one step per window."""
+
+    def windows(self, micro: Sequence[Batch], ga: int) -> list[list[Batch]]: ...
+
+    def step(self, window: Sequence[Batch], lr: float) -> Reported:
+        """One window: accumulate, clip, step once. ``lr``: the schedule's rate for it, where the loop does not
+        keep a schedule of its own."""
         ...
 
 

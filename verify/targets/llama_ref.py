@@ -3,7 +3,8 @@
 The only module of ``verify/`` that the checks reach ``llama_ref`` through. The parts under test can be swapped
 for another implementation's (the bug zoo's components): ``cache_cls`` (a ``KVCache`` subclass),
 ``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model) and
-``block_runner`` (how a block is run, checkpointed or not).
+``block_runner`` (how a block is run, checkpointed or not) and ``trainer_cls`` (a ``Trainer`` subclass: the
+training loop the GA check drives).
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from llama_ref.generation import Llama
 from llama_ref.kv_cache import KVCache
 from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama
 from llama_ref.model import BlockRunner, Transformer
+from llama_ref.train.optim import make_scheduler
+from llama_ref.train.trainer import Trainer
 
-from .base import Limits, Target
+from .base import Batch, Limits, Reported, Target
 from .lora import LoralibTarget
 
 
@@ -37,11 +40,14 @@ class _NoStops:
 
 class LlamaRefTarget(Target):
     policies = None  # any: set_gradient_checkpointing parses the policy itself
+    own_train_loop = True  # llama_ref.train.trainer.Trainer
 
     def __init__(self, model: Transformer, *, cache_cls: Optional[type[KVCache]] = None,
-                 generator_cls: Optional[type[Llama]] = None, block_runner: Optional[BlockRunner] = None):
+                 generator_cls: Optional[type[Llama]] = None, block_runner: Optional[BlockRunner] = None,
+                 trainer_cls: Optional[type[Trainer]] = None):
         self.model = model
         self.block_runner = block_runner
+        self.trainer_cls = trainer_cls or Trainer
         self.cache_cls = cache_cls
         self.generator_cls = generator_cls or Llama
         p = model.params
@@ -115,17 +121,18 @@ class LlamaRefTarget(Target):
 
     # ---- property 4 ----------------------------------------------------------------------------------------------
 
-    def gc_model(self) -> Transformer:
+    def fresh_model(self) -> Transformer:
         model = copy.deepcopy(self.model)
         model.kv_caching = False
         if self.block_runner is not None:
             model.block_runner = self.block_runner
         return model
 
-    def gc_lora_model(self, targets: Sequence[str], rank: int, alpha: float, dropout: float,
-                      generator: torch.Generator) -> Transformer:
-        model = self.gc_model()
-        apply_lora_to_llama(model, rank, alpha, dropout, targets, generator=generator)
+    def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
+                         generator: torch.Generator) -> Transformer:
+        model = self.fresh_model()
+        apply_lora_to_llama(model, rank, alpha, dropout, ALL_TARGETS if targets is None else targets,
+                            generator=generator)
         return model
 
     def blocks(self, model: Transformer) -> Sequence[torch.nn.Module]:
@@ -139,3 +146,25 @@ class LlamaRefTarget(Target):
 
     def train_logits(self, model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens)
+
+    # ---- property 2 ----------------------------------------------------------------------------------------------
+
+    def step_driver(self, model: Transformer, optimizer: torch.optim.Optimizer, *, total_steps: int, schedule: str,
+                    warmup: int, clip: Optional[float]) -> "_TrainerDriver":
+        return _TrainerDriver(self.trainer_cls(model, optimizer, clip=clip,
+                                               scheduler=make_scheduler(optimizer, schedule, total_steps, warmup)))
+
+
+class _TrainerDriver:
+    """``Trainer`` as the GA check drives it: its own ``windows`` and its own schedule (the check's ``lr`` is only
+    what it must have arrived at)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def windows(self, micro: Sequence[Batch], ga: int) -> list[list[Batch]]:
+        return list(self.trainer.windows(iter(micro), ga))
+
+    def step(self, window: Sequence[Batch], lr: float) -> Reported:
+        r = self.trainer.step(window)
+        return Reported(r.loss, r.n_tokens, r.grad_norm, r.lr)

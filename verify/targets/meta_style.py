@@ -63,6 +63,7 @@ def meta_style_problems(obj: Any) -> list[str]:
 
 
 class MetaStyleTarget(Target):
+    own_train_loop = False  # the GA check needs the user's training step
     def __init__(self, model: nn.Module, *, kv_switch: Optional[KVSwitch] = None,
                  gc_switch: Optional[GCSwitch] = None, vocab_size: Optional[int] = None):
         problems = meta_style_problems(model)
@@ -99,6 +100,8 @@ class MetaStyleTarget(Target):
             return _NO_GRADIENT + f", and {prop} needs one"
         if prop == "gradient_checkpointing":
             return self._gc_problem()
+        if prop == "grad_accum":
+            return None  # with the user's training step (the check says so when there is none)
         return f"the Meta-style adapter offers no operations for {prop}"
 
     def _forward_without_gradient(self) -> bool:
@@ -234,12 +237,17 @@ class MetaStyleTarget(Target):
     def policies(self) -> Optional[tuple[str, ...]]:
         return None if self._gc_switch is not None else ("seed",)
 
-    def gc_model(self) -> nn.Module:
-        return copy.deepcopy(self.model)
+    def fresh_model(self) -> nn.Module:
+        """A copy for training: its cache switched off where there is a switch (as a training loop does: the
+        micro-batches may hold more rows than the cache)."""
+        model = copy.deepcopy(self.model)
+        if self._switch_problem() is None:
+            MetaStyleTarget(model, kv_switch=self._kv_switch, vocab_size=self._vocab_size)._set_kv_caching(False)
+        return model
 
-    def gc_lora_model(self, targets: Sequence[str], rank: int, alpha: float, dropout: float,
-                      generator: torch.Generator) -> Optional[nn.Module]:
-        return self.gc_model() if loralib_layers(self.model) else None
+    def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
+                         generator: torch.Generator) -> Optional[nn.Module]:
+        return self.fresh_model() if loralib_layers(self.model) else None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         attention = {id(m) for m in cache_modules(model)}
@@ -257,4 +265,9 @@ class MetaStyleTarget(Target):
         return None  # the user's code does not say; the check counts the recomputations
 
     def train_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        return self._uncached(model, tokens)
+        return model(tokens, 0)  # a fresh_model copy: the cache is off where it can be
+
+    # ---- property 2 ----------------------------------------------------------------------------------------------
+
+    def step_driver(self, model: nn.Module, optimizer: torch.optim.Optimizer, **_: Any) -> None:
+        return None  # no training loop of its own: the user's step (verify.targets.train_step) drives it

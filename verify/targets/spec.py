@@ -36,35 +36,35 @@ def as_target(obj: Any, **parts: Any) -> Target:
     return MetaStyleTarget(obj)
 
 
-def load_factory(spec: str) -> Callable[[], Any]:
-    """The callable a SPEC names (``PATH.py:FACTORY`` or ``package.module:FACTORY``); ValueError naming the SPEC and
-    what is wrong with it."""
+def load_factory(spec: str, what: str = "target") -> Callable[..., Any]:
+    """The callable a SPEC names (``PATH.py:FACTORY`` or ``package.module:FACTORY``); ValueError naming ``what`` it
+    is for, the SPEC and what is wrong with it."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name.isidentifier():
-        raise ValueError(f"target {spec!r}: expected PATH.py:FACTORY or package.module:FACTORY")
+        raise ValueError(f"{what} {spec!r}: expected PATH.py:FACTORY or package.module:FACTORY")
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
-            raise ValueError(f"target {spec!r}: no such file {where}")
+            raise ValueError(f"{what} {spec!r}: no such file {where}")
         module_name = f"_llama_verify_target_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         if loader_spec is None or loader_spec.loader is None:
-            raise ValueError(f"target {spec!r}: cannot load {where} as Python")
+            raise ValueError(f"{what} {spec!r}: cannot load {where} as Python")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module  # dataclasses and pickling look their module up by name
         try:
             loader_spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[module_name]
-            raise ValueError(f"target {spec!r}: importing {where} raised {type(e).__name__}: {e}") from e
+            raise ValueError(f"{what} {spec!r}: importing {where} raised {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise ValueError(f"target {spec!r}: cannot import {where}: {e}") from e
+            raise ValueError(f"{what} {spec!r}: cannot import {where}: {e}") from e
     factory = getattr(module, name, None)
     if factory is None:
-        raise ValueError(f"target {spec!r}: {where} has no {name}")
+        raise ValueError(f"{what} {spec!r}: {where} has no {name}")
     if not callable(factory):
-        raise ValueError(f"target {spec!r}: {name} is a {type(factory).__name__}, not a callable")
+        raise ValueError(f"{what} {spec!r}: {name} is a {type(factory).__name__}, not a callable")
     return factory

@@ -22,7 +22,8 @@ running a block goes in (the bug zoo's, which share llama_ref's ``(layer, h, sta
 :func:`trainable` takes Meta's ``forward`` out of ``inference_mode``, as a fork that trains does.
 
 Factories for ``--target tests/verify/targets/seed_style.py:FACTORY``: :func:`make` (the seed's indexing),
-:func:`make_fixed` (Meta's) and :func:`make_lora` (Meta's, with the seed's LoRA); all the same seeded weights.
+:func:`make_fixed` (Meta's), :func:`make_lora` (Meta's, with the seed's LoRA) and :func:`make_trainable` (Meta's,
+with the seed's LoRA, its forward out of ``inference_mode``); all the same seeded weights.
 """
 from __future__ import annotations
 
@@ -279,3 +280,7 @@ def trainable(model: Transformer) -> Transformer:
     """``model`` with Meta's ``forward`` taken out of ``inference_mode`` (in place)."""
     model.forward = types.MethodType(Transformer.forward.__wrapped__, model)
     return model
+
+
+def make_trainable() -> Transformer:
+    return trainable(make_lora())

@@ -1,0 +1,50 @@
+"""Training steps as users write them (``verify.targets.base.TrainStep``), for the GA check's tests and for
+``llama-verify --train-step tests/verify/targets/train_steps.py:FN``.
+
+:func:`seed_step` is the seed report's loop (``../shared/seed/report.txt``), written anew: each micro-batch's mean
+cross-entropy divided by ``ACCUMULATION_STEPS`` = 8 and backpropagated, one optimizer step at the end of the
+window, and the scaled loss of the last micro-batch logged; it does not clip. :func:`token_mean_step` is the
+correct one: the window's loss is the mean over all its target tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+ACCUMULATION_STEPS = 8  # the seed's constant
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+
+
+def seed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: Sequence[dict],
+              max_norm: Optional[float]) -> float:
+    loss_fct = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    for batch in window:
+        logits = model(batch["input_ids"], 0)
+        loss = loss_fct(*_shifted(logits, batch["labels"]))
+        loss = loss / ACCUMULATION_STEPS
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def token_mean_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: Sequence[dict],
+                    max_norm: Optional[float]) -> float:
+    n_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in window)
+    total = 0.0
+    for batch in window:
+        loss_sum = F.cross_entropy(*_shifted(model(batch["input_ids"], 0), batch["labels"]),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        (loss_sum / n_tokens).backward()
+        total += float(loss_sum.detach())
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_tokens
