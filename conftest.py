@@ -7,6 +7,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ("pytester",)  # tests/verify/test_pytest_plugin.py runs throwaway suites
+
 # Hypothesis profiles: `dev` for quick local runs, `ci` reproducible (derandomized, no deadline: CPU timing on
 # shared machines is noise), `thorough` for nightly runs. HYPOTHESIS_PROFILE wins; CI=... selects `ci`.
 settings.register_profile("dev", max_examples=10, deadline=None)

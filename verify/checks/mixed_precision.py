@@ -78,6 +78,7 @@ from .precision_policy import dtype_names as _dt
 from ..oracles import lr_factor, token_loss_sum, total_grad_norm
 from ..result import CheckResult
 from ..result import name_list as _names
+from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "mixed_precision"
@@ -109,6 +110,12 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(model, Transformer):  # a target: this check still drives llama_ref's Trainer itself
+        target = as_target(model)
+        if not isinstance(getattr(target, "model", None), Transformer):
+            why = target.not_applicable(NAME) or f"this check runs on llama_ref's Transformer only, not {target}"
+            return CheckResult.na(NAME, why, str(target))
+        model = target.model
     base = copy.deepcopy(model).float()
     base.kv_caching = False
     device = next(base.parameters()).device

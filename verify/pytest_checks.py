@@ -1,0 +1,25 @@
+"""The tests the llama-verify pytest plugin adds to a suite (collected only when it is asked: see
+:mod:`verify.pytest_plugin`). Not named test_*: no suite's own collection picks it up by itself."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from verify.report import Inputs, run_target_checks
+from verify.testing import verdict
+
+
+def test_llama_verify(llama_verify_property, llama_verify_target, llama_verify_train_step, llama_verify_dtype):
+    # a factory; a model given as such is copied for each check (the checks may move it to another dtype)
+    factory = llama_verify_target if not isinstance(llama_verify_target, torch.nn.Module) else (
+        lambda: copy.deepcopy(llama_verify_target))
+    (result,) = run_target_checks(factory, Inputs(seed=0, train_step=llama_verify_train_step),
+                                  checks=[llama_verify_property], dtypes=[llama_verify_dtype])
+    try:
+        verdict(result)  # skips with the reason where the property does not apply
+        return
+    except AssertionError as e:
+        report = str(e)
+    pytest.fail(report, pytrace=False)  # the check's report, without a traceback into verify
