@@ -29,6 +29,10 @@ class CheckResult:
     not_applicable: Optional[str] = None
     margin: Optional[float] = None  # worst error ÷ what its criterion allows, over every comparison (> 1 fails)
 
+    def __post_init__(self) -> None:
+        if self.margin is None and not self.ok and not self.not_applicable:
+            self.margin = float("inf")  # a failure (a crash, a missing gradient) that no comparison measured
+
     @classmethod
     def na(cls, name: str, why: str, case: str = "") -> "CheckResult":
         """The property cannot be asked of this target, and ``why``."""

@@ -1,7 +1,8 @@
 """From what the user names to a target: ``--target SPEC`` and the adapter chosen by what a factory returns.
 
 A SPEC is ``llama_ref`` (the embedded default model), ``PATH.py:FACTORY`` or ``package.module:FACTORY``; the
-factory, called with no arguments, returns a fresh model (the same weights every call) or a ready target.
+factory, called with no arguments, returns a fresh model (the same weights every call) or a ready target. A
+``PATH.py`` is imported with its directory on ``sys.path``, so that it can import the modules beside it.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def load_factory(spec: str, what: str = "target") -> Callable[..., Any]:
             raise ValueError(f"{what} {spec!r}: cannot load {where} as Python")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module  # dataclasses and pickling look their module up by name
+        if str(path.resolve().parent) not in sys.path:  # it imports the modules beside it (the user's model.py)
+            sys.path.insert(0, str(path.resolve().parent))
         try:
             loader_spec.loader.exec_module(module)
         except Exception as e:

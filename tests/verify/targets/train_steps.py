@@ -34,13 +34,13 @@ def seed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: 
     return loss.item()
 
 
-def token_mean_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: Sequence[dict],
-                    max_norm: Optional[float]) -> float:
-    n_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in window)
+def token_mean_step(model, optimizer, window, max_norm):
+    n_tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
     total = 0.0
     for batch in window:
-        loss_sum = F.cross_entropy(*_shifted(model(batch["input_ids"], 0), batch["labels"]),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        logits = model(batch["input_ids"], 0)
+        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
         (loss_sum / n_tokens).backward()
         total += float(loss_sum.detach())
     if max_norm is not None:
