@@ -6,7 +6,9 @@ SwiGLU, ``@torch.inference_mode()`` forward with the mask shifted by ``start_pos
 changes (``../shared/seed/report.txt``): a ``kv_caching`` attribute on every attention module; uncached, keys and
 values are the new tokens' own. :class:`SeedAttention` indexes the cache as the seed wrote it,
 ``cache_k[:, bsz, start_pos : start_pos + seqlen]``, where Meta's code has ``cache_k[:bsz, start_pos : ...]``;
-other wrong caches are subclasses overriding :meth:`Attention.update_cache`.
+other wrong caches are subclasses overriding :meth:`Attention.update_cache` (or
+:meth:`Attention.rotated_keys_values`), wrong positions and masks subclasses of :class:`Transformer` overriding
+:meth:`Transformer.rope_rows` or :meth:`Transformer.causal_mask`: the KV zoo's bugs in Meta-shaped code.
 
 The seed's LoRA, written anew from its description: a loralib-style ``LoRALinear(nn.Linear)`` with ``lora_A``,
 ``lora_B``, ``scaling = lora_alpha / r``, dropout on the adapter's input and ``merge_weights`` (eval() merges,
@@ -162,18 +164,22 @@ class Attention(nn.Module):
         self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
         return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
 
+    def rotated_keys_values(self, xk, xv, table, bsz: int, start_pos: int, seqlen: int):
+        """RoPE on the new keys, then (cached) every key and value so far, or (uncached) the new ones."""
+        xk = rotate(xk, table)
+        if not self.kv_caching:
+            return xk, xv
+        self.cache_k = self.cache_k.to(xk)
+        self.cache_v = self.cache_v.to(xk)
+        return self.update_cache(xk, xv, bsz, start_pos, seqlen)
+
     def forward(self, x, start_pos: int, table, mask):
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = rotate(xq, table), rotate(xk, table)
-        if self.kv_caching:
-            self.cache_k = self.cache_k.to(xq)
-            self.cache_v = self.cache_v.to(xq)
-            keys, values = self.update_cache(xk, xv, bsz, start_pos, seqlen)
-        else:
-            keys, values = xk, xv
+        xq = rotate(xq, table)
+        keys, values = self.rotated_keys_values(xk, xv, table, bsz, start_pos, seqlen)
         rep = self.n_heads // self.n_kv_heads
         keys = keys.repeat_interleave(rep, dim=2).transpose(1, 2)
         values = values.repeat_interleave(rep, dim=2).transpose(1, 2)
@@ -240,16 +246,25 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start_pos: int):
         _bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
-        table = self.table[start_pos:start_pos + seqlen]
-        mask = None
-        if seqlen > 1:  # Meta's mask: causal among the new tokens, every cached position visible
-            mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=tokens.device), diagonal=1)
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        table = self.rope_rows(start_pos, seqlen)
+        mask = self.causal_mask(seqlen, start_pos, tokens.device)
+        mask = None if mask is None else mask.type_as(h)
         for i, layer in enumerate(self.layers):
             on = (self.params.use_gradient_checkpoint and i % 3 != 0 if self.checkpoint_blocks is None
                   else i in self.checkpoint_blocks)
             h = self.block_runner(layer, h, start_pos, table, mask, on)
         return self.output(self.norm(h)).float()
+
+
+    def rope_rows(self, start_pos: int, seqlen: int) -> torch.Tensor:
+        return self.table[start_pos:start_pos + seqlen]
+
+    def causal_mask(self, seqlen: int, start_pos: int, device) -> Optional[torch.Tensor]:
+        """Meta's mask: causal among the new tokens, every cached position visible; none for one token."""
+        if seqlen == 1:
+            return None
+        mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=device), diagonal=1)
+        return torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask])
 
 
 def _seeded(model: Transformer, seed: int = 0) -> Transformer:
@@ -261,9 +276,10 @@ def _seeded(model: Transformer, seed: int = 0) -> Transformer:
     return model
 
 
-def make(attention_cls: type[Attention] = SeedAttention) -> Transformer:
-    """The seed report's model: ``cache_k[:, bsz, …]`` (or another ``attention_cls``)."""
-    return _seeded(Transformer(ModelArgs(), attention_cls))
+def make(attention_cls: type[Attention] = SeedAttention, model_cls: Optional[type[Transformer]] = None
+         ) -> Transformer:
+    """The seed report's model: ``cache_k[:, bsz, …]`` (or another ``attention_cls``, ``model_cls``)."""
+    return _seeded((model_cls or Transformer)(ModelArgs(), attention_cls))
 
 
 def make_fixed() -> Transformer:
