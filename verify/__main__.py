@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="PATH.py:FN or package.module:FN: your training step, fn(model, optimizer, window, max_norm) "
                         "-> logged loss, for the grad_accum check (default: the target's own loop, llama_ref's "
                         "Trainer; a Meta-style model has none)")
+    p.add_argument("--preset", help="a model preset with random weights (e.g. llama-3.2-1b: the real shape, seeded "
+                                    "weights; nothing downloaded) instead of the embedded default")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
@@ -38,8 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="attention path(s), repeatable (default: both)")
     p.add_argument("--check", action="append", choices=sorted(CHECKS), help="run only these checks (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="with --ckpt-dir: KV-cache length (default: %(default)s)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="with --ckpt-dir: KV-cache rows (default: %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=256,
+                   help="with --ckpt-dir or --preset: KV-cache length (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=4,
+                   help="with --ckpt-dir or --preset: KV-cache rows (default: %(default)s)")
     p.add_argument("--mutants", action="store_true", help="also run every bug-zoo mutant and print the kill matrix")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return p
@@ -61,9 +65,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         _parser().error(f"--device {args.device}: CUDA is not available")
 
     train_step = load_train_step(args.train_step) if args.train_step else None  # a bad SPEC: exit 2 before any work
+    if args.ckpt_dir and args.preset:
+        _parser().error("--ckpt-dir and --preset are two models: give one")
     if args.target != "llama_ref":
-        if args.ckpt_dir or args.mutants or args.attn_impl:
-            _parser().error("--target SPEC takes none of --ckpt-dir, --mutants, --attn-impl (they are llama_ref's)")
+        if args.ckpt_dir or args.preset or args.mutants or args.attn_impl:
+            _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --mutants, --attn-impl (they are "
+                            "llama_ref's)")
         return _main_target(args, train_step)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
@@ -73,6 +80,18 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         factory = functools.partial(load_model, args.ckpt_dir, dtype=torch.float32, tokenizer=tokenizer,
                                     max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
         target = f"checkpoint {args.ckpt_dir}"
+    elif args.preset:
+        from llama_ref.args import ModelArgs
+        from llama_ref.default import default_tokenizer
+        from llama_ref.model import Transformer, init_weights
+
+        ModelArgs.preset(args.preset)  # an unknown name: the error lists the presets
+        tokenizer = default_tokenizer()  # its ids are valid in every preset's vocabulary
+
+        def factory(**overrides):
+            sizes = dict(max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size)
+            return init_weights(Transformer(ModelArgs.preset(args.preset, **sizes, **overrides)), args.seed)
+        target = f"preset {args.preset!r} (random weights, seed {args.seed})"
     else:
         from llama_ref.default import DEFAULT_PRESET, DEFAULT_SEED, default_model, default_tokenizer
 
@@ -80,10 +99,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         factory = functools.partial(default_model, DEFAULT_SEED)
         target = f"embedded default (preset {DEFAULT_PRESET!r}, seed {DEFAULT_SEED})"
 
-    probe = factory()
     # The seed's prompts, cut to 16 tokens: still ragged, and short enough that uncached decoding stays cheap.
-    prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:probe.params.max_batch_size]
-    del probe
+    rows = args.max_batch_size if args.preset else factory().params.max_batch_size  # no 1B model just to read it
+    prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:rows]
     inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step)
     checks = args.check or list(CHECKS)
     env = environment(args.device)

@@ -38,17 +38,29 @@ class Inputs:
     train_step: Optional[Callable[..., float]] = None  # the user's training step, for GA (verify.targets.base.TrainStep)
 
 
+# Above this many parameters a model is "real-size": GA and checkpointing check LoRA on a frozen base only (a full
+# fine-tune's gradients, optimizer state and float64 copy need several times the model's memory; docs/verification.md
+# has each check's measured peak on llama-3.2-1b).
+LARGE_MODEL_PARAMS = 200_000_000
+
+
+def _large(model: Any) -> bool:
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    return isinstance(module, torch.nn.Module) and sum(p.numel() for p in module.parameters()) > LARGE_MODEL_PARAMS
+
+
 # check name -> check(model, inputs, **components): components are the implementation's parts under test
 # (``Mutant.components``, e.g. ``trainer_cls``); without them, llama_ref's own.
 CHECKS: dict[str, Callable[..., CheckResult]] = {
     "kv_cache": lambda model, inputs, **c: check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed, **c),
-    "grad_accum": lambda model, inputs, **c: check_grad_accumulation(model, seed=inputs.seed,
-                                                                     fail_fast=inputs.fail_fast,
-                                                                     train_step=inputs.train_step, **c),
+    "grad_accum": lambda model, inputs, **c: check_grad_accumulation(
+        model, seed=inputs.seed, fail_fast=inputs.fail_fast, train_step=inputs.train_step,
+        lora=(True,) if _large(model) else (False, True), **c),
     "lora_merge": lambda model, inputs, **c: check_lora_merge(model, seed=inputs.seed, **c),
     "mixed_precision": lambda model, inputs, **c: check_mixed_precision(
         model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast, **c),
-    "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(model, seed=inputs.seed, **c),
+    "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(
+        model, seed=inputs.seed, full_finetune=not _large(model), **c),
 }
 
 def _autocast_dtype(model: Any) -> torch.dtype:

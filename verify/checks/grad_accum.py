@@ -96,7 +96,8 @@ class _Step:
     norm: Optional[float]  # before clipping; None without clipping
     lr: float
     grads: dict[str, Optional[torch.Tensor]]  # what the optimizer stepped with (after clipping)
-    params: dict[str, torch.Tensor]  # every parameter after the step
+    params: dict[str, torch.Tensor]  # every trainable parameter after the step
+    frozen: dict[str, tuple[float, float]]  # every frozen one's (sum, sum of squares), in float64: unchanged?
     pre_clip: Optional[dict[str, Optional[torch.Tensor]]] = None  # oracle only
     stepped_lr: Optional[float] = None  # the lr in param_groups when optimizer.step ran (trainer only)
     reports_stats: bool = True  # the step reports token count, norm and lr (llama_ref's Trainer; a user's: no)
@@ -106,8 +107,17 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
+    """The trainable parameters, copied; of the frozen ones (a LoRA base: most of a real-size model) only a
+    fingerprint, exact enough to see any change and costing no copy."""
+    trainable, frozen = {}, {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            trainable[n] = p.detach().clone()
+        else:
+            x = p.detach().double()
+            frozen[n] = (float(x.sum()), float(x.square().sum()))
+    return trainable, frozen
 
 
 def _grads(params: dict[str, torch.nn.Parameter]) -> dict[str, Optional[torch.Tensor]]:
@@ -146,7 +156,7 @@ def _oracle_step(target: Any, model: nn.Module, opt: torch.optim.Optimizer, wind
     opt.step()
     opt.zero_grad(set_to_none=True)
     n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return _Step(float(loss.detach()), n_tokens, norm, lr, stepped, _snapshot(model), pre_clip)
+    return _Step(float(loss.detach()), n_tokens, norm, lr, stepped, *_snapshot(model), pre_clip)
 
 
 # ---- the code under test, driven as llama-finetune drives it, judged step by step ---------------------------------
@@ -203,7 +213,7 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
         if len(captured) != 1:
             details.append(f"{sc.label} step {i + 1}: optimizer.step ran {len(captured)} times in one window")
         grads, stepped_lr = captured[-1] if captured else ({}, None)
-        got = _Step(result.loss, result.n_tokens, result.grad_norm, result.lr, grads, _snapshot(net),
+        got = _Step(result.loss, result.n_tokens, result.grad_norm, result.lr, grads, *_snapshot(net),
                     stepped_lr=stepped_lr, reports_stats=train_step is None)
         _judge(f"{sc.label} step {i + 1}", got, want, truth, details, worst)
     return n_bound
@@ -238,14 +248,20 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str]
             continue
         names = [n for n in t if t[n] is not None]
         flat = [torch.cat([d[n].flatten().double() for n in names]) for d in (a, e, t)]
+        # the floor's norm is over every parameter, frozen ones included (their error is 0 on both sides)
+        frozen_sq = sum(sq for _, sq in truth.frozen.values()) if what == "params" else 0.0
         cal = compare_calibrated(flat[0], flat[1], flat[2], CALIBRATION_FACTOR,
-                                 floor=torch.finfo(dtype).eps * float(flat[2].norm()))
+                                 floor=torch.finfo(dtype).eps * math.sqrt(float(flat[2].square().sum()) + frozen_sq))
         worst[0], worst[1] = max(worst[0], float((flat[0] - flat[1]).abs().max())), max(worst[1], cal.ratio)
         if not cal.ok:
             ratios = sorted(((float((a[n].double() - t[n]).norm()) / max(float((e[n].double() - t[n]).norm()),
                                                                           1e-30), n) for n in names), reverse=True)
             details.append(f"{where} {what}: {cal}; worst " + ", ".join(f"{n} {r:.3g}x" for r, n in ratios[:3])
                            + (_diagnosis(flat[0], flat[2]) if what == "grads" else ""))
+    changed = sorted(n for n in want.frozen if got.frozen.get(n) != want.frozen[n])
+    if changed:
+        details.append(f"{where}: frozen parameters changed by the step: {', '.join(changed[:3])}"
+                       + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
     if not got.reports_stats:
         return
     if (got.norm is None) != (want.norm is None):
@@ -373,13 +389,17 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
                 continue
             max_norm = clip
             if clip == "auto":  # half the first window's norm: binds at the first step at least
-                probe = copy.deepcopy(base)
                 ids, labels = _padded(pool[:n_sequences], lim.device)
-                mean_token_loss(target.train_logits(probe, ids), labels).backward()
-                max_norm = 0.5 * total_grad_norm([q.grad for q in probe.parameters() if q.grad is not None])
-                del probe
-            models = (base, copy.deepcopy(base), copy.deepcopy(base).double())
-            start = {k: v.clone() for k, v in base.state_dict().items()}
+                mean_token_loss(target.train_logits(base, ids), labels).backward()  # no step: base unchanged
+                max_norm = 0.5 * total_grad_norm([q.grad for q in base.parameters() if q.grad is not None])
+                base.zero_grad(set_to_none=True)
+            # The oracle's model-dtype twin shares the frozen tensors (a LoRA base is never written); the float64
+            # one cannot. The start state copies what training changes and keeps the rest by reference.
+            shared = {id(q): q for q in base.parameters() if not q.requires_grad}
+            models = (base, copy.deepcopy(base, memo=dict(shared)), copy.deepcopy(base).double())
+            trainable_names = {n for n, q in base.named_parameters() if q.requires_grad}
+            start = {k: v.clone() if k in trainable_names or k not in dict(base.named_parameters()) else v
+                     for k, v in base.state_dict().items()}
             for j, sc in enumerate(scenarios):
                 kind = kinds[j % len(kinds)]
                 labelled = _Scenario(f"{'lora' if use_lora else 'full'} {kind} {sc.label}", sc.sizes, sc.ga)

@@ -38,7 +38,6 @@ missing recomputation.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -100,10 +99,11 @@ def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str], tokens: torch.Tensor,
          weights: torch.Tensor, autocast_dtype: Optional[torch.dtype], seed: int) -> _Run:
-    """One forward + backward of a fresh copy of ``template`` under ``policy``; the loss is the per-token mean of
+    """One forward + backward of ``template`` under ``policy`` (in place: no step is taken, so the weights stay as
+    they are, and the gradients of each run are its own tensors); the loss is the per-token mean of
     ``logits · weights``, so every logit is weighted (a mean over logits would hide permuted ones)."""
-    model = copy.deepcopy(template)
-    model.zero_grad(set_to_none=True)
+    model = template
+    model.zero_grad(set_to_none=True)  # the previous run's gradients stay with its _Run
     target.set_checkpointing(model, policy)
     device_type = tokens.device.type
     with warnings.catch_warnings(record=True) as caught, counting_forwards(target.blocks(model)) as forwards:
@@ -114,8 +114,11 @@ def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str]
             logits = target.train_logits(model, tokens)  # (B, T, V)
         loss = (logits * weights.to(logits.dtype)).sum() / (tokens.shape[0] * tokens.shape[1])
         loss.backward()
-    return _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
-                target.checkpointed_blocks(model), [str(w.message) for w in caught])
+    run = _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
+               target.checkpointed_blocks(model), [str(w.message) for w in caught])
+    target.set_checkpointing(model, None)
+    model.zero_grad(set_to_none=True)
+    return run
 
 
 def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout: float,
@@ -133,13 +136,22 @@ def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout:
     return lora
 
 
-def _blocks_only_template(target: CheckpointingTarget, base: nn.Module) -> nn.Module:
+def _blocks_only_template(target: CheckpointingTarget) -> nn.Module:
     """A copy whose blocks are trainable and everything outside them frozen: no block's input requires grad, as
     under LoRA on a frozen base."""
-    model = copy.deepcopy(base).requires_grad_(False)
+    model = target.fresh_model().requires_grad_(False)
     for block in target.blocks(model):
         block.requires_grad_(True)
     return model
+
+
+def _full_template(target: CheckpointingTarget) -> nn.Module:
+    """A copy with every parameter trainable; a model that comes adapted keeps its adapters unmerged in eval mode."""
+    full = target.fresh_model().requires_grad_(True)
+    for layer in loralib_layers(full).values():
+        if isinstance(getattr(layer, "merge_weights", None), bool):
+            layer.merge_weights = False
+    return full
 
 
 class _Tally:
@@ -210,7 +222,7 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     weights = torch.randn((*tokens.shape, lim.vocab_size), generator=g).to(lim.device)
 
     precisions: list[Optional[torch.dtype]] = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
-    modes = [_dtype_name(lim.dtype)] + [f"{_dtype_name(d)} autocast" for d in precisions[1:]]
+    modes_of_dtype = [_dtype_name(lim.dtype)] + [f"{_dtype_name(d)} autocast" for d in precisions[1:]]
     tally = _Tally()
     tally.details += notes
     stage = "copying the model and applying LoRA"
@@ -218,44 +230,51 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     criterion = f"loss, logits, grads {tol}; checkpointed blocks 2 forwards, others 1"
     try:
         with _rng_fork(lim.device):
-            base = target.fresh_model()
-            n_layers = len(target.blocks(base))
-            templates: list[tuple[str, nn.Module, list[str]]] = []
-            parts = []
+            # One model alive at a time (beside the caller's), each run on it in place: memory is the model, its
+            # plain run's gradients and one checkpointed run's.
+            cases: list[tuple[str, Callable[[], Optional[nn.Module]], list[str]]] = []
             if lora:
-                lora_model = _lora_template(target, lora_targets, dropout, g)
-                if lora_model is not None:
-                    templates.append(("LoRA", lora_model.train(), policies))
-                    layers = list(loralib_layers(lora_model).values())
-                    kinds = ",".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in loralib_layers(lora_model)))
+                cases.append(("LoRA", lambda: _lora_template(target, lora_targets, dropout, g), policies))
+            if full_finetune:
+                cases.append(("full", lambda: _full_template(target), [full_policy]))
+            n_layers, parts = None, []
+            for label, make, case_policies in cases:
+                stage = f"building the {label} model"
+                template = make()
+                if template is None:
+                    template = _blocks_only_template(target)
+                    label = "blocks only"
+                    parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
+                elif label == "LoRA":
+                    layers = list(loralib_layers(template).values())
+                    kinds = ",".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in loralib_layers(template)))
                     parts.append(f"LoRA r={'/'.join(sorted({str(m.r) for m in layers}))} "
                                  f"alpha={'/'.join(sorted({f'{m.lora_alpha:g}' for m in layers}))} on {kinds} "
                                  f"dropout={_dropouts(layers)} policies={','.join(policies)}")
                 else:
-                    templates.append(("blocks only", _blocks_only_template(target, base).train(), policies))
-                    parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
-            if full_finetune:
-                full = base.requires_grad_(True).train()
-                for layer in loralib_layers(full).values():  # a model that comes adapted: eval() must not merge
-                    if isinstance(getattr(layer, "merge_weights", None), bool):
-                        layer.merge_weights = False
-                templates += [("full", full, [full_policy]), ("full eval", copy.deepcopy(full).eval(), [full_policy])]
-                parts.append(f"full fine-tune policy={full_policy} (train, eval)")
-            case = (f"{'; '.join(parts)}; {' + '.join(modes)}; B={tokens.shape[0]} L={tokens.shape[1]} "
+                    parts.append(f"full fine-tune policy={full_policy} (train, eval)")
+                n_layers = len(target.blocks(template))
+                modes = [("", True)] + ([(" eval", False)] if label == "full" else [])
+                for precision, mode in zip(precisions, modes_of_dtype):
+                    for suffix, training in modes:
+                        template.train(training)
+                        where = f"{mode} {label}{suffix}"
+                        stage = f"{where} plain run"
+                        plain = _run(target, template, None, tokens, weights, precision, seed)  # if it raises: none
+                        if plain.forwards != [1] * n_layers:
+                            tally.details.append(f"{where} plain run: forwards per block {plain.forwards}, "
+                                                 "expected 1 each")
+                        missing = [n for n, q in template.named_parameters()
+                                   if q.requires_grad and plain.grads[n] is None]
+                        if missing:
+                            tally.details.append(f"{where} plain run: no gradient on trainable {_names(missing)}")
+                        for policy in case_policies:
+                            _compare_policy(f"{where} policy={policy}", target, template, policy, plain, tokens,
+                                            weights, precision, seed, tol, tally)
+                        del plain
+                del template
+            case = (f"{'; '.join(parts)}; {' + '.join(modes_of_dtype)}; B={tokens.shape[0]} L={tokens.shape[1]} "
                     f"layers={n_layers}")
-            for precision, mode in zip(precisions, modes):
-                for label, template, case_policies in templates:
-                    where = f"{mode} {label}"
-                    stage = f"{where} plain run"
-                    plain = _run(target, template, None, tokens, weights, precision, seed)  # if it raises: no case
-                    if plain.forwards != [1] * n_layers:
-                        tally.details.append(f"{where} plain run: forwards per block {plain.forwards}, expected 1 each")
-                    missing = [n for n, q in template.named_parameters() if q.requires_grad and plain.grads[n] is None]
-                    if missing:
-                        tally.details.append(f"{where} plain run: no gradient on trainable {_names(missing)}")
-                    for policy in case_policies:
-                        _compare_policy(f"{where} policy={policy}", target, template, policy, plain, tokens, weights,
-                                        precision, seed, tol, tally)
     except Exception as e:  # the plain run (or the copy) failed: nothing could be compared
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case,
                            error=f"{stage}: {describe_exception(e)}", criterion=criterion)

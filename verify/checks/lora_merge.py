@@ -11,7 +11,10 @@ block, non-square ``wk``/``wv`` under GQA and the FFN included:
   ``lora_alpha`` and ``r`` (on the weights, not only on outputs);
 * merged logits equal unmerged logits in eval mode (dropout inactive), calibrated: merged may be at most
   ``CALIBRATION_FACTORS["lora_merge"]`` times further from a float64 unmerged reference than unmerged is;
-* merging twice, and ``eval()`` twice, are no-ops; ``unmerge`` and ``train()`` restore ``W``.
+* merging twice, and ``eval()`` twice, leave ``W + (alpha/r)·B·A``; ``unmerge`` and ``train()`` restore ``W``.
+
+Memory: the check works on one copy of the model (and its adapted weights once more); its float64 reference is that
+copy converted in place at the end, so the peak is about 3x the model's fp32 bytes beside the caller's model.
 
 The check runs on a target (:class:`verify.targets.base.LoRATarget`): llama_ref's model, to which it applies the
 adapters asked for, or a model that comes with loralib-shaped LoRA layers (a Meta-style fork's); a model without
@@ -103,37 +106,35 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         if lora.no_gradient is None:
             details += _gradient_problems(lora, tokens, g)
 
-        # Merged vs unmerged, on outputs and on the weights themselves.
+        # Merged vs unmerged, on the weights and on outputs. Memory: the copy, its target weights once more (w0), and
+        # at the end the copy itself in float64 (no second copy): about 3x the model at the peak.
         modes = {n: layer.merges_on_eval for n, layer in layers.items()}
         for layer in layers.values():
             layer.set_merges_on_eval(False)
         lora.train(False)
         w0 = {n: layer.weight.detach().clone() for n, layer in layers.items()}
         with torch.no_grad():
-            reference = lora.float64_copy().logits(tokens)  # unmerged, float64: the exact answer
             unmerged = lora.logits(tokens)
             lora.merge()
             merged = lora.logits(tokens)
-        cal = compare_calibrated(merged, unmerged, reference, factor)
-        worst[2] = max(worst[2], cal.margin)
-        worst[0] = max(worst[0], float((merged.double() - unmerged.double()).abs().max()))  # shown, judged by cal
-        if not cal.ok:
-            details.append(f"merged logits vs the float64 unmerged reference: {cal}")
-        scales = {}
-        for n, layer in layers.items():
-            a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-            expected = (w0[n].double() + layer.scaling * (b @ a)).to(lim.dtype)
-            scales[n] = w0[n].double().abs() + layer.scaling * (b.abs() @ a.abs())
-            record(f"{n} merged weight vs W + (alpha/r)·B·A", compare(layer.weight, expected, w_tol, n, scale=scales[n]))
 
-        snapshot = {n: layer.weight.detach().clone() for n, layer in layers.items()}
+        def expected(n: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
+            """``W + s·B·A`` in float64 rounded to the weights' dtype, and the magnitude its error scales with."""
+            a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+            return ((w0[n].double() + layer.scaling * (b @ a)).to(lim.dtype),
+                    w0[n].double().abs() + layer.scaling * (b.abs() @ a.abs()))
+
+        def check_merged(label: str) -> None:
+            for n, layer in layers.items():
+                want, scale = expected(n, layer)
+                record(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, n, scale=scale))
+
+        check_merged("merged weight")
         lora.merge()
         for n, layer in layers.items():
             layer.set_merges_on_eval(bool(modes[n]))
         lora.train(False)
-        changed = [n for n, layer in layers.items() if not torch.equal(layer.weight, snapshot[n])]
-        if changed:
-            details.append(f"merging twice / eval() twice changed the weights of {_names(changed)}")
+        check_merged("after merging twice / eval() twice")
 
         undos = [("unmerge", lora.unmerge)]
         if any(modes.values()):
@@ -142,11 +143,28 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             undo()
             for n, layer in layers.items():
                 if label == "unmerge" or modes[n]:
-                    record(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scales[n]))
+                    scale = expected(n, layer)[1]
+                    record(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scale))
             lora.train(False)
             for n, layer in layers.items():  # merged again for the next round
                 if not modes[n]:
                     layer.merge()
+
+        # The exact answer: the unmerged model (W restored bit for bit) in float64, in place of the copy.
+        lora.unmerge()
+        for n, layer in layers.items():
+            layer.set_merges_on_eval(False)
+            with torch.no_grad():
+                layer.weight.copy_(w0[n])
+        w0.clear()  # the fp32 copies go before the float64 conversion
+        lora.train(False)
+        with torch.no_grad():
+            reference = lora.to_float64().logits(tokens)
+        cal = compare_calibrated(merged, unmerged, reference, factor)
+        worst[2] = max(worst[2], cal.margin)
+        worst[0] = max(worst[0], float((merged.double() - unmerged.double()).abs().max()))  # shown, judged by cal
+        if not cal.ok:
+            details.append(f"merged logits vs the float64 unmerged reference: {cal}")
         criterion = f"calibrated {cal.ratio:.2f}x <= {factor:g}x; W rtol={w_tol.rtol:.1e}; fresh {tol}"
         if lora.no_gradient:
             details.append(f"note: gradient claims not applicable: {lora.no_gradient}")

@@ -10,8 +10,9 @@ A target that cannot be asked a property says why (:meth:`Target.not_applicable`
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import ContextManager, Iterator, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, ContextManager, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -96,8 +97,8 @@ class LoRATarget(Protocol):
     def merge(self) -> None: ...
     def unmerge(self) -> None: ...
 
-    def float64_copy(self) -> "LoRATarget":
-        """An unmerged float64 copy, for the exact answer."""
+    def to_float64(self) -> "LoRATarget":
+        """The model converted to float64 in place, for the exact answer (its last use)."""
         ...
 
     def lora_parameter_names(self) -> list[str]:
@@ -184,6 +185,15 @@ class StepDriver(Protocol):
         """One window: accumulate, clip, step once. ``lr``: the schedule's rate for it, where the loop does not
         keep a schedule of its own."""
         ...
+
+
+def copy_sharing_weights(module: torch.nn.Module, which: Optional[set[int]] = None) -> torch.nn.Module:
+    """A deep copy of ``module`` whose parameters (those whose ``id`` is in ``which``; all when None) are new
+    ``Parameter`` objects on the *same storage*: their flags are the copy's own, their values cost no memory. For a
+    base the checks only read (a frozen LoRA base): a write to it would reach the original."""
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+                            for p in module.parameters() if which is None or id(p) in which}
+    return copy.deepcopy(module, memo)
 
 
 class Target:

@@ -22,7 +22,7 @@ from llama_ref.model import BlockRunner, Transformer
 from llama_ref.train.optim import make_scheduler
 from llama_ref.train.trainer import Trainer
 
-from .base import Batch, Limits, Reported, Target
+from .base import Batch, Limits, Reported, Target, copy_sharing_weights
 from .lora import LoralibTarget
 
 
@@ -121,8 +121,9 @@ class LlamaRefTarget(Target):
 
     # ---- property 4 ----------------------------------------------------------------------------------------------
 
-    def fresh_model(self) -> Transformer:
-        model = copy.deepcopy(self.model)
+    def fresh_model(self, share_weights: bool = False) -> Transformer:
+        """A copy (``share_weights``: its parameters on the original's storage, for a base that is only read)."""
+        model = copy_sharing_weights(self.model) if share_weights else copy.deepcopy(self.model)
         model.kv_caching = False
         if self.block_runner is not None:
             model.block_runner = self.block_runner
@@ -130,7 +131,7 @@ class LlamaRefTarget(Target):
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> Transformer:
-        model = self.fresh_model()
+        model = self.fresh_model(share_weights=True)  # the base is frozen: read, never written
         apply_lora_to_llama(model, rank, alpha, dropout, ALL_TARGETS if targets is None else targets,
                             generator=generator)
         return model

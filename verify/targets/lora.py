@@ -147,10 +147,12 @@ class LoralibTarget:
         for layer in self.layers:
             layer.unmerge()
 
-    def float64_copy(self) -> "LoralibTarget":
-        """An unmerged float64 copy (modes and flags as they are), for the exact answer."""
-        twin = copy.deepcopy(self.module).double()
-        return LoralibTarget(twin, self._forward, description=self.description, no_gradient=self.no_gradient)
+    def to_float64(self) -> "LoralibTarget":
+        """This model converted to float64 in place (modes and flags as they are): the exact answer, without a
+        second copy of the model. The last use of the target: its fp32 state is gone."""
+        self.module.double()
+        self.layers = [LoRALayerView(n, m) for n, m in loralib_layers(self.module).items()]
+        return self
 
     def lora_parameter_names(self) -> list[str]:
         params = {id(p): n for n, p in self.module.named_parameters()}

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..oracles import policy_layers
-from .base import Limits, Target
+from .base import Limits, Target, copy_sharing_weights
 from .decode import greedy_generate
 from .lora import LoralibTarget, loralib_layers
 
@@ -240,17 +240,19 @@ class MetaStyleTarget(Target):
     def policies(self) -> Optional[tuple[str, ...]]:
         return None if self._gc_switch is not None else ("seed",)
 
-    def fresh_model(self) -> nn.Module:
+    def fresh_model(self, share_frozen: bool = False) -> nn.Module:
         """A copy for training: its cache switched off where there is a switch (as a training loop does: the
-        micro-batches may hold more rows than the cache)."""
-        model = copy.deepcopy(self.model)
+        micro-batches may hold more rows than the cache); ``share_frozen``: its frozen parameters on the original's
+        storage (a LoRA base, only read)."""
+        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
+        model = copy_sharing_weights(self.model, frozen) if share_frozen else copy.deepcopy(self.model)
         if self._switch_problem() is None:
             MetaStyleTarget(model, kv_switch=self._kv_switch, vocab_size=self._vocab_size)._set_kv_caching(False)
         return model
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> Optional[nn.Module]:
-        return self.fresh_model() if loralib_layers(self.model) else None
+        return self.fresh_model(share_frozen=True) if loralib_layers(self.model) else None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         attention = {id(m) for m in cache_modules(model)}
