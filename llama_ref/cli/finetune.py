@@ -98,10 +98,12 @@ def _samples(model: Transformer, tokenizer: Tokenizer, label: str) -> None:
         print(f"{prompt!r} -> {pred['generation']!r}")
 
 
-def _state(model: Transformer, trainer: Trainer, step: int, cfg: TrainConfig) -> dict[str, Any]:
+def _state(model: Transformer, trainer: Trainer, step: int, cfg: TrainConfig,
+           losses: list[dict[str, Any]]) -> dict[str, Any]:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     return {
         "config": dataclasses.asdict(cfg), "step": step,
+        "losses": losses,  # the whole run's history, so that a resumed run's metrics.json holds every step
         "model": {k: v for k, v in model.state_dict().items() if not cfg.lora or k in trainable},
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
@@ -115,7 +117,8 @@ def _state(model: Transformer, trainer: Trainer, step: int, cfg: TrainConfig) ->
 _RESUMABLE = {"stop_after", "out", "resume", "log_every", "sample", "progress", "device", "threads"}
 
 
-def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig) -> int:
+def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig) -> tuple[int, list[dict[str, Any]]]:
+    """Load ``path`` into the run; the step it was written after and the window losses of the steps before."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (run once with --out {path.parent} first)")
     state = torch.load(path, map_location=cfg.device, weights_only=True)
@@ -134,7 +137,7 @@ def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig)
     torch.set_rng_state(state["rng"].cpu())
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
+    return int(state["step"]), list(state.get("losses", []))  # a state of an earlier version has no history
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -162,7 +165,10 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
                                                                  cfg.warmup_steps),
                       precision=cfg.mp, clip=cfg.clip or None, device_type=torch.device(cfg.device).type,
                       loss_chunk=cfg.loss_chunk or None)
-    start = _restore(out / STATE_FILE, model, trainer, cfg) if cfg.resume else 0
+    start = 0
+    if cfg.resume:
+        start, metrics["losses"] = _restore(out / STATE_FILE, model, trainer, cfg)
+        metrics["resumed_at_step"] = start
     print(f"llama-finetune: {total_steps} steps of {cfg.ga} x {cfg.batch_size} sequences; "
           f"trainable {trainable:,} of {total:,} parameters ({percent:.4f} %); mp={cfg.mp} lora={cfg.lora} "
           f"gc={cfg.gc_policy if cfg.gc else 'off'}")
@@ -210,7 +216,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
                        tokens_per_s=n_input_tokens / elapsed if elapsed > 0 else None)
         if out:
             if metrics["status"] in ("ok", "nonfinite"):
-                state = _state(model, trainer, step, cfg)
+                state = _state(model, trainer, step, cfg, metrics["losses"])
                 atomic_write(out / STATE_FILE, lambda f: torch.save(state, f))
             atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     if metrics["status"] == "ok":

@@ -62,7 +62,11 @@ def test_resume_continues_bit_exactly(tmp_path):
     straight = _run(tmp_path / "a", max_steps=6, **kw)
     _run(tmp_path / "b", max_steps=6, stop_after=3, **kw)
     resumed = _run(tmp_path / "b", max_steps=6, resume=True, **kw)
-    assert _losses(resumed) == _losses(straight)[3:]
+    # the whole run's history, in the returned metrics and in metrics.json alike (not only steps 4-6)
+    on_disk = json.loads((tmp_path / "b" / METRICS_FILE).read_text())
+    assert _losses(resumed) == _losses(on_disk) == _losses(straight)
+    assert [r["step"] for r in on_disk["losses"]] == [1, 2, 3, 4, 5, 6] and on_disk["resumed_at_step"] == 3
+    assert on_disk["avg_loss"] == pytest.approx(straight["avg_loss"])
     a = torch.load(tmp_path / "a" / STATE_FILE, weights_only=True)
     b = torch.load(tmp_path / "b" / STATE_FILE, weights_only=True)
     assert a["step"] == b["step"] == 6
