@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="PATH.py:FN or package.module:FN: your training step, fn(model, optimizer, window, max_norm) "
                         "-> logged loss, for the grad_accum check (default: the target's own loop, llama_ref's "
                         "Trainer; a Meta-style model has none)")
+    p.add_argument("--mp-train-step", metavar="SPEC",
+                   help="PATH.py:FN or package.module:FN: your mixed-precision training step (its own autocast and, "
+                        "for fp16, GradScaler), same signature, for the mixed_precision check (default: llama_ref's "
+                        "Trainer; a Meta-style model has none)")
     p.add_argument("--preset", help="a model preset with random weights (e.g. llama-3.2-1b: the real shape, seeded "
                                     "weights; nothing downloaded) instead of the embedded default")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
@@ -65,13 +69,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         _parser().error(f"--device {args.device}: CUDA is not available")
 
     train_step = load_train_step(args.train_step) if args.train_step else None  # a bad SPEC: exit 2 before any work
+    mp_train_step = load_train_step(args.mp_train_step) if args.mp_train_step else None
     if args.ckpt_dir and args.preset:
         _parser().error("--ckpt-dir and --preset are two models: give one")
     if args.target != "llama_ref":
         if args.ckpt_dir or args.preset or args.mutants or args.attn_impl:
             _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --mutants, --attn-impl (they are "
                             "llama_ref's)")
-        return _main_target(args, train_step)
+        return _main_target(args, train_step, mp_train_step)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
         from llama_ref.tokenizer import Tokenizer
@@ -102,7 +107,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     # The seed's prompts, cut to 16 tokens: still ragged, and short enough that uncached decoding stays cheap.
     rows = args.max_batch_size if args.preset else factory().params.max_batch_size  # no 1B model just to read it
     prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:rows]
-    inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step)
+    inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step, mp_train_step=mp_train_step)
     checks = args.check or list(CHECKS)
     env = environment(args.device)
     print(f"llama-verify on the {target}")
@@ -134,7 +139,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failed or missed else 0
 
 
-def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]]) -> int:
+def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]],
+                 mp_train_step: Optional[Callable[..., float]]) -> int:
     factory = load_factory(args.target)
     try:
         probe = factory()
@@ -147,7 +153,8 @@ def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., fl
     print(f"llama-verify on {args.target}: {description}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print()
-    results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step), checks=checks, dtypes=args.dtype or [None],
+    results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step, mp_train_step=mp_train_step),
+                                checks=checks, dtypes=args.dtype or [None],
                                 device=args.device)
     print(format_results(results))
     failed = [r for r in results if not r.ok]

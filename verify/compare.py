@@ -128,6 +128,8 @@ class CalibratedComparison:
 
     @property
     def ratio(self) -> float:
+        if self.error == 0:
+            return 0.0  # exact: no error however small the baseline (0/0 included)
         return self.error / max(self.plain_error, self.floor) if max(self.plain_error, self.floor) else float("inf")
 
     @property

@@ -11,11 +11,13 @@ from verify.report import Inputs, run_target_checks
 from verify.testing import verdict
 
 
-def test_llama_verify(llama_verify_property, llama_verify_target, llama_verify_train_step, llama_verify_dtype):
+def test_llama_verify(llama_verify_property, llama_verify_target, llama_verify_train_step,
+                      llama_verify_mp_train_step, llama_verify_dtype):
     # a factory; a model given as such is copied for each check (the checks may move it to another dtype)
     factory = llama_verify_target if not isinstance(llama_verify_target, torch.nn.Module) else (
         lambda: copy.deepcopy(llama_verify_target))
-    (result,) = run_target_checks(factory, Inputs(seed=0, train_step=llama_verify_train_step),
+    inputs = Inputs(seed=0, train_step=llama_verify_train_step, mp_train_step=llama_verify_mp_train_step)
+    (result,) = run_target_checks(factory, inputs,
                                   checks=[llama_verify_property], dtypes=[llama_verify_dtype])
     try:
         verdict(result)  # skips with the reason where the property does not apply

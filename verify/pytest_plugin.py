@@ -6,7 +6,8 @@ in the project's pytest configuration with a ``llama_verify_target`` fixture in 
 ``llama_verify`` at the project's root (so the project's conftest fixtures reach them): one test per property ×
 dtype, ``llama_verify::test_llama_verify[kv_cache-model dtype]`` …, failing with the check's own report, skipped with the reason where a
 property does not apply. ``--llama-verify-train-step=SPEC`` (or a ``llama_verify_train_step`` fixture) is the
-training step for the GA check; ``--llama-verify-dtype`` (repeatable) the dtypes to check in (default: the model's
+training step for the GA check, ``--llama-verify-mp-train-step`` (``llama_verify_mp_train_step``) the
+mixed-precision one for the MP check; ``--llama-verify-dtype`` (repeatable) the dtypes to check in (default: the model's
 own).
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="PATH.py:FACTORY or package.module:FACTORY: run every property on the model it returns")
     group.addoption("--llama-verify-train-step", metavar="SPEC", default=None,
                     help="PATH.py:FN or package.module:FN: your training step, for the gradient-accumulation check")
+    group.addoption("--llama-verify-mp-train-step", metavar="SPEC", default=None,
+                    help="PATH.py:FN or package.module:FN: your mixed-precision step, for the mixed-precision check")
     group.addoption("--llama-verify-dtype", action="append", choices=["float32", "bfloat16", "float16"],
                     help="check in this dtype too (repeatable; default: the model's own)")
     parser.addini("llama_verify", type="bool", default=False,
@@ -56,15 +59,18 @@ def pytest_configure(config: pytest.Config) -> None:
     from .targets.spec import load_factory
     from .targets.train_step import load_train_step
     target, step = config.getoption("llama_verify_target"), config.getoption("llama_verify_train_step")
+    mp_step = config.getoption("llama_verify_mp_train_step")
     try:
         config.stash[_FACTORY] = load_factory(target) if target else None
         config.stash[_STEP] = load_train_step(step) if step else None
+        config.stash[_MP_STEP] = load_train_step(mp_step) if mp_step else None
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
 
 
 _FACTORY = pytest.StashKey[Optional[Callable[[], Any]]]()
 _STEP = pytest.StashKey[Optional[Callable[..., float]]]()
+_MP_STEP = pytest.StashKey[Optional[Callable[..., float]]]()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -90,3 +96,9 @@ def llama_verify_target(request: pytest.FixtureRequest) -> Callable[[], Any]:
 def llama_verify_train_step(request: pytest.FixtureRequest) -> Optional[Callable[..., float]]:
     """Your training step for the GA check, or None (the target's own loop, where it has one)."""
     return request.config.stash.get(_STEP, None)
+
+
+@pytest.fixture(scope="session")
+def llama_verify_mp_train_step(request: pytest.FixtureRequest) -> Optional[Callable[..., float]]:
+    """Your mixed-precision step for the MP check, or None (llama_ref's own trainer, where it is llama_ref)."""
+    return request.config.stash.get(_MP_STEP, None)

@@ -21,6 +21,7 @@ from .checks.grad_accum import check_grad_accumulation
 from .checks.kv_cache import check_kv_cache
 from .checks.lora_merge import check_lora_merge
 from .checks.mixed_precision import check_mixed_precision
+from .checks.mixed_precision_step import check_mixed_precision_step
 from .mutants import Mutant
 from .result import CheckResult
 from .targets.spec import as_target
@@ -36,6 +37,7 @@ class Inputs:
     prompts: Optional[Sequence[Sequence[int]]] = None
     fail_fast: bool = False  # the checks that can stop at their first failing case do (a verdict, not a report)
     train_step: Optional[Callable[..., float]] = None  # the user's training step, for GA (verify.targets.base.TrainStep)
+    mp_train_step: Optional[Callable[..., float]] = None  # the user's mixed-precision step (its autocast), for MP
 
 
 # Above this many parameters a model is "real-size": GA and checkpointing check LoRA on a frozen base only (a full
@@ -57,8 +59,10 @@ CHECKS: dict[str, Callable[..., CheckResult]] = {
         model, seed=inputs.seed, fail_fast=inputs.fail_fast, train_step=inputs.train_step,
         lora=(True,) if _large(model) else (False, True), **c),
     "lora_merge": lambda model, inputs, **c: check_lora_merge(model, seed=inputs.seed, **c),
-    "mixed_precision": lambda model, inputs, **c: check_mixed_precision(
-        model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast, **c),
+    "mixed_precision": lambda model, inputs, **c: (
+        check_mixed_precision_step(model, inputs.mp_train_step, seed=inputs.seed) if inputs.mp_train_step else
+        check_mixed_precision(model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast,
+                              **c)),
     "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(
         model, seed=inputs.seed, full_finetune=not _large(model), **c),
 }

@@ -22,6 +22,7 @@ from .checks.grad_accum import check_grad_accumulation
 from .checks.kv_cache import check_kv_cache
 from .checks.lora_merge import check_lora_merge
 from .checks.mixed_precision import check_mixed_precision
+from .checks.mixed_precision_step import check_mixed_precision_step
 from .result import CheckResult
 from .targets.base import TrainStep
 
@@ -59,8 +60,11 @@ def assert_lora_merge_equivalent(target: Any, **kwargs: Any) -> CheckResult:
     return verdict(check_lora_merge(target, **kwargs))
 
 
-def assert_mixed_precision_right(target: Any, **kwargs: Any) -> CheckResult:
-    """Property 5: mixed precision really mixed and calibrated against float64 (llama_ref's Transformer)."""
+def assert_mixed_precision_right(target: Any, *, train_step: Optional[TrainStep] = None, **kwargs: Any) -> CheckResult:
+    """Property 5: mixed precision really mixed and calibrated against float64 — of ``train_step`` (yours, with its
+    autocast and GradScaler: :mod:`verify.checks.mixed_precision_step`) or of llama_ref's own trainer."""
+    if train_step is not None:
+        return verdict(check_mixed_precision_step(target, train_step, **kwargs))
     return verdict(check_mixed_precision(target, **kwargs))
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from llama_ref.model import RMSNorm
 
 from ..result import name_list as _names
 
@@ -53,6 +52,13 @@ class OpRecorder(TorchDispatchMode):
             h.remove()
 
 
+def is_norm(module: Optional[nn.Module]) -> bool:
+    """A normalisation layer, by what it is, not by its class: named ``…Norm`` with a float ``eps`` (llama_ref's
+    RMSNorm, Meta's, transformers' LlamaRMSNorm, torch's LayerNorm), so that the rule holds for any model's norm."""
+    return (module is not None and type(module).__name__.lower().endswith("norm")
+            and isinstance(getattr(module, "eps", getattr(module, "variance_epsilon", None)), float))
+
+
 def _is_matmul(op: str) -> bool:
     return op in MATMULS or op.startswith("_scaled_dot_product")
 
@@ -70,7 +76,7 @@ def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dty
                 other_mm.append(f"{name or 'model'} {op}({_dt(dtypes)})")
         elif op in UPCAST_REDUCTIONS and any(d not in wide for d in dtypes):
             narrow_reductions.append(f"{op}({_dt(dtypes)}) in {name or 'the loss'}")
-        elif isinstance(module, RMSNorm) and op in NORM_REDUCTIONS and any(d not in wide for d in dtypes):
+        elif is_norm(module) and op in NORM_REDUCTIONS and any(d not in wide for d in dtypes):
             narrow_norms.append(f"{name} {op}({_dt(dtypes)})")
     problems = []
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -85,7 +91,7 @@ def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dty
     if narrow_reductions:
         problems.append(f"softmax / loss reductions not upcast to fp32: {_names(narrow_reductions)}")
     if narrow_norms:
-        problems.append(f"RMSNorm reductions not upcast to fp32: {_names(narrow_norms)}")
+        problems.append(f"norm reductions (mean of squares) not upcast to fp32: {_names(narrow_norms)}")
     return problems
 
 

@@ -103,8 +103,7 @@ class MetaStyleTarget(Target):
         if prop == "grad_accum":
             return None  # with the user's training step (the check says so when there is none)
         if prop == "mixed_precision":
-            return ("the mixed-precision check still drives llama_ref's own Trainer (its autocast, GradScaler and "
-                    "half-base rules); it does not take a user's training step yet")
+            return None  # with the user's training step (the check says so when there is none)
         return f"the Meta-style adapter offers no operations for {prop}"
 
     def _forward_without_gradient(self) -> bool:

@@ -294,7 +294,7 @@ EXPECTED = {  # mutant → a detail line it must produce (the claim that catches
     "mp_optimizer_step_bypasses_scaler": "changed parameters",
     "mp_scaler_step_per_micro_batch": "clipped update vs float64",
     "mp_autocast_wrong_device": "Linear matmuls not in bfloat16",
-    "mp_rmsnorm_no_upcast": "RMSNorm reductions not upcast to fp32",
+    "mp_rmsnorm_no_upcast": "norm reductions (mean of squares) not upcast to fp32",
     "mp_softmax_in_half": "_softmax(bfloat16)",
     "mp_loss_on_half_logits": "token_loss_sum on bfloat16 logits",
     "mp_frozen_base_kept_fp32": "frozen base not stored in bfloat16",

@@ -21,10 +21,11 @@ def test_the_doc_shows_the_factory_and_the_train_step_verbatim():
 def test_the_worked_example_gives_the_verdicts_the_doc_explains(tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(["--target", f"{HERE / 'example_factory.py'}:make", "--json", str(out),
-                 "--train-step", f"{HERE / 'train_steps.py'}:token_mean_step"])
+                 "--train-step", f"{HERE / 'train_steps.py'}:token_mean_step",
+                 "--mp-train-step", f"{HERE / 'train_steps.py'}:bf16_step"])
     verdicts = {r["name"]: ("N/A" if r["not_applicable"] else "PASS" if r["ok"] else "FAIL")
                 for r in json.loads(out.read_text())["results"]}
     assert code == 1 and verdicts == {"kv_cache": "PASS", "grad_accum": "PASS", "lora_merge": "PASS",
-                                      "mixed_precision": "N/A", "gradient_checkpointing": "FAIL"}
+                                      "mixed_precision": "PASS", "gradient_checkpointing": "FAIL"}
     text = capsys.readouterr().out
     assert "policy=every:2: checkpoint silently not applied" in text  # the seed's reentrant checkpoint

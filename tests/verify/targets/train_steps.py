@@ -48,3 +48,54 @@ def token_mean_step(model, optimizer, window, max_norm):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / n_tokens
+
+
+def autocast_step(dtype: torch.dtype):
+    """``token_mean_step`` under ``torch.autocast(dtype)``, with a GradScaler for fp16 (unscaled before clipping)."""
+    scaler = torch.amp.GradScaler("cpu") if dtype == torch.float16 else None
+
+    def step(model, optimizer, window, max_norm):
+        n_tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
+        total = 0.0
+        for batch in window:
+            with torch.autocast("cpu", dtype=dtype):
+                logits = model(batch["input_ids"], 0)
+            loss_sum = F.cross_entropy(*_shifted(logits, batch["labels"]), ignore_index=-100, reduction="sum")
+            loss = loss_sum / n_tokens
+            (scaler.scale(loss) if scaler else loss).backward()
+            total += float(loss_sum.detach())
+        if scaler:
+            scaler.unscale_(optimizer)
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / n_tokens
+    return step
+
+
+bf16_step = autocast_step(torch.bfloat16)
+fp16_step = autocast_step(torch.float16)
+
+
+def seed_mp_step(model, optimizer, window, max_norm):
+    """The seed report's mixed-precision loop: autocast fp16 around the forward and its shifted cross-entropy, the
+    loss divided by ACCUMULATION_STEPS = 8, GradScaler('cuda') as it wrote it (here the CPU's), no clipping."""
+    scaler = _SEED_SCALER
+    for batch in window:
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(batch["input_ids"], 0)
+            loss = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)(*_shifted(logits, batch["labels"]))
+        loss = loss / ACCUMULATION_STEPS
+        scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+_SEED_SCALER = torch.amp.GradScaler("cpu")

@@ -1,0 +1,210 @@
+"""Property 5 on the user's own training step: mixed precision that is really mixed, and still right.
+
+The step (:class:`verify.targets.base.TrainStep`) brings its own autocast and, for fp16, its own ``GradScaler``;
+the check observes it from outside, on fresh copies of the target's model:
+
+* **really mixed** — while the step runs (a ``TorchDispatchMode`` records each op with the module it ran in):
+  every ``nn.Linear`` and attention matmul in one half dtype (the step's: the dtype its first Linear matmul ran
+  in; fp32 there is "not mixed"), and the softmax, log-softmax / NLL and every norm's mean of squares in fp32;
+* **master weights** — at ``optimizer.step`` the trainable parameters and the gradients it steps with are fp32;
+* **still right** — those gradients against a float64 reference (the same model, the loss as the mean over all
+  target tokens) may be at most ``CALIBRATION_FACTORS["mixed_precision"]`` times further from it than the *plain*
+  half path's (the model cast to the half dtype, the loss taken in fp32 from its logits), over all of them, and
+  ``["mixed_precision_grad"]`` times for each parameter; a gradient that is a multiple of the reference's is
+  reported as a scaled loss;
+* **GradScaler** (fp16) — a step whose gradients hold inf leaves every parameter bit-identical (it is skipped).
+
+Not asked of a user's step (llama_ref's own check asks them of its trainer): the upcasts at extreme activations,
+the long-position logits of half weights, and the loss curve against fp32 (a user's step has one precision).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..compare import compare_calibrated
+from ..oracles import mean_token_loss
+from ..result import CheckResult, describe_exception
+from ..result import name_list as _names
+from ..targets.base import TrainStep
+from ..tolerances import CALIBRATION_FACTORS
+from .precision_policy import MATMULS, OpRecorder, dtype_names, precision_policy_problems
+
+NAME = "mixed_precision"
+HALVES = (torch.bfloat16, torch.float16)
+Batch = dict[str, torch.Tensor]
+
+
+def _window(vocab: int, max_len: int, g: torch.Generator, device: torch.device) -> list[Batch]:
+    """One micro-batch of 2 ragged sequences, the first 3 tokens of each a prompt (labels -100)."""
+    lengths = [max_len, max(4, max_len // 2)]
+    ids = torch.zeros((2, max_len), dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = torch.randint(0, vocab, (n,), generator=g)
+        labels[b, 3:n] = ids[b, 3:n]
+    return [{"input_ids": ids.to(device), "labels": labels.to(device)}]
+
+
+def _captured_step(step: TrainStep, model: nn.Module, window: list[Batch], optimizer: torch.optim.Optimizer
+                   ) -> list[dict[str, Optional[torch.Tensor]]]:
+    """Run the user's step; the gradients each ``optimizer.step`` ran with (GradScaler calls it only when the
+    gradients are finite, after unscaling them)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    seen: list[dict[str, Optional[torch.Tensor]]] = []
+    handle = optimizer.register_step_pre_hook(
+        lambda *_: seen.append({n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}))
+    try:
+        step(model, optimizer, window, None)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _reference_grads(target: Any, model: nn.Module, window: list[Batch], dtype: torch.dtype
+                     ) -> dict[str, torch.Tensor]:
+    """The gradients of the window's token-mean loss on a copy of ``model`` cast to ``dtype``, the loss in fp32 (or
+    fp64) from its logits."""
+    twin = copy.deepcopy(model).to(dtype)
+    twin.zero_grad(set_to_none=True)
+    loss = sum(mean_token_loss(target.train_logits(twin, b["input_ids"]), b["labels"]) for b in window)
+    loss.backward()
+    return {n: p.grad.detach().double() for n, p in twin.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool = True, lora: bool = True,
+                               seed: int = 0, attempts: int = 4) -> CheckResult:
+    """Check property 5 on the user's ``train_step`` (with its own autocast and GradScaler) over copies of
+    ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts — left untouched. ``full``: the
+    model with every parameter trainable; ``lora``: its LoRA variant (a frozen base, kept in the dtype the model
+    stores it in), where it has one. ``attempts``: how many windows GradScaler may skip
+    while it lowers its initial scale before a step is taken."""
+    from ..targets.spec import as_target
+
+    target = as_target(model)
+    why = target.not_applicable("grad_accum")  # the same needs: autograd through the forward, a fresh copy
+    if why:
+        return CheckResult.na(NAME, why, str(target))
+    lim = target.limits
+    g = torch.Generator().manual_seed(seed)
+    factor, grad_factor = CALIBRATION_FACTORS[NAME], CALIBRATION_FACTORS["mixed_precision_grad"]
+    details: list[str] = []
+    notes: list[str] = []
+    worst = [0.0, 0.0]  # max abs of the stepped gradients vs float64, worst margin
+    half: Optional[torch.dtype] = None
+    case = f"the user's step on {target}"
+    try:
+        variants = [("full", target.fresh_model().train().requires_grad_(True))] if full else []
+        if lora:
+            lora_model = target.fresh_lora_model(None, 4, 8, 0.0, g)
+            if lora_model is None:
+                notes.append("note: the LoRA variant not checked: the model has no LoRA layers")
+            else:
+                with torch.no_grad():  # B ≠ 0, so that A's gradient is real
+                    for layer in _loralib(lora_model):
+                        layer.lora_B.copy_((torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.r))
+                                           .to(layer.lora_B))
+                variants.append(("lora", lora_model.train()))
+        for label, net in variants:
+            for module in net.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0  # the reference must see the same forward
+            window = _window(lim.vocab_size, min(12, lim.max_seq_len), g, lim.device)
+            start = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+            rec = OpRecorder(net)
+            seen: list = []
+            try:
+                with rec:
+                    for _ in range(attempts):  # GradScaler skips while its scale is too high: try another window
+                        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0)
+                        seen = _captured_step(train_step, net, window, opt)
+                        if seen:
+                            break
+            finally:
+                rec.remove()
+            linear_dtypes = [d for _, m, op, d in rec.ops if isinstance(m, nn.Linear) and op in MATMULS]
+            half = next((d[0] for d in linear_dtypes if d), None) if half is None else half
+            if half not in HALVES:
+                ran = dtype_names((half,)) if half else "no dtype"
+                details.append(f"{label}: not mixed: its Linear matmuls ran in {ran} (no autocast around the forward)")
+                continue
+            details += [f"{label}: {p}" for p in precision_policy_problems(rec, net, half)]
+            if not seen:
+                details.append(f"{label}: optimizer.step never ran in {attempts} windows (GradScaler skipped them all)")
+                continue
+            if len(seen) != 1:
+                details.append(f"{label}: optimizer.step ran {len(seen)} times in one window")
+            grads = seen[-1]
+            not_fp32 = [f"{n} ({dtype_names((p.dtype,))})" for n, p in net.named_parameters()
+                        if p.requires_grad and p.dtype != torch.float32]
+            not_fp32 += [f"{n}.grad ({dtype_names((t.dtype,))})" for n, t in grads.items()
+                         if t is not None and t.dtype != torch.float32]
+            if not_fp32:
+                details.append(f"{label}: master weights / their gradients not fp32: {_names(not_fp32)}")
+            missing = [n for n, t in grads.items() if t is None]
+            if missing:
+                details.append(f"{label}: trainable parameters with no gradient at the step: {_names(missing)}")
+            with torch.no_grad():  # the check's reference runs from the weights the step started from
+                for n, p in net.named_parameters():
+                    if n in start:
+                        p.copy_(start[n])
+            exact = _reference_grads(target, net, window, torch.float64)
+            plain = _reference_grads(target, net, window, half)
+            names = [n for n in exact if grads.get(n) is not None and n in plain]
+            flat = [torch.cat([d[n].flatten().double() for n in names]) for d in (grads, plain, exact)]
+            cal = compare_calibrated(flat[0], flat[1], flat[2], factor)
+            worst[0] = max(worst[0], float((flat[0] - flat[2]).abs().max()))
+            worst[1] = max(worst[1], cal.margin)
+            if not cal.ok:
+                details.append(f"{label} gradients vs float64: {cal}{_scaled(flat[0], flat[2])}")
+            per = {n: compare_calibrated(grads[n], plain[n], exact[n], grad_factor) for n in names}
+            worst[1] = max([worst[1]] + [c.margin for c in per.values()])
+            far = sorted((n for n, c in per.items() if not c.ok), key=lambda n: -per[n].ratio)
+            if far and cal.ok:
+                details.append(f"{label}: gradients of {len(far)}/{len(per)} parameters too far from float64 "
+                               f"({_names(far)}); worst, {far[0]}: {per[far[0]]}")
+            if half == torch.float16:
+                details += [f"{label}: {p}" for p in _skip_problems(train_step, net, window)]
+        case = (f"the user's step, {dtype_names((half,)) if half else '?'} autocast, "
+                f"{'+'.join(v for v, _ in variants)}, one window of 2 ragged sequences")
+        ok = not details
+        return CheckResult(NAME, ok, worst[0], worst[1], None, details + notes, case,
+                           criterion=f"calibrated <= {factor:g}x (grads each <= {grad_factor:g}x); half matmuls, "
+                                     "fp32 reductions, fp32 master" + (", GradScaler skip" if half == torch.float16
+                                                                        else ""),
+                           margin=worst[1] if ok or worst[1] > 1 else float("inf"))
+    except Exception as e:  # the implementation under test crashed: a failure, with its message
+        return CheckResult(NAME, False, float("inf"), float("inf"), None, details, case, error=describe_exception(e))
+
+
+def _loralib(model: nn.Module) -> list[nn.Module]:
+    from ..targets.lora import loralib_layers
+    return list(loralib_layers(model).values())
+
+
+def _scaled(got: torch.Tensor, truth: torch.Tensor) -> str:
+    c = float(got @ truth) / max(float(truth @ truth), 1e-300)
+    if float((got - c * truth).norm()) < 1e-2 * float(got.norm()) and abs(c - 1) > 1e-2:
+        return f"; they are {c:.4g}x the reference's: the window's loss is scaled (not the token mean)"
+    return ""
+
+
+def _skip_problems(step: TrainStep, model: nn.Module, window: list[Batch]) -> list[str]:
+    """fp16: a step whose gradients hold inf must leave every parameter bit-identical (GradScaler skips it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    handle = params[0].register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    try:
+        step(model, opt, window, None)
+    finally:
+        handle.remove()
+    changed = sum(not torch.equal(p, b) for p, b in zip(params, before))
+    if changed:
+        return [f"a step with inf gradients changed {changed}/{len(params)} trainable parameters (fp16 needs "
+                "GradScaler, which skips such steps)"]
+    return []
