@@ -51,6 +51,22 @@ def _large(model: Any) -> bool:
     return isinstance(module, torch.nn.Module) and sum(p.numel() for p in module.parameters()) > LARGE_MODEL_PARAMS
 
 
+def _mixed_precision(model: Any, inputs: "Inputs", **components: Any) -> CheckResult:
+    """The user's mixed-precision step where one is given; on a real-size llama_ref model its own Trainer as such a
+    step, LoRA on a frozen base only (llama_ref's full check copies the model for each claim and trains it with
+    AdamW); else llama_ref's full check."""
+    if inputs.mp_train_step is not None:
+        return check_mixed_precision_step(model, inputs.mp_train_step, seed=inputs.seed)
+    if _large(model) and not components:
+        target = as_target(model)
+        if hasattr(target, "mp_step"):
+            dtype = _autocast_dtype(model)
+            return check_mixed_precision_step(target, target.mp_step("fp16" if dtype == torch.float16 else "bf16"),
+                                              full=False, seed=inputs.seed)
+    return check_mixed_precision(model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast,
+                                 **components)
+
+
 # check name -> check(model, inputs, **components): components are the implementation's parts under test
 # (``Mutant.components``, e.g. ``trainer_cls``); without them, llama_ref's own.
 CHECKS: dict[str, Callable[..., CheckResult]] = {
@@ -59,10 +75,7 @@ CHECKS: dict[str, Callable[..., CheckResult]] = {
         model, seed=inputs.seed, fail_fast=inputs.fail_fast, train_step=inputs.train_step,
         lora=(True,) if _large(model) else (False, True), **c),
     "lora_merge": lambda model, inputs, **c: check_lora_merge(model, seed=inputs.seed, **c),
-    "mixed_precision": lambda model, inputs, **c: (
-        check_mixed_precision_step(model, inputs.mp_train_step, seed=inputs.seed) if inputs.mp_train_step else
-        check_mixed_precision(model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast,
-                              **c)),
+    "mixed_precision": lambda model, inputs, **c: _mixed_precision(model, inputs, **c),
     "gradient_checkpointing": lambda model, inputs, **c: check_gradient_checkpointing(
         model, seed=inputs.seed, full_finetune=not _large(model), **c),
 }

@@ -12,7 +12,9 @@ the check observes it from outside, on fresh copies of the target's model:
   half path's (the model cast to the half dtype, the loss taken in fp32 from its logits), over all of them, and
   ``["mixed_precision_grad"]`` times for each parameter; a gradient that is a multiple of the reference's is
   reported as a scaled loss;
-* **GradScaler** (fp16) — a step whose gradients hold inf leaves every parameter bit-identical (it is skipped).
+* **GradScaler** (fp16) — a step whose gradients hold inf leaves every parameter bit-identical (it is skipped);
+  the step is given a ``max_norm`` 10x the true gradient norm, which never binds on unscaled gradients and always
+  on scaled ones, so clipping before unscaling shows in the gradients.
 
 Not asked of a user's step (llama_ref's own check asks them of its trainer): the upcasts at extreme activations,
 the long-position logits of half weights, and the loss curve against fp32 (a user's step has one precision).
@@ -50,8 +52,8 @@ def _window(vocab: int, max_len: int, g: torch.Generator, device: torch.device) 
     return [{"input_ids": ids.to(device), "labels": labels.to(device)}]
 
 
-def _captured_step(step: TrainStep, model: nn.Module, window: list[Batch], optimizer: torch.optim.Optimizer
-                   ) -> list[dict[str, Optional[torch.Tensor]]]:
+def _captured_step(step: TrainStep, model: nn.Module, window: list[Batch], optimizer: torch.optim.Optimizer,
+                   max_norm: Optional[float]) -> list[dict[str, Optional[torch.Tensor]]]:
     """Run the user's step; the gradients each ``optimizer.step`` ran with (GradScaler calls it only when the
     gradients are finite, after unscaling them)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -59,7 +61,7 @@ def _captured_step(step: TrainStep, model: nn.Module, window: list[Batch], optim
     handle = optimizer.register_step_pre_hook(
         lambda *_: seen.append({n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}))
     try:
-        step(model, optimizer, window, None)
+        step(model, optimizer, window, max_norm)
     finally:
         handle.remove()
     return seen
@@ -115,13 +117,17 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                     module.p = 0.0  # the reference must see the same forward
             window = _window(lim.vocab_size, min(12, lim.max_seq_len), g, lim.device)
             start = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+            exact = _reference_grads(target, net, window, torch.float64)
+            # Clipping at 10x the true norm never binds on true gradients, and always on scaled ones: a step that
+            # clips before unscaling shrinks its gradients 10^3-10^4 fold.
+            max_norm = 10 * math.sqrt(sum(float(t.square().sum()) for t in exact.values()))
             rec = OpRecorder(net)
             seen: list = []
             try:
                 with rec:
                     for _ in range(attempts):  # GradScaler skips while its scale is too high: try another window
                         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.0)
-                        seen = _captured_step(train_step, net, window, opt)
+                        seen = _captured_step(train_step, net, window, opt, max_norm)
                         if seen:
                             break
             finally:
@@ -152,7 +158,6 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                 for n, p in net.named_parameters():
                     if n in start:
                         p.copy_(start[n])
-            exact = _reference_grads(target, net, window, torch.float64)
             plain = _reference_grads(target, net, window, half)
             names = [n for n in exact if grads.get(n) is not None and n in plain]
             flat = [torch.cat([d[n].flatten().double() for n in names]) for d in (grads, plain, exact)]
@@ -189,7 +194,8 @@ def _loralib(model: nn.Module) -> list[nn.Module]:
 def _scaled(got: torch.Tensor, truth: torch.Tensor) -> str:
     c = float(got @ truth) / max(float(truth @ truth), 1e-300)
     if float((got - c * truth).norm()) < 1e-2 * float(got.norm()) and abs(c - 1) > 1e-2:
-        return f"; they are {c:.4g}x the reference's: the window's loss is scaled (not the token mean)"
+        return (f"; they are {c:.4g}x the reference's: scaled (a window loss that is not the token mean, or clipping "
+                "applied while they were still scaled)")
     return ""
 
 

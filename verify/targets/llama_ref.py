@@ -156,6 +156,23 @@ class LlamaRefTarget(Target):
                                                scheduler=make_scheduler(optimizer, schedule, total_steps, warmup)))
 
 
+    def mp_step(self, precision: str = "bf16"):
+        """llama_ref's own mixed-precision step as a :class:`verify.targets.base.TrainStep`: ``Trainer`` with
+        ``precision`` (its autocast, its GradScaler for fp16), for the step-based MP check on a real-size model."""
+        trainer_cls = self.trainer_cls
+        scales: dict[int, dict] = {}  # GradScaler's state per model, across calls (its scale falls after a skip)
+
+        def step(model, optimizer, window, max_norm):
+            trainer = trainer_cls(model, optimizer, precision=precision, clip=max_norm)
+            if trainer.scaler is not None and id(model) in scales:
+                trainer.scaler.load_state_dict(scales[id(model)])
+            loss = trainer.step(window).loss
+            if trainer.scaler is not None:
+                scales[id(model)] = trainer.scaler.state_dict()
+            return loss
+        return step
+
+
 class _TrainerDriver:
     """``Trainer`` as the GA check drives it: its own ``windows`` and its own schedule (the check's ``lr`` is only
     what it must have arrived at)."""
