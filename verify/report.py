@@ -62,7 +62,7 @@ def _mixed_precision(model: Any, inputs: "Inputs", **components: Any) -> CheckRe
         if hasattr(target, "mp_step"):
             dtype = _autocast_dtype(model)
             return check_mixed_precision_step(target, target.mp_step("fp16" if dtype == torch.float16 else "bf16"),
-                                              full=False, seed=inputs.seed)
+                                              full=False, seed=inputs.seed, label="llama_ref's Trainer as a step")
     return check_mixed_precision(model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast,
                                  **components)
 

@@ -79,12 +79,12 @@ def _reference_grads(target: Any, model: nn.Module, window: list[Batch], dtype: 
 
 
 def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool = True, lora: bool = True,
-                               seed: int = 0, attempts: int = 4) -> CheckResult:
+                               seed: int = 0, attempts: int = 4, label: str = "the user's step") -> CheckResult:
     """Check property 5 on the user's ``train_step`` (with its own autocast and GradScaler) over copies of
     ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts — left untouched. ``full``: the
     model with every parameter trainable; ``lora``: its LoRA variant (a frozen base, kept in the dtype the model
     stores it in), where it has one. ``attempts``: how many windows GradScaler may skip
-    while it lowers its initial scale before a step is taken."""
+    while it lowers its initial scale before a step is taken; ``label`` names the step in the case."""
     from ..targets.spec import as_target
 
     target = as_target(model)
@@ -98,7 +98,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
     notes: list[str] = []
     worst = [0.0, 0.0]  # max abs of the stepped gradients vs float64, worst margin
     half: Optional[torch.dtype] = None
-    case = f"the user's step on {target}"
+    case = f"{label} on {target}"
     try:
         variants = [("full", target.fresh_model().train().requires_grad_(True))] if full else []
         if lora:
@@ -174,7 +174,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                                f"({_names(far)}); worst, {far[0]}: {per[far[0]]}")
             if half == torch.float16:
                 details += [f"{label}: {p}" for p in _skip_problems(train_step, net, window)]
-        case = (f"the user's step, {dtype_names((half,)) if half else '?'} autocast, "
+        case = (f"{label}, {dtype_names((half,)) if half else '?'} autocast, "
                 f"{'+'.join(v for v, _ in variants)}, one window of 2 ragged sequences")
         ok = not details
         return CheckResult(NAME, ok, worst[0], worst[1], None, details + notes, case,
