@@ -115,7 +115,7 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
         if not isinstance(getattr(target, "model", None), Transformer):
             why = target.not_applicable(NAME) or (
                 "no training loop of its own: give the check your training step, with its autocast and GradScaler "
-                "(llama-verify --train-step PATH.py:FN; verify.checks.mixed_precision_step)")
+                "(llama-verify --mp-train-step PATH.py:FN; verify.checks.mixed_precision_step)")
             return CheckResult.na(NAME, why, str(target))
         model = target.model
     base = copy.deepcopy(model).float()

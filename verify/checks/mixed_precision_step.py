@@ -88,7 +88,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
     from ..targets.spec import as_target
 
     target = as_target(model)
-    why = target.not_applicable("grad_accum")  # the same needs: autograd through the forward, a fresh copy
+    why = target.not_applicable(NAME)  # a forward without autograd, say
     if why:
         return CheckResult.na(NAME, why, str(target))
     lim = target.limits

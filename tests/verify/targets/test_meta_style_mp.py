@@ -102,3 +102,11 @@ def _with_half_norms(model):
             new.load_state_dict(old.state_dict())
             setattr(block, name, new)
     return model
+
+
+def test_under_inference_mode_or_without_a_step_it_is_not_applicable():
+    result = check_mixed_precision_step(S.make_lora(), TS.bf16_step)  # Meta's @torch.inference_mode() forward
+    assert result.verdict == "N/A" and "mixed_precision needs one" in result.not_applicable
+    from verify.checks.mixed_precision import check_mixed_precision
+    result = check_mixed_precision(S.make_trainable())  # no step given: llama_ref's own trainer cannot drive it
+    assert result.verdict == "N/A" and "--mp-train-step PATH.py:FN" in result.not_applicable
