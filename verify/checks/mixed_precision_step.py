@@ -111,7 +111,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                         layer.lora_B.copy_((torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.r))
                                            .to(layer.lora_B))
                 variants.append(("lora", lora_model.train()))
-        for label, net in variants:
+        for variant, net in variants:
             for module in net.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0  # the reference must see the same forward
@@ -136,24 +136,24 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             half = next((d[0] for d in linear_dtypes if d), None) if half is None else half
             if half not in HALVES:
                 ran = dtype_names((half,)) if half else "no dtype"
-                details.append(f"{label}: not mixed: its Linear matmuls ran in {ran} (no autocast around the forward)")
+                details.append(f"{variant}: not mixed: its Linear matmuls ran in {ran} (no autocast around the forward)")
                 continue
-            details += [f"{label}: {p}" for p in precision_policy_problems(rec, net, half)]
+            details += [f"{variant}: {p}" for p in precision_policy_problems(rec, net, half)]
             if not seen:
-                details.append(f"{label}: optimizer.step never ran in {attempts} windows (GradScaler skipped them all)")
+                details.append(f"{variant}: optimizer.step never ran in {attempts} windows (GradScaler skipped them all)")
                 continue
             if len(seen) != 1:
-                details.append(f"{label}: optimizer.step ran {len(seen)} times in one window")
+                details.append(f"{variant}: optimizer.step ran {len(seen)} times in one window")
             grads = seen[-1]
             not_fp32 = [f"{n} ({dtype_names((p.dtype,))})" for n, p in net.named_parameters()
                         if p.requires_grad and p.dtype != torch.float32]
             not_fp32 += [f"{n}.grad ({dtype_names((t.dtype,))})" for n, t in grads.items()
                          if t is not None and t.dtype != torch.float32]
             if not_fp32:
-                details.append(f"{label}: master weights / their gradients not fp32: {_names(not_fp32)}")
+                details.append(f"{variant}: master weights / their gradients not fp32: {_names(not_fp32)}")
             missing = [n for n, t in grads.items() if t is None]
             if missing:
-                details.append(f"{label}: trainable parameters with no gradient at the step: {_names(missing)}")
+                details.append(f"{variant}: trainable parameters with no gradient at the step: {_names(missing)}")
             with torch.no_grad():  # the check's reference runs from the weights the step started from
                 for n, p in net.named_parameters():
                     if n in start:
@@ -165,15 +165,15 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             worst[0] = max(worst[0], float((flat[0] - flat[2]).abs().max()))
             worst[1] = max(worst[1], cal.margin)
             if not cal.ok:
-                details.append(f"{label} gradients vs float64: {cal}{_scaled(flat[0], flat[2])}")
+                details.append(f"{variant} gradients vs float64: {cal}{_scaled(flat[0], flat[2])}")
             per = {n: compare_calibrated(grads[n], plain[n], exact[n], grad_factor) for n in names}
             worst[1] = max([worst[1]] + [c.margin for c in per.values()])
             far = sorted((n for n, c in per.items() if not c.ok), key=lambda n: -per[n].ratio)
             if far and cal.ok:
-                details.append(f"{label}: gradients of {len(far)}/{len(per)} parameters too far from float64 "
+                details.append(f"{variant}: gradients of {len(far)}/{len(per)} parameters too far from float64 "
                                f"({_names(far)}); worst, {far[0]}: {per[far[0]]}")
             if half == torch.float16:
-                details += [f"{label}: {p}" for p in _skip_problems(train_step, net, window)]
+                details += [f"{variant}: {p}" for p in _skip_problems(train_step, net, window)]
         case = (f"{label}, {dtype_names((half,)) if half else '?'} autocast, "
                 f"{'+'.join(v for v, _ in variants)}, one window of 2 ragged sequences")
         ok = not details

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_llama_refs_trainer_as_a_step_passes(precision):
     target = LlamaRefTarget(default_model(0))
-    result = check_mixed_precision_step(target, target.mp_step(precision))
+    result = check_mixed_precision_step(target, target.mp_step(precision), label="llama_ref's Trainer")
     assert result.ok, str(result)
+    assert result.case.startswith(f"llama_ref's Trainer, {'bfloat16' if precision == 'bf16' else 'float16'} autocast")
 
 
 @pytest.mark.parametrize("name, precision, message", [
