@@ -160,3 +160,10 @@ def row_scale(logits: torch.Tensor) -> torch.Tensor:
     """The largest |logit| of each position (…, 1): the magnitude the rounding error of every logit there scales
     with, the ``scale`` of a logits comparison."""
     return logits.abs().amax(dim=-1, keepdim=True)
+
+
+def scale_factor(test: torch.Tensor, reference: torch.Tensor) -> Optional[float]:
+    """``c`` when ``test`` is ``c·reference`` to 1 % (the least-squares ``c``; a scaled loss, say), else None."""
+    t, r = test.detach().double().flatten(), reference.detach().double().flatten()
+    c = float(t @ r) / max(float(r @ r), 1e-300)
+    return c if float((t - c * r).norm()) <= 1e-2 * float(t.norm()) else None

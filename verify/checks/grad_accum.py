@@ -40,8 +40,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..compare import compare, compare_calibrated
-from ..oracles import clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
+from ..compare import compare, compare_calibrated, scale_factor
+from ..oracles import IGNORE_INDEX, clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
 from ..result import CheckResult, describe_exception
 from ..targets.base import TrainStep
 from ..targets.lora import loralib_layers
@@ -59,7 +59,6 @@ OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1, eps=1e-6)),
 }
 Batch = dict[str, torch.Tensor]
-IGNORE_INDEX = -100  # labels ignored by the loss (PyTorch's and transformers' convention)
 
 
 # ---- the oracle: written from the definitions, sharing no code with llama_ref.train.trainer ----------------------------
@@ -79,7 +78,7 @@ def random_sequences(n: int, vocab_size: int, max_len: int, g: torch.Generator) 
     return seqs
 
 
-def _padded(seqs: Sequence[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(seqs: Sequence[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One right-padded batch (B, Lmax): pad id 0, IGNORE_INDEX labels (built here, not by ``collate``)."""
     ids = torch.zeros(len(seqs), max(len(s["input_ids"]) for s in seqs), dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
@@ -138,7 +137,7 @@ def _oracle_step(target: Any, model: nn.Module, opt: torch.optim.Optimizer, wind
     """One large batch: mean token loss over the whole window, backward, clip, set lr, step (on ``model``/``opt``,
     which hold the state the trainer starts this step from)."""
     params = _trainable(model)
-    ids, labels = _padded(window, _device(model))
+    ids, labels = padded(window, _device(model))
     loss = mean_token_loss(target.train_logits(model, ids), labels)
     loss.backward()
     pre_clip = _grads(params)
@@ -179,7 +178,7 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
     bounds = [0]
     for s in sc.sizes:
         bounds.append(bounds[-1] + s)
-    micro = [dict(zip(("input_ids", "labels"), _padded(pool[a:b], device))) for a, b in zip(bounds, bounds[1:])]
+    micro = [dict(zip(("input_ids", "labels"), padded(pool[a:b], device))) for a, b in zip(bounds, bounds[1:])]
     expected = [micro[i:i + sc.ga] for i in range(0, len(micro), sc.ga)]
     seqs = [pool[bounds[i]:bounds[min(i + sc.ga, len(micro))]] for i in range(0, len(micro), sc.ga)]
 
@@ -279,12 +278,11 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str]
 
 def _diagnosis(got: torch.Tensor, truth: torch.Tensor) -> str:
     """What the stepped gradients are, if not the large batch's: a multiple of it (a scaled loss) or not."""
-    c = float(got @ truth) / max(float(truth @ truth), 1e-300)
-    residual = float((got - c * truth).norm()) / max(float(got.norm()), 1e-300)
-    if residual < 1e-3:
-        return f"; they are {c:.4g}x the large batch's: the window's loss is scaled"
-    return ("; they are not a multiple of the large batch's: the window's loss is not its token mean (a mean of "
-            "per-micro-batch means weights the tokens of short micro-batches more)")
+    c = scale_factor(got, truth)
+    if c is None:
+        return ("; they are not a multiple of the large batch's: the window's loss is not its token mean (a mean of "
+                "per-micro-batch means weights the tokens of short micro-batches more)")
+    return f"; they are {c:.4g}x the large batch's: the window's loss is scaled" if abs(c - 1) > 1e-2 else ""
 
 
 def default_splits(n: int, g: Optional[torch.Generator] = None) -> list[list[int]]:
@@ -389,7 +387,7 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
                 continue
             max_norm = clip
             if clip == "auto":  # half the first window's norm: binds at the first step at least
-                ids, labels = _padded(pool[:n_sequences], lim.device)
+                ids, labels = padded(pool[:n_sequences], lim.device)
                 mean_token_loss(target.train_logits(base, ids), labels).backward()  # no step: base unchanged
                 max_norm = 0.5 * total_grad_norm([q.grad for q in base.parameters() if q.grad is not None])
                 base.zero_grad(set_to_none=True)

@@ -38,7 +38,6 @@ missing recomputation.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -50,7 +49,7 @@ from ..compare import Comparison, GradComparison, compare, compare_grads
 from ..oracles import policy_layers
 from ..result import CheckResult, describe_exception, name_list
 from ..targets.base import CheckpointingTarget
-from ..targets.lora import loralib_layers
+from ..targets.lora import describe_layers, draw_nonzero_b, layer_views, loralib_layers
 from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
 
@@ -127,12 +126,8 @@ def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout:
     non-zero ``B`` drawn from ``g`` — with ``B = 0``, ``A`` would get a zero gradient and a lost one would not show.
     None where the target has no LoRA layers."""
     lora = target.fresh_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
-    if lora is None:
-        return None
-    with torch.no_grad():
-        for layer in loralib_layers(lora).values():
-            b = torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.r)
-            layer.lora_B.copy_(b.to(layer.lora_B))
+    if lora is not None:
+        draw_nonzero_b(layer_views(lora), g)
     return lora
 
 
@@ -246,11 +241,9 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                     label = "blocks only"
                     parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
                 elif label == "LoRA":
-                    layers = list(loralib_layers(template).values())
-                    kinds = ",".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in loralib_layers(template)))
-                    parts.append(f"LoRA r={'/'.join(sorted({str(m.r) for m in layers}))} "
-                                 f"alpha={'/'.join(sorted({f'{m.lora_alpha:g}' for m in layers}))} on {kinds} "
-                                 f"dropout={_dropouts(layers)} policies={','.join(policies)}")
+                    d = describe_layers(layer_views(template))
+                    parts.append(f"LoRA r={d['r']} alpha={d['alpha']}{d['rslora']} on {d['targets']} "
+                                 f"dropout={d['dropout']} policies={','.join(policies)}")
                 else:
                     parts.append(f"full fine-tune policy={full_policy} (train, eval)")
                 n_layers = len(target.blocks(template))
@@ -285,10 +278,6 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     margin = tally.margin if not failed or tally.margin > 1 else float("inf")  # a failure no comparison measured
     return CheckResult(NAME, not failed, tally.max_abs, tally.max_rel, tol, tally.details, case,
                        criterion=criterion, margin=margin)
-
-
-def _dropouts(layers: Sequence[nn.Module]) -> str:
-    return "/".join(sorted({f"{float(getattr(getattr(m, 'lora_dropout', None), 'p', 0.0)):g}" for m in layers}))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

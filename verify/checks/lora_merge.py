@@ -23,7 +23,6 @@ any is "not applicable". The claims about ``eval()``/``train()`` merging apply t
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -32,6 +31,7 @@ from ..compare import compare, compare_calibrated, row_scale
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
 from ..targets.base import LoRATarget
+from ..targets.lora import describe_layers, draw_nonzero_b
 from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
@@ -79,10 +79,12 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             details.append(f"{label}: {c}")
 
     try:
-        lora = target.lora_target(targets=None if targets is None else tuple(targets), rank=rank, alpha=alpha, dropout=dropout,
-                                  use_rslora=use_rslora, layer_cls=lora_layer_cls, generator=g)
+        lora = target.lora_target(targets=None if targets is None else tuple(targets), rank=rank, alpha=alpha,
+                                  dropout=dropout, use_rslora=use_rslora, layer_cls=lora_layer_cls, generator=g)
         layers = {layer.name: layer for layer in lora.layers}
-        case = _describe(layers.values(), lim.dtype)
+        d = describe_layers(layers.values())
+        case = (f"targets={d['targets']} r={d['r']} alpha={d['alpha']}{d['rslora']} dropout={d['dropout']} "
+                f"{str(lim.dtype).replace('torch.', '')}")
         w_tol = weight_tolerance(lim.dtype, max(layer.rank for layer in layers.values()))
         base_logits = lora.base_logits(tokens)
 
@@ -98,9 +100,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         if still:
             details.append("train() left layers merged: " + _names(still))
 
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.rank))
+        draw_nonzero_b(layers.values(), g)
 
         details += _trainable_problems(lora)
         if lora.no_gradient is None:
@@ -173,18 +173,6 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         return CheckResult(NAME, ok, worst[0], worst[1], tol, details, case, criterion=criterion, margin=margin)
     except Exception as e:  # the implementation under test crashed: a failure, with its message
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
-
-
-def _describe(layers: Iterable[Any], dtype: torch.dtype) -> str:
-    """``targets=wq,wv r=4 alpha=12 rslora dropout=0.1 float32``, from the layers themselves."""
-    layers = list(layers)
-    kinds = list(dict.fromkeys(layer.name.rsplit(".", 1)[-1] for layer in layers))
-    ranks = sorted({layer.rank for layer in layers})
-    alphas = sorted({layer.alpha for layer in layers})
-    drops = sorted({layer.dropout for layer in layers})
-    return (f"targets={','.join(kinds)} r={'/'.join(map(str, ranks))} alpha={'/'.join(f'{a:g}' for a in alphas)}"
-            f"{' rslora' if any(layer.use_rslora for layer in layers) else ''}"
-            f" dropout={'/'.join(f'{p:g}' for p in drops)} {str(dtype).replace('torch.', '')}")
 
 
 def _trainable_problems(lora: LoRATarget) -> list[str]:

@@ -28,12 +28,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..compare import compare_calibrated
+from ..compare import compare_calibrated, scale_factor
 from ..oracles import mean_token_loss
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
 from ..targets.base import TrainStep
+from ..targets.lora import draw_nonzero_b, layer_views
+from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS
+from .grad_accum import padded, random_sequences
 from .precision_policy import MATMULS, OpRecorder, dtype_names, precision_policy_problems
 
 NAME = "mixed_precision"
@@ -42,14 +45,8 @@ Batch = dict[str, torch.Tensor]
 
 
 def _window(vocab: int, max_len: int, g: torch.Generator, device: torch.device) -> list[Batch]:
-    """One micro-batch of 2 ragged sequences, the first 3 tokens of each a prompt (labels -100)."""
-    lengths = [max_len, max(4, max_len // 2)]
-    ids = torch.zeros((2, max_len), dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = torch.randint(0, vocab, (n,), generator=g)
-        labels[b, 3:n] = ids[b, 3:n]
-    return [{"input_ids": ids.to(device), "labels": labels.to(device)}]
+    """One micro-batch of 2 ragged, prompt-masked sequences (the GA check's)."""
+    return [dict(zip(("input_ids", "labels"), padded(random_sequences(2, vocab, max_len, g), device)))]
 
 
 def _captured_step(step: TrainStep, model: nn.Module, window: list[Batch], optimizer: torch.optim.Optimizer,
@@ -85,8 +82,6 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
     model with every parameter trainable; ``lora``: its LoRA variant (a frozen base, kept in the dtype the model
     stores it in), where it has one. ``attempts``: how many windows GradScaler may skip
     while it lowers its initial scale before a step is taken; ``label`` names the step in the case."""
-    from ..targets.spec import as_target
-
     target = as_target(model)
     why = target.not_applicable(NAME)  # a forward without autograd, say
     if why:
@@ -106,10 +101,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             if lora_model is None:
                 notes.append("note: the LoRA variant not checked: the model has no LoRA layers")
             else:
-                with torch.no_grad():  # B ≠ 0, so that A's gradient is real
-                    for layer in _loralib(lora_model):
-                        layer.lora_B.copy_((torch.randn(layer.lora_B.shape, generator=g) / math.sqrt(layer.r))
-                                           .to(layer.lora_B))
+                draw_nonzero_b(layer_views(lora_model), g)
                 variants.append(("lora", lora_model.train()))
         for variant, net in variants:
             for module in net.modules():
@@ -165,7 +157,10 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             worst[0] = max(worst[0], float((flat[0] - flat[2]).abs().max()))
             worst[1] = max(worst[1], cal.margin)
             if not cal.ok:
-                details.append(f"{variant} gradients vs float64: {cal}{_scaled(flat[0], flat[2])}")
+                c = scale_factor(flat[0], flat[2])
+                scaled = (f"; they are {c:.4g}x the reference's: scaled (a window loss that is not the token mean, "
+                          "or clipping applied while they were still scaled)") if c and abs(c - 1) > 1e-2 else ""
+                details.append(f"{variant} gradients vs float64: {cal}{scaled}")
             per = {n: compare_calibrated(grads[n], plain[n], exact[n], grad_factor) for n in names}
             worst[1] = max([worst[1]] + [c.margin for c in per.values()])
             far = sorted((n for n, c in per.items() if not c.ok), key=lambda n: -per[n].ratio)
@@ -184,19 +179,6 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                            margin=worst[1] if ok or worst[1] > 1 else float("inf"))
     except Exception as e:  # the implementation under test crashed: a failure, with its message
         return CheckResult(NAME, False, float("inf"), float("inf"), None, details, case, error=describe_exception(e))
-
-
-def _loralib(model: nn.Module) -> list[nn.Module]:
-    from ..targets.lora import loralib_layers
-    return list(loralib_layers(model).values())
-
-
-def _scaled(got: torch.Tensor, truth: torch.Tensor) -> str:
-    c = float(got @ truth) / max(float(truth @ truth), 1e-300)
-    if float((got - c * truth).norm()) < 1e-2 * float(got.norm()) and abs(c - 1) > 1e-2:
-        return (f"; they are {c:.4g}x the reference's: scaled (a window loss that is not the token mean, or clipping "
-                "applied while they were still scaled)")
-    return ""
 
 
 def _skip_problems(step: TrainStep, model: nn.Module, window: list[Batch]) -> list[str]:

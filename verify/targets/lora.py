@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -98,6 +98,31 @@ class LoRALayerView:
         self.module.unmerge()
 
 
+def layer_views(model: nn.Module) -> list[LoRALayerView]:
+    """Every loralib-shaped layer of ``model`` as a :class:`LoRALayerView`, in order."""
+    return [LoRALayerView(n, m) for n, m in loralib_layers(model).items()]
+
+
+def draw_nonzero_b(layers: Iterable[LoRALayerView], generator: torch.Generator) -> None:
+    """``B ~ N(0, 1/r)`` from ``generator``, in place: with a fresh ``B = 0`` the update ``B·A`` is zero, ``A`` gets
+    no gradient and a merge bug does not show."""
+    with torch.no_grad():
+        for layer in layers:
+            b = layer.lora_B
+            b.copy_((torch.randn(b.shape, generator=generator) / math.sqrt(layer.rank)).to(b))
+
+
+def describe_layers(layers: Iterable[LoRALayerView]) -> dict[str, str]:
+    """The adapters' hyper-parameters for a case label: ``targets`` (the layers' own names, e.g. ``wq,wv``), ``r``,
+    ``alpha`` and ``dropout`` (their distinct values, ``/``-joined) and ``rslora`` (`` rslora`` or empty)."""
+    layers = list(layers)
+    return {"targets": ",".join(dict.fromkeys(layer.name.rsplit(".", 1)[-1] for layer in layers)),
+            "r": "/".join(map(str, sorted({layer.rank for layer in layers}))),
+            "alpha": "/".join(f"{a:g}" for a in sorted({layer.alpha for layer in layers})),
+            "dropout": "/".join(f"{p:g}" for p in sorted({layer.dropout for layer in layers})),
+            "rslora": " rslora" if any(layer.use_rslora for layer in layers) else ""}
+
+
 class LoralibTarget:
     """A model with loralib-shaped LoRA layers, as the merge check drives it (:class:`verify.targets.base.LoRATarget`).
 
@@ -111,7 +136,7 @@ class LoralibTarget:
                  base: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, no_gradient: Optional[str] = None):
         self.module, self._forward, self.description = module, forward, description
         self._base, self.no_gradient = base, no_gradient
-        self.layers = [LoRALayerView(n, m) for n, m in loralib_layers(module).items()]
+        self.layers = layer_views(module)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Uncached logits in the model's current mode; with autograd where the forward allows it."""
@@ -150,8 +175,7 @@ class LoralibTarget:
     def to_float64(self) -> "LoralibTarget":
         """This model converted to float64 in place (modes and flags as they are): the exact answer, without a
         second copy of the model. The last use of the target: its fp32 state is gone."""
-        self.module.double()
-        self.layers = [LoRALayerView(n, m) for n, m in loralib_layers(self.module).items()]
+        self.module.double()  # in place: the layers' views still see them
         return self
 
     def lora_parameter_names(self) -> list[str]:

@@ -143,11 +143,13 @@ class MetaStyleTarget(Target):
 
     # ---- property 1 ----------------------------------------------------------------------------------------------
 
-    def _set_kv_caching(self, on: bool) -> None:
+    def _set_kv_caching(self, on: bool, model: Optional[nn.Module] = None) -> None:
+        """Switch the cache of ``model`` (this target's by default, or a copy of it)."""
+        model = self.model if model is None else model
         if self._kv_switch is not None:
-            self._kv_switch(self.model, on)
+            self._kv_switch(model, on)
         else:
-            for m in self.attention:
+            for m in (self.attention if model is self.model else cache_modules(model)):
                 m.kv_caching = on
 
     @contextlib.contextmanager
@@ -206,14 +208,13 @@ class MetaStyleTarget(Target):
         """``model(tokens, 0)``, with the cache switched off where there is a switch (a cached forward from
         position 0 over the whole sequence is the uncached one, where there is not)."""
         switchable = self._switch_problem() is None
-        twin = MetaStyleTarget(model, kv_switch=self._kv_switch, vocab_size=self._vocab_size) if switchable else None
-        if twin is not None:
-            twin._set_kv_caching(False)
+        if switchable:
+            self._set_kv_caching(False, model)
         try:
             return model(tokens, 0)
         finally:
-            if twin is not None:
-                twin._set_kv_caching(True)
+            if switchable:
+                self._set_kv_caching(True, model)
 
     def lora_target(self, *, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float, use_rslora: bool,
                     layer_cls: Optional[type] = None, generator: Optional[torch.Generator] = None) -> LoralibTarget:
@@ -246,7 +247,7 @@ class MetaStyleTarget(Target):
         frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
         model = copy_sharing_weights(self.model, frozen) if share_frozen else copy.deepcopy(self.model)
         if self._switch_problem() is None:
-            MetaStyleTarget(model, kv_switch=self._kv_switch, vocab_size=self._vocab_size)._set_kv_caching(False)
+            self._set_kv_caching(False, model)
         return model
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
