@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from llama_ref.generation import SEED_PROMPTS
 
 from .mutants import MUTANTS
-from .report import (CHECKS, DTYPES, Inputs, environment, format_kill_matrix, format_results, kill_matrix, run_checks,
-                     run_target_checks, uncaught, write_json)
+from .report import (CHECKS, DTYPES, Inputs, environment, format_kill_matrix, format_results, format_table, kill_matrix,
+                     run_checks, run_target_checks, uncaught, write_json)
 from .targets.spec import as_target, load_factory
 from .targets.train_step import load_train_step
 
@@ -23,9 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-dir", help="a Meta checkpoint directory (params.json + consolidated.*.pth); "
                                       "default: the embedded tiny model")
     p.add_argument("--target", metavar="SPEC", default="llama_ref",
-                   help="the model to check: llama_ref (the embedded default), PATH.py:FACTORY or "
-                        "package.module:FACTORY, a function returning a fresh model (llama_ref's Transformer or "
-                        "Meta-style: forward(tokens, start_pos), cache_k/cache_v) (default: %(default)s)")
+                   help="the model to check: llama_ref (the embedded default), hf (the embedded default's weights "
+                        "in transformers' LlamaForCausalLM), PATH.py:FACTORY or package.module:FACTORY, a function "
+                        "returning a fresh model (llama_ref's Transformer, a transformers PreTrainedModel or PEFT "
+                        "PeftModel, or Meta-style: forward(tokens, start_pos), cache_k/cache_v) "
+                        "(default: %(default)s)")
     p.add_argument("--train-step", metavar="SPEC",
                    help="PATH.py:FN or package.module:FN: your training step, fn(model, optimizer, window, max_norm) "
                         "-> logged loss, for the grad_accum check (default: the target's own loop, llama_ref's "
@@ -73,9 +75,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ckpt_dir and args.preset:
         _parser().error("--ckpt-dir and --preset are two models: give one")
     if args.target != "llama_ref":
-        if args.ckpt_dir or args.preset or args.mutants or args.attn_impl:
-            _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --mutants, --attn-impl (they are "
-                            "llama_ref's)")
+        if args.ckpt_dir or args.preset or args.attn_impl or (args.mutants and args.target != HF_SPEC):
+            _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --attn-impl (they are llama_ref's), "
+                            "nor --mutants except with --target hf")
         return _main_target(args, train_step, mp_train_step)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
@@ -139,9 +141,12 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failed or missed else 0
 
 
+HF_SPEC = "hf"  # --target hf: the embedded default in transformers' LlamaForCausalLM
+
+
 def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]],
                  mp_train_step: Optional[Callable[..., float]]) -> int:
-    factory = load_factory(args.target)
+    factory = load_factory("verify.oracle_hf:default_hf_model" if args.target == HF_SPEC else args.target)
     try:
         probe = factory()
     except Exception as e:
@@ -165,7 +170,24 @@ def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., fl
     print()
     print(f"{len(results) - len(failed) - len(na)}/{len(results)} checks passed, {len(failed)} failed, "
           f"{len(na)} not applicable")
-    return 1 if failed else 0
+    missed = _hf_zoo(factory) if args.mutants else []
+    return 1 if failed or missed else 0
+
+
+def _hf_zoo(factory: Callable[[], Any]) -> list[str]:
+    """Every mutant of the transformers + PEFT zoo against its own property's check; the names of those missed."""
+    from .mutants.hf import HF_ZOO, hf_target
+    rows, missed = [("mutant", "property", "verdict", "origin")], []
+    for m in HF_ZOO:
+        with m.applied():
+            r = CHECKS[m.prop](hf_target(factory(), m), Inputs(fail_fast=True))
+        rows.append((m.name, m.prop, "caught" if not r.ok else "MISSED", m.origin))
+        if r.ok:
+            missed.append(m.name)
+    print()
+    print(format_table(rows))
+    print(f"\n{len(HF_ZOO) - len(missed)}/{len(HF_ZOO)} transformers + PEFT mutants caught")
+    return missed
 
 
 if __name__ == "__main__":

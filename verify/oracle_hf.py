@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
 __all__ = ["hf_config", "to_hf_state_dict", "from_hf_state_dict", "permute_rotary", "unpermute_rotary",
-           "build_hf_model", "hf_logits", "rope_inv_freq", "check_rope_frequencies"]
+           "build_hf_model", "hf_logits", "rope_inv_freq", "check_rope_frequencies", "default_hf_model"]
 
 def _import_transformers():
     try:
@@ -157,3 +157,10 @@ def hf_logits(hf_model: "transformers.LlamaForCausalLM", tokens: torch.Tensor) -
     """transformers' logits (B, T, V) as float32 for unpadded ``tokens`` (B, T) at positions 0…T-1; no cache,
     no attention mask (transformers builds its own causal mask)."""
     return hf_model(input_ids=tokens, use_cache=False).logits.float()
+
+
+def default_hf_model() -> "transformers.LlamaForCausalLM":
+    """The embedded default model's weights in transformers' ``LlamaForCausalLM`` (fp32, eager attention, eval mode):
+    ``llama-verify --target hf``."""
+    from llama_ref.default import default_model
+    return build_hf_model(default_model())

@@ -24,6 +24,7 @@ from .checks.mixed_precision import check_mixed_precision
 from .checks.mixed_precision_step import check_mixed_precision_step
 from .mutants import Mutant
 from .result import CheckResult
+from .targets.llama_ref import LlamaRefTarget
 from .targets.spec import as_target
 
 ModelFactory = Callable[..., Transformer]  # factory(**ModelArgs overrides) → a fresh model, same weights every call
@@ -52,17 +53,21 @@ def _large(model: Any) -> bool:
 
 
 def _mixed_precision(model: Any, inputs: "Inputs", **components: Any) -> CheckResult:
-    """The user's mixed-precision step where one is given; on a real-size llama_ref model its own Trainer as such a
-    step, LoRA on a frozen base only (llama_ref's full check copies the model for each claim and trains it with
-    AdamW); else llama_ref's full check."""
+    """The user's mixed-precision step where one is given; a foreign target's own step where it has one
+    (transformers' Trainer with bf16); on a real-size llama_ref model its own Trainer as such a step, LoRA on a frozen
+    base only (llama_ref's full check copies the model for each claim and trains it with AdamW); else llama_ref's
+    full check."""
     if inputs.mp_train_step is not None:
         return check_mixed_precision_step(model, inputs.mp_train_step, seed=inputs.seed)
-    if _large(model) and not components:
+    if not components:
         target = as_target(model)
-        if hasattr(target, "mp_step"):
-            dtype = _autocast_dtype(model)
-            return check_mixed_precision_step(target, target.mp_step("fp16" if dtype == torch.float16 else "bf16"),
-                                              full=False, seed=inputs.seed, label="llama_ref's Trainer as a step")
+        half = "fp16" if target.limits.dtype == torch.float16 else "bf16"
+        if hasattr(target, "mp_step") and not isinstance(target, LlamaRefTarget):
+            return check_mixed_precision_step(target, target.mp_step(half), seed=inputs.seed,
+                                              label=getattr(target, "mp_step_label", "its own step"))
+        if hasattr(target, "mp_step") and _large(model):
+            return check_mixed_precision_step(target, target.mp_step(half), full=False, seed=inputs.seed,
+                                              label="llama_ref's Trainer as a step")
     return check_mixed_precision(model, dtype=_autocast_dtype(model), seed=inputs.seed, fail_fast=inputs.fail_fast,
                                  **components)
 
@@ -172,6 +177,9 @@ def environment(device: str) -> dict[str, Any]:
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
     }
+    for lib in ("transformers", "peft", "accelerate"):  # a transformers target's stack, where it is loaded
+        if lib in sys.modules:
+            env[lib] = getattr(sys.modules[lib], "__version__", "?")
     if device.startswith("cuda") and torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
@@ -224,6 +232,11 @@ def format_kill_matrix(matrix: dict[str, dict[str, CheckResult]], mutants: Seque
             cells.append("-" if r is None else ("passes" if r.ok else ("FAILS (raised)" if r.error else "FAILS")))
         own = row.get(by_name[name].prop)
         rows.append((name, by_name[name].prop, *cells, "caught" if own is not None and not own.ok else "MISSED"))
+    return _table(rows)
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` (the first the header) as left-aligned columns under a rule."""
     return _table(rows)
 
 

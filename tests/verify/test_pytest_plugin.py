@@ -13,8 +13,9 @@ TRAIN_STEPS = Path(__file__).parent / "targets" / "train_steps.py"
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A user's project: its own test, and a factory file of a few lines wrapping a Meta-style model."""
+    monkeypatch.setenv("COLUMNS", "200")  # summary lines cut at the terminal's width (80 without one) would not match
     pytester.makepyfile(test_own="def test_own():\n    assert True\n")
     pytester.makepyfile(factory=f"""
         import importlib.util

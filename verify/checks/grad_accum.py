@@ -44,7 +44,7 @@ from ..compare import compare, compare_calibrated, scale_factor
 from ..oracles import IGNORE_INDEX, clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
 from ..result import CheckResult, describe_exception
 from ..targets.base import TrainStep
-from ..targets.lora import loralib_layers
+from ..targets.lora import target_layers
 from ..targets.spec import as_target
 from ..targets.train_step import UserStepDriver
 from ..tolerances import CALIBRATION_FACTORS, tolerance
@@ -226,7 +226,7 @@ def _cloned(state: dict) -> dict:
 
 def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str], worst: list[float]) -> None:
     """``got`` (trainer) against ``want`` (oracle, model dtype) and ``truth`` (oracle, float64, same state)."""
-    if got.reports_stats and got.n_tokens != want.n_tokens:
+    if got.reports_stats and got.n_tokens is not None and got.n_tokens != want.n_tokens:  # None: not reported
         details.append(f"{where}: StepResult.n_tokens {got.n_tokens} != {want.n_tokens} target tokens")
     dtype = next(iter(want.params.values())).dtype
     loss_label = "StepResult.loss" if got.reports_stats else "the logged loss"
@@ -307,10 +307,10 @@ def _variant(target: Any, lora: bool, g: torch.Generator) -> Optional[nn.Module]
             return None
         m.train()
         with torch.no_grad():
-            for layer in loralib_layers(m).values():
+            for layer in target_layers(target, m):
                 a, b = layer.lora_A, layer.lora_B
                 a.copy_((torch.randn(a.shape, generator=g) / math.sqrt(a.shape[1])).to(a))
-                b.copy_((torch.randn(b.shape, generator=g) / math.sqrt(layer.r)).to(b))
+                b.copy_((torch.randn(b.shape, generator=g) / math.sqrt(layer.rank)).to(b))
     for module in m.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

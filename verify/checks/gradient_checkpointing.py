@@ -49,7 +49,7 @@ from ..compare import Comparison, GradComparison, compare, compare_grads
 from ..oracles import policy_layers
 from ..result import CheckResult, describe_exception, name_list
 from ..targets.base import CheckpointingTarget
-from ..targets.lora import describe_layers, draw_nonzero_b, layer_views, loralib_layers
+from ..targets.lora import describe_layers, draw_nonzero_b, loralib_layers, target_layers
 from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
 
@@ -96,16 +96,26 @@ def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
+def _switch(target: CheckpointingTarget, model: nn.Module, policy: Optional[str], mode: Optional[str]) -> None:
+    """The target's switch, in ``mode`` (one of its ``gc_modes``: transformers' use_reentrant) where it has modes."""
+    if mode is None:
+        target.set_checkpointing(model, policy)
+    else:
+        target.set_checkpointing(model, policy, mode)
+
+
 def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str], tokens: torch.Tensor,
-         weights: torch.Tensor, autocast_dtype: Optional[torch.dtype], seed: int) -> _Run:
+         weights: torch.Tensor, autocast_dtype: Optional[torch.dtype], seed: int, mode: Optional[str] = None) -> _Run:
     """One forward + backward of ``template`` under ``policy`` (in place: no step is taken, so the weights stay as
     they are, and the gradients of each run are its own tensors); the loss is the per-token mean of
     ``logits · weights``, so every logit is weighted (a mean over logits would hide permuted ones)."""
     model = template
     model.zero_grad(set_to_none=True)  # the previous run's gradients stay with its _Run
-    target.set_checkpointing(model, policy)
+    _switch(target, model, policy, mode)
     device_type = tokens.device.type
-    with warnings.catch_warnings(record=True) as caught, counting_forwards(target.blocks(model)) as forwards:
+    probes = getattr(target, "recompute_probes", None)  # where a block's call is counted, if not on the block
+    counted = probes(model) if probes is not None else target.blocks(model)
+    with warnings.catch_warnings(record=True) as caught, counting_forwards(counted) as forwards:
         # warnings recorded, not shown: reported with the failure they explain
         warnings.simplefilter("always")
         torch.manual_seed(seed)  # the same dropout masks in every run
@@ -115,7 +125,7 @@ def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str]
         loss.backward()
     run = _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
                target.checkpointed_blocks(model), [str(w.message) for w in caught])
-    target.set_checkpointing(model, None)
+    _switch(target, model, None, mode)
     model.zero_grad(set_to_none=True)
     return run
 
@@ -127,7 +137,7 @@ def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout:
     None where the target has no LoRA layers."""
     lora = target.fresh_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
     if lora is not None:
-        draw_nonzero_b(layer_views(lora), g)
+        draw_nonzero_b(target_layers(target, lora), g)
     return lora
 
 
@@ -207,6 +217,10 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                          f"switch offers {list(target.policies)}")
         policies = offered
     full_policy = "all" if target.policies is None else policies[0]
+    gc_modes: Sequence[Optional[str]] = getattr(target, "gc_modes", None) or (None,)
+    if not getattr(target, "checkpoints_in_eval", True):
+        notes.append("note: the target checkpoints in train mode only: in eval mode no block is expected to be "
+                     "recomputed")
     lim = target.limits
     tol = tolerance(lim.dtype, NAME)
     g = torch.Generator().manual_seed(seed)
@@ -241,7 +255,7 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                     label = "blocks only"
                     parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
                 elif label == "LoRA":
-                    d = describe_layers(layer_views(template))
+                    d = describe_layers(target_layers(target, template))
                     parts.append(f"LoRA r={d['r']} alpha={d['alpha']}{d['rslora']} on {d['targets']} "
                                  f"dropout={d['dropout']} policies={','.join(policies)}")
                 else:
@@ -262,8 +276,10 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                         if missing:
                             tally.details.append(f"{where} plain run: no gradient on trainable {_names(missing)}")
                         for policy in case_policies:
-                            _compare_policy(f"{where} policy={policy}", target, template, policy, plain, tokens,
-                                            weights, precision, seed, tol, tally)
+                            for gc_mode in gc_modes:
+                                _compare_policy(f"{where} policy={policy}{' ' + gc_mode if gc_mode else ''}",
+                                                target, template, policy, plain, tokens, weights, precision, seed,
+                                                tol, tally, gc_mode)
                         del plain
                 del template
             case = (f"{'; '.join(parts)}; {' + '.join(modes_of_dtype)}; B={tokens.shape[0]} L={tokens.shape[1]} "
@@ -286,19 +302,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _compare_policy(where: str, target: CheckpointingTarget, template: nn.Module, policy: str, plain: _Run,
                     tokens: torch.Tensor, weights: torch.Tensor, precision: Optional[torch.dtype], seed: int,
-                    tol: Tolerance, tally: _Tally) -> None:
+                    tol: Tolerance, tally: _Tally, mode: Optional[str] = None) -> None:
     """One checkpointed run against the plain run: block selection, recomputation counts, loss, logits, gradients."""
     try:
-        run = _run(target, template, policy, tokens, weights, precision, seed)
+        run = _run(target, template, policy, tokens, weights, precision, seed, mode)
     except Exception as e:  # the checkpointed path crashed where the plain one did not
         tally.errors.append(f"{where}: {type(e).__name__}: {e}")
         tally.details.append(f"{where}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return
     n_before = len(tally.details)
-    expected = policy_layers(policy, len(run.forwards))
-    if run.selected is not None and run.selected != expected:
+    selected = policy_layers(policy, len(run.forwards))
+    in_eval_only = not template.training and not getattr(target, "checkpoints_in_eval", True)
+    expected = frozenset() if in_eval_only else selected
+    if run.selected is not None and run.selected != selected:
         tally.details.append(f"{where}: the model checkpoints blocks {sorted(run.selected)}, the policy means "
-                             f"{sorted(expected)}")
+                             f"{sorted(selected)}")
     want = [2 if i in expected else 1 for i in range(len(run.forwards))]
     if expected and all(n == 1 for n in run.forwards):
         tally.details.append(f"{where}: checkpoint silently not applied: no block was recomputed in backward "

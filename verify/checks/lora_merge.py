@@ -130,6 +130,9 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
                 record(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, n, scale=scale))
 
         check_merged("merged weight")
+        if hasattr(lora, "unloaded_logits"):  # PEFT's merge_and_unload(): the plain model it hands back
+            record("merge_and_unload() logits vs merged", compare(lora.unloaded_logits(tokens), merged, tol, "logits",
+                                                                  scale=row_scale(merged)))
         lora.merge()
         for n, layer in layers.items():
             layer.set_merges_on_eval(bool(modes[n]))

@@ -33,7 +33,7 @@ from ..oracles import mean_token_loss
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
 from ..targets.base import TrainStep
-from ..targets.lora import draw_nonzero_b, layer_views
+from ..targets.lora import draw_nonzero_b, target_layers
 from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS
 from .grad_accum import padded, random_sequences
@@ -101,7 +101,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             if lora_model is None:
                 notes.append("note: the LoRA variant not checked: the model has no LoRA layers")
             else:
-                draw_nonzero_b(layer_views(lora_model), g)
+                draw_nonzero_b(target_layers(target, lora_model), g)
                 variants.append(("lora", lora_model.train()))
         for variant, net in variants:
             for module in net.modules():

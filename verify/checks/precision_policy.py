@@ -59,19 +59,30 @@ def is_norm(module: Optional[nn.Module]) -> bool:
             and isinstance(getattr(module, "eps", getattr(module, "variance_epsilon", None)), float))
 
 
+def is_rotary(module: Optional[nn.Module]) -> bool:
+    """A rotary-embedding module (transformers' ``…RotaryEmbedding``: an ``inv_freq`` tensor), whose angle matmul
+    ``inv_freq ⊗ positions`` must stay fp32 under autocast (in bf16, positions above 256 lose their integer part:
+    transformers#29285)."""
+    return module is not None and isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+
+
 def _is_matmul(op: str) -> bool:
     return op in MATMULS or op.startswith("_scaled_dot_product")
 
 
 def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dtype) -> list[str]:
-    """Linear and attention matmuls in ``half``; softmax, log-softmax, NLL and RMSNorm reductions in fp32 (or fp64)."""
+    """Linear and attention matmuls in ``half``; softmax, log-softmax, NLL and RMSNorm reductions and a rotary
+    embedding's angle matmul in fp32 (or fp64)."""
     wide = (torch.float32, torch.float64)
     linear_ops: dict[str, list[tuple[str, tuple]]] = defaultdict(list)
-    other_mm, narrow_reductions, narrow_norms = [], [], []
+    other_mm, narrow_reductions, narrow_norms, narrow_rope = [], [], [], []
     for name, module, op, dtypes in rec.ops:
         if _is_matmul(op) and module is not None:
             if isinstance(module, nn.Linear):
                 linear_ops[name].append((op, dtypes))
+            elif is_rotary(module):
+                if any(d not in wide for d in dtypes):
+                    narrow_rope.append(f"{name} {op}({_dt(dtypes)})")
             elif any(d != half for d in dtypes):
                 other_mm.append(f"{name or 'model'} {op}({_dt(dtypes)})")
         elif op in UPCAST_REDUCTIONS and any(d not in wide for d in dtypes):
@@ -90,6 +101,8 @@ def precision_policy_problems(rec: OpRecorder, model: nn.Module, half: torch.dty
         problems.append(f"attention matmuls not in {_dt((half,))}: {_names(other_mm)}")
     if narrow_reductions:
         problems.append(f"softmax / loss reductions not upcast to fp32: {_names(narrow_reductions)}")
+    if narrow_rope:
+        problems.append(f"RoPE angles (inv_freq x positions) not in fp32: {_names(narrow_rope)}")
     if narrow_norms:
         problems.append(f"norm reductions (mean of squares) not upcast to fp32: {_names(narrow_norms)}")
     return problems

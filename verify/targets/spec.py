@@ -17,7 +17,8 @@ from .base import Target
 
 def as_target(obj: Any, **parts: Any) -> Target:
     """``obj`` as a target: a target as it is, llama_ref's ``Transformer`` (with ``parts`` swapped in: ``cache_cls``,
-    ``generator_cls``, ``block_runner``) or a Meta-style model. Anything else: TypeError naming what it lacks."""
+    ``generator_cls``, ``block_runner``), a transformers ``PreTrainedModel`` or PEFT ``PeftModel``, or a Meta-style
+    model. Anything else: TypeError naming what it lacks."""
     parts = {k: v for k, v in parts.items() if v is not None}
     if isinstance(obj, Target):
         if parts:
@@ -26,14 +27,20 @@ def as_target(obj: Any, **parts: Any) -> Target:
     from .llama_ref import LlamaRefTarget, is_llama_ref
     if is_llama_ref(obj):
         return LlamaRefTarget(obj, **parts)
+    from .hf import HFTarget, is_hf_model
+    if is_hf_model(obj):
+        if parts:
+            raise ValueError(f"{', '.join(sorted(parts))}: parts of llama_ref's Transformer; give HFTarget(model, "
+                             "cache_cls=..., trainer_cls=...) instead")
+        return HFTarget(obj)
+    from .meta_style import MetaStyleTarget, meta_style_problems
     if parts:
         raise ValueError(f"{', '.join(sorted(parts))}: parts of llama_ref's Transformer, not of "
                          f"{type(obj).__qualname__}")
-    from .meta_style import MetaStyleTarget, meta_style_problems
     problems = meta_style_problems(obj)
     if problems:
-        raise TypeError(f"{type(obj).__qualname__} is not a model verify can adapt: neither llama_ref's Transformer "
-                        f"nor Meta-style, which needs {'; '.join(problems)}")
+        raise TypeError(f"{type(obj).__qualname__} is not a model verify can adapt: neither llama_ref's Transformer, "
+                        f"a transformers/PEFT model, nor Meta-style, which needs {'; '.join(problems)}")
     return MetaStyleTarget(obj)
 
 
