@@ -283,7 +283,7 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                         del plain
                 del template
             case = (f"{'; '.join(parts)}; {' + '.join(modes_of_dtype)}; B={tokens.shape[0]} L={tokens.shape[1]} "
-                    f"layers={n_layers}")
+                    f"layers={n_layers}" + (f"; each {', '.join(gc_modes)}" if gc_modes != (None,) else ""))
     except Exception as e:  # the plain run (or the copy) failed: nothing could be compared
         return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case,
                            error=f"{stage}: {describe_exception(e)}", criterion=criterion)

@@ -238,7 +238,7 @@ class HFTarget(Target):
             enable(activation_checkpointing_kwargs={"use_reentrant": reentrant}, **kwargs)
         else:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant}, **kwargs)
-        if not self.input_require_grads:
+        if not self.input_require_grads and hasattr(inner, "_require_grads_hook"):  # set where transformers enabled it
             inner.disable_input_require_grads()
 
     def checkpointed_blocks(self, model: nn.Module) -> Optional[frozenset[int]]:

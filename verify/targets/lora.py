@@ -130,7 +130,31 @@ def describe_layers(layers: Iterable[LoRALayerView]) -> dict[str, str]:
             "rslora": " rslora" if any(layer.use_rslora for layer in layers) else ""}
 
 
-class LoralibTarget:
+class ModuleLoRATarget:
+    """What a :class:`verify.targets.base.LoRATarget` over one ``nn.Module`` (``self.module``, its ``self.layers``)
+    does the same way whatever its layers are: the float64 conversion, the adapters' parameter names, gradients."""
+
+    module: nn.Module
+    layers: list
+
+    def to_float64(self):
+        """This model converted to float64 in place (modes and flags as they are): the exact answer, without a
+        second copy of the model. The last use of the target: its fp32 state is gone."""
+        self.module.double()  # in place: the layers' views still see them
+        return self
+
+    def lora_parameter_names(self) -> list[str]:
+        params = {id(p): n for n, p in self.module.named_parameters()}
+        return [params[id(t)] for layer in self.layers for t in (layer.lora_A, layer.lora_B) if id(t) in params]
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+
+
+class LoralibTarget(ModuleLoRATarget):
     """A model with loralib-shaped LoRA layers, as the merge check drives it (:class:`verify.targets.base.LoRATarget`).
 
     ``forward(module, tokens)`` gives the uncached logits; ``base`` (optional) the same model without adapters,
@@ -179,18 +203,3 @@ class LoralibTarget:
         for layer in self.layers:
             layer.unmerge()
 
-    def to_float64(self) -> "LoralibTarget":
-        """This model converted to float64 in place (modes and flags as they are): the exact answer, without a
-        second copy of the model. The last use of the target: its fp32 state is gone."""
-        self.module.double()  # in place: the layers' views still see them
-        return self
-
-    def lora_parameter_names(self) -> list[str]:
-        params = {id(p): n for n, p in self.module.named_parameters()}
-        return [params[id(t)] for layer in self.layers for t in (layer.lora_A, layer.lora_B) if id(t) in params]
-
-    def named_parameters(self):
-        return self.module.named_parameters()
-
-    def zero_grad(self) -> None:
-        self.module.zero_grad(set_to_none=True)

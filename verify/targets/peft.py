@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .lora import LoRALayerView
+from .lora import LoRALayerView, ModuleLoRATarget
 
 # llama_ref's (Meta's) module names → transformers' Llama names, for the checks' default LoRA targets
 META_TO_HF = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
@@ -114,7 +114,7 @@ def apply_peft_lora(model: nn.Module, targets: Optional[Sequence[str]], rank: in
         return get_peft_model(model, config)
 
 
-class PeftLoRATarget:
+class PeftLoRATarget(ModuleLoRATarget):
     """A PeftModel as the merge check drives it (:class:`verify.targets.base.LoRATarget`)."""
 
     no_gradient = None
@@ -150,16 +150,3 @@ class PeftLoRATarget:
     def unmerge(self) -> None:
         self.module.unmerge_adapter()
 
-    def to_float64(self) -> "PeftLoRATarget":
-        self.module.double()
-        return self
-
-    def lora_parameter_names(self) -> list[str]:
-        params = {id(p): n for n, p in self.module.named_parameters()}
-        return [params[id(t)] for layer in self.layers for t in (layer.lora_A, layer.lora_B) if id(t) in params]
-
-    def named_parameters(self):
-        return self.module.named_parameters()
-
-    def zero_grad(self) -> None:
-        self.module.zero_grad(set_to_none=True)

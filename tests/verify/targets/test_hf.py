@@ -1,0 +1,135 @@
+"""The transformers + PEFT target (the embedded default's weights in ``LlamaForCausalLM``): every property holds on
+the installed stack — or fails where that release is known to be wrong, as a strict xfail naming the upstream issue,
+so that a fix upstream turns the cell red until it is updated — and every mutant of its zoo is caught, for its own
+reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from packaging.version import Version  # noqa: E402  (transformers' own dependency)
+
+from verify.__main__ import main  # noqa: E402
+from verify.checks.grad_accum import check_grad_accumulation  # noqa: E402
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing  # noqa: E402
+from verify.checks.kv_cache import check_kv_cache  # noqa: E402
+from verify.checks.lora_merge import check_lora_merge  # noqa: E402
+from verify.checks.mixed_precision_step import check_mixed_precision_step  # noqa: E402
+from verify.mutants.hf import HF_ZOO, hf_target  # noqa: E402
+from verify.oracle_hf import default_hf_model  # noqa: E402
+from verify.targets.hf import HFTarget  # noqa: E402
+
+TRANSFORMERS = Version(transformers.__version__)
+# Measured (docs/hf-peft.md): 4.45.2 and 4.57.6 fail these, 5.25.0 passes them.
+OVERCOUNT = ("num_items_in_batch counts every label that is not -100, position 0's included, which the shifted causal "
+             "loss never predicts: the loss and gradients are n_targets/n_labels of the token mean's (transformers#46204)")
+GA_WRONG = pytest.mark.xfail(
+    TRANSFORMERS < Version("5"), strict=True,
+    reason=("transformers < 4.46: the accumulated loss is a mean of micro-batch means (transformers#34191)"
+            if TRANSFORMERS < Version("4.46") else f"transformers 4.46 to 4.x: {OVERCOUNT}"))
+MP_WRONG = pytest.mark.xfail(
+    Version("4.46") <= TRANSFORMERS < Version("5"), strict=True, reason=f"transformers 4.46 to 4.x: {OVERCOUNT}")
+REENTRANT_UNDER_PEFT = pytest.mark.xfail(
+    TRANSFORMERS < Version("5"), strict=True,
+    reason="transformers 4.x with a PeftModel: use_reentrant=True under the frozen base gives no block an input that "
+           "requires grad, backward raises (transformers#26221; gradient_checkpointing_enable calls "
+           "enable_input_require_grads only for transformers' own PEFT integration)")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return default_hf_model()
+
+
+def _explain(result) -> str:
+    return f"{result.case}: {result.error or ''} " + " | ".join(result.details[:6])
+
+
+def test_kv_cache_and_generate_agree_cached_and_uncached(hf_model):
+    result = check_kv_cache(HFTarget(hf_model), seed=1)
+    assert result.ok and result.margin < 1, _explain(result)
+
+
+@pytest.mark.parametrize("targets, dtype", [(("q_proj", "v_proj"), torch.float32), (None, torch.bfloat16)],
+                         ids=["q,v-fp32", "all-linear-bf16"])
+def test_a_peft_merge_changes_nothing(hf_model, targets, dtype):
+    result = check_lora_merge(HFTarget(hf_model.to(dtype)), targets=targets)
+    hf_model.to(torch.float32)
+    assert result.ok, _explain(result)
+    names = "q_proj,v_proj" if targets else "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    assert f"targets={names} " in result.case and str(dtype).replace("torch.", "") in result.case
+
+
+class _OneMode(HFTarget):
+    def __init__(self, model, mode):
+        super().__init__(model)
+        self.gc_modes = (mode,)
+
+
+@pytest.mark.parametrize("mode", [
+    "use_reentrant=False",
+    pytest.param("use_reentrant=True", marks=REENTRANT_UNDER_PEFT),
+])
+def test_checkpointing_changes_no_gradient(hf_model, mode):
+    result = check_gradient_checkpointing(_OneMode(hf_model, mode), policies=("all",), autocast_dtype=None)
+    assert result.ok, _explain(result)
+    assert "LoRA r=4" in result.case  # PEFT's LoRA on a frozen base, not the blocks-only fallback
+
+
+@GA_WRONG
+def test_the_trainer_accumulates_as_one_large_batch(hf_model):
+    result = check_grad_accumulation(HFTarget(hf_model))  # every split, SGD and AdamW, full and LoRA
+    assert result.ok, _explain(result)
+
+
+@MP_WRONG
+def test_the_trainer_in_bf16_is_really_mixed_and_right(hf_model):
+    target = HFTarget(hf_model)
+    result = check_mixed_precision_step(target, target.mp_step("bf16"), label=target.mp_step_label)
+    assert result.ok, _explain(result)
+    assert "bfloat16 autocast, full+lora" in result.case
+
+
+def _hook_missing(mutant) -> str:
+    """Why ``mutant`` says nothing on this transformers, or ''."""
+    if mutant.prop == "grad_accum" and TRANSFORMERS < Version("5"):
+        return f"transformers {TRANSFORMERS}'s own Trainer already fails grad_accum (the xfail above)"
+    return ""
+
+
+# what each mutant's failure must say: the claim that catches it
+REASONS = {
+    "hf_cache_batch_blind": "teacher-forced B=",
+    "hf_cache_prepends": "chunks=",
+    "hf_merge_without_scaling": "vs W + (alpha/r)·B·A",
+    "hf_reentrant_frozen_base": "use_reentrant=True",
+    "hf_ga_mean_of_micro_means": "not a multiple of the large batch's",
+    "hf_ga_counts_unshifted_labels": "the logged loss is not the window's token mean",
+}
+CHECKS = {"kv_cache": check_kv_cache, "lora_merge": check_lora_merge,
+          "gradient_checkpointing": lambda t: check_gradient_checkpointing(t, policies=("all",), autocast_dtype=None),
+          "grad_accum": lambda t: check_grad_accumulation(t, n_sequences=4, steps=2, optimizer="sgd", fail_fast=True)}
+
+
+@pytest.mark.parametrize("mutant", HF_ZOO, ids=[m.name for m in HF_ZOO])
+def test_every_mutant_of_the_hf_zoo_is_caught_for_its_reason(hf_model, mutant):
+    why = _hook_missing(mutant)
+    if why:
+        pytest.skip(why)
+    with mutant.applied():
+        result = CHECKS[mutant.prop](hf_target(hf_model, mutant))
+    assert not result.ok, f"{mutant.name} not caught: {_explain(result)}"
+    assert any(REASONS[mutant.name] in d for d in result.details), _explain(result)
+    if mutant.name == "hf_cache_prepends":  # one token at a time the order of the keys does not matter
+        assert not any("chunks=1x24" in d for d in result.details), _explain(result)
+    if mutant.name == "hf_reentrant_frozen_base":
+        assert not any("use_reentrant=False" in d for d in result.details), _explain(result)
+
+
+def test_llama_verify_target_hf_runs_on_transformers(capsys):
+    assert main(["--target", "hf", "--check", "kv_cache"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers LlamaForCausalLM" in out and f"transformers={transformers.__version__}" in out
+    assert "1/1 checks passed" in out
