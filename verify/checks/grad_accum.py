@@ -214,7 +214,7 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
         grads, stepped_lr = captured[-1] if captured else ({}, None)
         got = _Step(result.loss, result.n_tokens, result.grad_norm, result.lr, grads, *_snapshot(net),
                     stepped_lr=stepped_lr, reports_stats=train_step is None)
-        _judge(f"{sc.label} step {i + 1}", got, want, truth, details, worst)
+        _judge(f"{sc.label} step {i + 1}", got, want, truth, details, worst, target.limits.dtype)
     return n_bound
 
 
@@ -224,13 +224,16 @@ def _cloned(state: dict) -> dict:
             "param_groups": [dict(group) for group in state["param_groups"]]}
 
 
-def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str], worst: list[float]) -> None:
-    """``got`` (trainer) against ``want`` (oracle, model dtype) and ``truth`` (oracle, float64, same state)."""
+def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str], worst: list[float],
+           model_dtype: torch.dtype) -> None:
+    """``got`` (trainer) against ``want`` (oracle, model dtype) and ``truth`` (oracle, float64, same state). The loss
+    is judged at the tolerance of the dtype the model computes in (``model_dtype``), not its trainable parameters':
+    PEFT keeps a bf16 base's adapters in fp32."""
     if got.reports_stats and got.n_tokens is not None and got.n_tokens != want.n_tokens:  # None: not reported
         details.append(f"{where}: StepResult.n_tokens {got.n_tokens} != {want.n_tokens} target tokens")
     dtype = next(iter(want.params.values())).dtype
     loss_label = "StepResult.loss" if got.reports_stats else "the logged loss"
-    for what, a, e, tol in ((loss_label, got.loss, truth.loss, tolerance(dtype)),
+    for what, a, e, tol in ((loss_label, got.loss, truth.loss, tolerance(model_dtype)),
                             ("StepResult.lr", got.lr, want.lr, tolerance(torch.float64)),
                             ("the lr optimizer.step ran with", got.stepped_lr, want.lr, tolerance(torch.float64))):
         if a is not None and not compare(torch.tensor(a, dtype=torch.float64), torch.tensor(e, dtype=torch.float64),

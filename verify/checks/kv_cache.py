@@ -141,13 +141,13 @@ def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], m
             prefix = torch.tensor([list(prompts[row]) + a[:n]], device=device)
             logits = target.logits(prefix, 0, kv_caching=False)[0, -1]
             top2 = logits.topk(2).values
-            margin = float(top2[0] - top2[1])
+            gap = float(top2[0] - top2[1])  # not the criterion's margin, which this loop keeps in `margin`
             allowed = 2 * tol.bound(float(logits.abs().max()))  # each path may be off by one bound
             where = f"generate row {row} step {n}: cached {a[n:n + 1]} vs uncached {b[n:n + 1]}"
-            if margin <= allowed:
-                details.append(f"tie: {where}, top-2 margin {margin:.2e} <= {allowed:.2e}")
+            if gap <= allowed:
+                details.append(f"tie: {where}, top-2 margin {gap:.2e} <= {allowed:.2e}")
             else:
-                details.append(f"{where}, top-2 margin {margin:.2e} > {allowed:.2e}: not a tie")
+                details.append(f"{where}, top-2 margin {gap:.2e} > {allowed:.2e}: not a tie")
         if n:
             # Log-probabilities carry the rounding error of the logits they come from: scale by the row's logits.
             seq = torch.tensor([list(prompts[row]) + a[:n]], device=device)

@@ -84,6 +84,15 @@ def test_the_trainer_accumulates_as_one_large_batch(hf_model):
     assert result.ok, _explain(result)
 
 
+@GA_WRONG
+def test_the_trainer_accumulates_on_a_bf16_base_with_peft_s_fp32_adapters(hf_model):
+    # the loss is judged at the model's bf16, not the fp32 of the only trainable parameters (PEFT upcasts adapters)
+    result = check_grad_accumulation(HFTarget(hf_model.to(torch.bfloat16)), lora=(True,), optimizer="sgd")
+    hf_model.to(torch.float32)
+    assert result.ok, _explain(result)
+    assert "lora bfloat16" in result.case
+
+
 @MP_WRONG
 def test_the_trainer_in_bf16_is_really_mixed_and_right(hf_model):
     target = HFTarget(hf_model)
@@ -133,3 +142,13 @@ def test_llama_verify_target_hf_runs_on_transformers(capsys):
     out = capsys.readouterr().out
     assert "transformers LlamaForCausalLM" in out and f"transformers={transformers.__version__}" in out
     assert "1/1 checks passed" in out
+
+
+def test_a_peft_model_from_a_factory_is_checked_with_its_own_adapters(hf_model):
+    from verify.targets.peft import apply_peft_lora
+    adapted = apply_peft_lora(default_hf_model(), ("k_proj", "o_proj"), rank=2, alpha=5.0, dropout=0.0,
+                              use_rslora=True, generator=torch.Generator().manual_seed(0))
+    merge = check_lora_merge(adapted, targets=("q_proj",), rank=8)  # a PeftModel keeps its own LoraConfig
+    assert merge.ok and "targets=k_proj,o_proj r=2 alpha=5 rslora" in merge.case, _explain(merge)
+    gc = check_gradient_checkpointing(adapted, policies=("all",), autocast_dtype=None, full_finetune=False)
+    assert gc.ok and "LoRA r=2 alpha=5 rslora on k_proj,o_proj" in gc.case, _explain(gc)
