@@ -56,6 +56,12 @@ CALIBRATION_FACTORS: dict[str, float] = {
     # gradients (per-sequence gradients cancel: 1.4e-5 of the tensor's max) and on AdamW updates (lr/eps
     # amplifies rounding). 8 leaves 2x headroom; the GA mutants' ratios are 30 to 1e6.
     "grad_accum": 8.0,
+    # Data-parallel bf16 (DDP under autocast; FSDP2 with MixedPrecisionPolicy(param_dtype=bf16), which computes with
+    # bf16 parameters where autocast keeps norms and upcasts in fp32) vs the single process under bf16 autocast, both
+    # against float64. Measured over 4 seeds x W=2,3 x DDP/FSDP2 (fp32 full, LoRA + GC, bf16 full; 3 windows): the
+    # worst calibrated ratio of any case, bf16 included, was 1.28 — FSDP2's policy is no further from float64 than
+    # autocast here. The GA check's 8 is kept; the distributed mutants' ratios are 600 to 1e6, or a wrong norm/loss.
+    "distributed_bf16": 8.0,
     # Mixed precision (autocast, fp32 master weights) vs the plain half path (model cast to bf16/fp16, no autocast,
     # same upcasts), both against float64: logits, loss (floor eps·|loss|), each parameter's gradient, GradScaler's
     # grad_norm and clipped update. Measured over 70 models (tiny seeds 0-29, 40 random configs), bf16 and fp16,

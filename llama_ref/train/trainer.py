@@ -72,7 +72,8 @@ class Trainer:
             raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
         if clip is not None and not clip > 0:
             raise ValueError(f"clip must be > 0 (or None), got {clip!r}")
-        if loss_chunk is not None and not (loss_chunk >= 1 and hasattr(model, "hidden_states")):
+        inner = getattr(model, "module", model)  # DDP's wrapped model
+        if loss_chunk is not None and not (loss_chunk >= 1 and hasattr(inner, "hidden_states")):
             raise ValueError(f"loss_chunk={loss_chunk!r}: needs a positive number of positions and a model whose "
                              "forward takes labels and loss_chunk (llama_ref.model.Transformer)")
         self.model, self.optimizer, self.scheduler, self.clip = model, optimizer, scheduler, clip
@@ -111,11 +112,15 @@ class Trainer:
         Each decision is a method of its own, so that another trainer (a check's known-wrong one) overrides the
         one it changes. A model's KV cache is off during the step and as the caller left it afterwards.
         """
-        n_tokens = sum(self.count_targets(b["labels"]) for b in window)
+        window = self.local_window(window)
+        n_tokens = self.window_tokens(window)
         if n_tokens == 0:
             raise ValueError("a window without target tokens: every label is IGNORE_INDEX")
-        with _cache_off(self.model):  # training attends within each micro-batch: the cache would only cost memory
-            sums = [self.micro_step(batch, self.loss_divisor(batch, window, n_tokens)) for batch in window]
+        sums = []
+        with _cache_off(self.module):  # training attends within each micro-batch: the cache would only cost memory
+            for i, batch in enumerate(window):
+                with self.gradient_sync(i, len(window)):
+                    sums.append(self.micro_step(batch, self.loss_divisor(batch, window, n_tokens)))
         loss = self.window_loss(sums, window, n_tokens)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -131,6 +136,23 @@ class Trainer:
     def windows(self, micro_batches: Iterable[Batch], ga: int) -> Iterator[list[Batch]]:
         """How this trainer groups a stream of micro-batches into windows (:func:`windows`)."""
         return windows(micro_batches, ga)
+
+    @property
+    def module(self) -> nn.Module:
+        """The model itself (a data-parallel trainer's ``model`` is its wrapper)."""
+        return self.model
+
+    def local_window(self, window: Sequence[Batch]) -> list[Batch]:
+        """The micro-batches of ``window`` this process runs: all of them (a data-parallel trainer: its share)."""
+        return list(window)
+
+    def window_tokens(self, window: Sequence[Batch]) -> int:
+        """The window's target tokens (a data-parallel trainer: summed over every rank's share)."""
+        return sum(self.count_targets(b["labels"]) for b in window)
+
+    def gradient_sync(self, index: int, count: int) -> AbstractContextManager:
+        """Around micro-batch ``index`` of ``count``: nothing to synchronise in one process."""
+        return contextlib.nullcontext()
 
     def count_targets(self, labels: torch.Tensor) -> int:
         """Target tokens of a micro-batch's labels: the positions the shifted loss averages over."""
@@ -154,11 +176,15 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)  # before clipping: the threshold is in true gradient units
         if self.clip is None:
             return None
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        grad_norm = self.clip_gradients()
         if self.scaler is None and not math.isfinite(grad_norm):  # GradScaler skips such steps itself
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"gradient norm is {grad_norm} (loss {loss:.4g}): step not taken")
         return grad_norm
+
+    def clip_gradients(self) -> float:
+        """Clip the total norm of the trainable gradients to ``clip``; the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
 
     def apply_update(self) -> bool:
         """The optimizer step (through GradScaler with fp16); True when GradScaler skipped it (inf/NaN)."""

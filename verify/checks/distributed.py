@@ -1,0 +1,273 @@
+"""Property 6: data-parallel training (DDP, FSDP2) equals the single-process large batch.
+
+The same windows of ragged, prompt-masked micro-batches (two per rank, then a short window whose shares differ in
+length: the second step also carries the optimizer's state) are trained by ``llama_ref.train.distributed.DistributedTrainer`` on W CPU ranks (``torch.multiprocessing``
+spawn, a ``FileStore`` in a temporary directory, gloo; W = 2 and 3, so that an even split is not assumed) and by
+llama_ref's single-process ``Trainer`` with the whole window as its accumulation (``--ga W×ga``). For every case —
+DDP and FSDP2; a full fine-tune with SGD + momentum, LoRA on a frozen base with AdamW and gradient checkpointing,
+bf16 (DDP: autocast; FSDP2: ``MixedPrecisionPolicy``); clipping that binds — and every step, **on every rank**:
+
+* the gradients the optimizer steps with (captured by a step pre-hook; sharded ones gathered with ``full_tensor()``),
+* the parameters after the step (gathered), the loss it reports and its pre-clip gradient norm,
+
+are compared with the single process's. Judged as the GA check judges (rounding differs with the order of the same
+sums): calibrated against a float64 single-process run — the distributed result may be at most
+``CALIBRATION_FACTORS["grad_accum"]`` times further from it than the single-process run in the same precision
+(``["distributed_bf16"]`` in bf16, where FSDP2's policy computes with bf16 parameters rather than autocast), over
+all tensors; the loss with assert_close's defaults for the precision; the norm within the same factor.
+
+A worker that raises reports its rank's error (the check fails with it; no hang: the process group has a timeout).
+FSDP2 on CPU/gloo crashes below torch 2.7 (measured on 2.4 and 2.6): there its cases are not applicable.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llama_ref.args import ModelArgs
+from llama_ref.lora import ALL_TARGETS, apply_lora_to_llama
+from llama_ref.model import Transformer
+from llama_ref.train.distributed import DistributedTrainer, full, wrap
+from llama_ref.train.trainer import Trainer
+
+from ..compare import compare, compare_calibrated
+from ..result import CheckResult
+from ..tolerances import CALIBRATION_FACTORS, tolerance
+from ..targets.lora import draw_nonzero_b, layer_views
+from .grad_accum import padded, random_sequences
+
+NAME = "distributed"
+FSDP2_MIN_TORCH = (2, 7)
+TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "ddp" | "fsdp2"
+    variant: str  # "full" (SGD + momentum) | "lora" (AdamW, gradient checkpointing)
+    precision: str = "off"  # "off" | "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.variant}{' bf16' if self.precision == 'bf16' else ''}"
+
+
+def default_cases(kinds: Sequence[str] = ("ddp", "fsdp2")) -> list[Case]:
+    return [Case(k, v, p) for k in kinds for v, p in (("full", "off"), ("lora", "off"), ("full", "bf16"))]
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def fsdp2_unavailable() -> Optional[str]:
+    if _torch_version() < FSDP2_MIN_TORCH:
+        return (f"FSDP2 on CPU/gloo crashes on torch {torch.__version__.split('+')[0]} (measured on 2.4 and 2.6; it "
+                f"runs from {'.'.join(map(str, FSDP2_MIN_TORCH))})")
+    return None
+
+
+# ---- one run of a case: the same code in a rank and in the single process -----------------------------------------
+
+def _start_model(job: dict, case: Case) -> Transformer:
+    model = Transformer(ModelArgs(**job["args"]))
+    model.kv_caching = False
+    if case.variant == "lora":
+        apply_lora_to_llama(model, 4, 8, 0.0, ALL_TARGETS)
+        model.set_gradient_checkpointing("all")
+    model.load_state_dict(job["states"][case.variant])
+    return model
+
+
+def _optimizer(case: Case, params: list) -> torch.optim.Optimizer:
+    if case.variant == "full":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-6)  # eps: see the GA check's OPTIMIZERS
+
+
+def _train(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           windows: Sequence[Sequence[dict]]) -> list[dict]:
+    """Every window through ``trainer``; per step what the optimizer stepped with and what came of it."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: list[dict] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: seen.append({names[id(p)]: full(p.grad).detach().clone() for p in params if p.grad is not None}))
+    steps = []
+    for window in windows:
+        seen.clear()
+        r = trainer.step(window)
+        steps.append({"grads": seen[-1] if len(seen) == 1 else None, "n_stepped": len(seen), "loss": r.loss,
+                      "norm": r.grad_norm,
+                      "params": {names[id(p)]: full(p.detach()).clone() for p in params}})
+    return steps
+
+
+def _worker(rank: int, world: int, store: str, job_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        job = torch.load(job_path, weights_only=False)
+        dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        for label, trainer_cls in job["trainers"].items():
+            for i, case in enumerate(job["cases"]):
+                model = _start_model(job, case)
+                half = torch.bfloat16 if case.precision == "bf16" else None
+                net = wrap(model, case.kind, device_type="cpu", mp=half if case.kind == "fsdp2" else None)
+                opt = _optimizer(case, [p for p in net.parameters() if p.requires_grad])
+                autocast = "bf16" if half is not None and case.kind == "ddp" else "off"
+                try:
+                    trainer = trainer_cls(net, opt, precision=autocast, clip=job["clip"][case.variant])
+                    result: Any = _train(trainer, model, opt, job["windows"])
+                except Exception as e:  # this case failed on this rank: said, and the next case runs
+                    result = f"{type(e).__name__}: {e}"
+                    dist.barrier()
+                torch.save(result, os.path.join(out_dir, f"{label}-{i}-{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _reference(job: dict, case: Case, windows: Sequence[Sequence[dict]], dtype: torch.dtype,
+               precision: str) -> list[dict]:
+    model = _start_model(job, case).to(dtype)
+    opt = _optimizer(case, [p for p in model.parameters() if p.requires_grad])
+    return _train(Trainer(model, opt, precision=precision, clip=job["clip"][case.variant]), model, opt, windows)
+
+
+# ---- the check ------------------------------------------------------------------------------------------------------
+
+def _job(model: Transformer, world: int, cases: Sequence[Case], trainers: dict[str, type], seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    args = model.params
+    sizes = [2 * world, world + 1]  # micro-batches per window: two per rank, then a short one (shares of 2 and 1)
+    seqs = random_sequences(2 * sum(sizes), args.vocab_size, min(12, args.max_seq_len), g)
+    micro = [dict(zip(("input_ids", "labels"), padded(seqs[i:i + 2], torch.device("cpu"))))
+             for i in range(0, len(seqs), 2)]
+    windows, start = [], 0
+    for n in sizes:
+        windows.append(micro[start:start + n])
+        start += n
+    base = copy.deepcopy(model).float().cpu()
+    base.kv_caching = False
+    lora = copy.deepcopy(base)
+    apply_lora_to_llama(lora, 4, 8, 0.0, ALL_TARGETS, generator=g)
+    draw_nonzero_b(layer_views(lora), g)
+    states = {"full": base.state_dict(), "lora": lora.state_dict()}
+    job = {"args": {f: getattr(args, f) for f in args.__dataclass_fields__}, "states": states, "windows": windows,
+           "cases": list(cases), "trainers": dict(trainers), "clip": {}}
+    job["args"]["kv_caching"] = False
+    for variant in ("full", "lora"):  # half the first window's norm: clipping binds
+        ref = _reference({**job, "clip": {variant: None}}, Case("ddp", variant), windows[:1], torch.float32, "off")
+        grads = ref[0]["grads"] or {}
+        job["clip"][variant] = 0.5 * math.sqrt(sum(float(t.double().square().sum()) for t in grads.values()))
+    return job
+
+
+def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype: torch.dtype,
+           details: list[str], worst: list[float]) -> None:
+    if got["n_stepped"] != 1:
+        details.append(f"{where}: optimizer.step ran {got['n_stepped']} times in one window")
+        return
+    loss_ok = compare(torch.tensor(got["loss"], dtype=torch.float64), torch.tensor(exact["loss"], dtype=torch.float64),
+                      tolerance(dtype)).ok
+    if not loss_ok:
+        details.append(f"{where}: loss {got['loss']:.7g} != the single process's {plain['loss']:.7g} (float64: "
+                       f"{exact['loss']:.7g}; {got['loss'] / exact['loss']:.4g}x it)")
+    for what in ("grads", "params"):
+        names = sorted(exact[what])
+        if sorted(got[what]) != names:
+            details.append(f"{where} {what}: tensors {sorted(set(names) ^ set(got[what]))[:3]} differ in presence")
+            continue
+        flat = [torch.cat([d[what][n].flatten().double() for n in names]) for d in (got, plain, exact)]
+        cal = compare_calibrated(flat[0], flat[1], flat[2], factor,
+                                 floor=torch.finfo(dtype).eps * float(flat[2].norm()))
+        worst[0], worst[1] = max(worst[0], float((flat[0] - flat[1]).abs().max())), max(worst[1], cal.ratio / factor)
+        if not cal.ok:
+            details.append(f"{where} {what}: {cal}")
+    if (got["norm"] is None) != (exact["norm"] is None):
+        details.append(f"{where}: grad norm {got['norm']} vs {exact['norm']}")
+    elif exact["norm"] is not None:
+        allowed = factor * max(abs(plain["norm"] - exact["norm"]), torch.finfo(dtype).eps * exact["norm"])
+        if not abs(got["norm"] - exact["norm"]) <= allowed:
+            details.append(f"{where}: pre-clip norm {got['norm']:.7g} vs the single process's {exact['norm']:.7g} "
+                           f"(off by {abs(got['norm'] - exact['norm']):.2e} > {allowed:.2e})")
+
+
+def check_distributed_many(model: Optional[Transformer], trainers: dict[str, type], *,
+                           world_sizes: Sequence[int] = (2, 3), cases: Optional[Sequence[Case]] = None,
+                           seed: int = 0) -> dict[str, CheckResult]:
+    """Property 6 for each trainer of ``trainers`` (label → a ``DistributedTrainer`` (sub)class), all in one spawn
+    per world size (spawning dominates the cost); label → its result."""
+    if model is None:
+        from llama_ref.default import default_model
+        model = default_model()
+    cases = list(cases) if cases is not None else default_cases()
+    na = fsdp2_unavailable()
+    notes = [f"note: FSDP2 cases not run: {na}"] if na and any(c.kind == "fsdp2" for c in cases) else []
+    cases = [c for c in cases if not (na and c.kind == "fsdp2")]
+    details: dict[str, list[str]] = {label: list(notes) for label in trainers}
+    worst = {label: [0.0, 0.0] for label in trainers}
+    errors: dict[str, str] = {}
+    for world in world_sizes:
+        job = _job(model, world, cases, trainers, seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            job_path = os.path.join(tmp, "job.pt")
+            torch.save(job, job_path)
+            mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), job_path, tmp), nprocs=world, join=True)
+            crashed = [open(os.path.join(tmp, f)).read().strip().splitlines()[-1] for f in sorted(os.listdir(tmp))
+                       if f.startswith("error-")]
+            for i, case in enumerate(cases):
+                dtype = torch.bfloat16 if case.precision == "bf16" else torch.float32
+                factor = CALIBRATION_FACTORS["distributed_bf16" if case.precision == "bf16" else "grad_accum"]
+                plain = _reference(job, case, job["windows"], torch.float32, case.precision)
+                exact = _reference(job, case, job["windows"], torch.float64, "off")
+                for label in trainers:
+                    for rank in range(world):
+                        path = os.path.join(tmp, f"{label}-{i}-{rank}.pt")
+                        where = f"W={world} {case.label} rank {rank}"
+                        if not os.path.exists(path):
+                            errors.setdefault(label, f"{where}: no result ({'; '.join(crashed) or 'the rank died'})")
+                            continue
+                        got = torch.load(path, weights_only=False)
+                        if isinstance(got, str):
+                            details[label].append(f"{where}: raised {got}")
+                            continue
+                        for step, (g_, p_, e_) in enumerate(zip(got, plain, exact)):
+                            _judge(f"{where} step {step + 1}", g_, p_, e_, factor, dtype, details[label],
+                                   worst[label])
+    case_text = (f"W={'/'.join(map(str, world_sizes))}, {', '.join(c.label for c in cases)}; windows of 2 micro-batches "
+                 "per rank and a short last one; clipping binds")
+    results = {}
+    for label in trainers:
+        failed = [d for d in details[label] if not d.startswith("note:")]
+        ok = not failed and label not in errors
+        margin = worst[label][1] if ok or worst[label][1] > 1 else float("inf")
+        results[label] = CheckResult(NAME, ok, worst[label][0], 0.0, None, details[label], case_text,
+                                     error=errors.get(label), margin=margin,
+                                     criterion=f"calibrated <= {CALIBRATION_FACTORS['grad_accum']:g}x fp32, "
+                                               f"{CALIBRATION_FACTORS['distributed_bf16']:g}x bf16; every rank")
+    return results
+
+
+def check_distributed(model: Optional[Transformer] = None, *, trainer_cls: type = DistributedTrainer,
+                      world_sizes: Sequence[int] = (2, 3), cases: Optional[Sequence[Case]] = None,
+                      seed: int = 0) -> CheckResult:
+    """Property 6 on llama_ref's ``model`` (default: the embedded default) with ``trainer_cls`` (a
+    ``DistributedTrainer`` subclass: the implementation under test)."""
+    return check_distributed_many(model, {"trainer": trainer_cls}, world_sizes=world_sizes, cases=cases,
+                                  seed=seed)["trainer"]

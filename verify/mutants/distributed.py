@@ -1,0 +1,99 @@
+"""The bug zoo of property 6 (data-parallel training): ``DistributedTrainer`` subclasses, each overriding the one
+decision it gets wrong. Outside :data:`verify.mutants.MUTANTS` (every check runs on every mutant there; these need
+spawned ranks): ``DIST_ZOO``, run by ``check_distributed_many`` in one spawn per world size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from llama_ref.train.distributed import DistributedTrainer, split_window
+from llama_ref.train.trainer import Batch
+
+from .base import Mutant, collector
+
+PROP = "distributed"
+DIST_ZOO: list[Mutant] = []
+mutant = collector(DIST_ZOO, PROP)
+
+
+@mutant("dist_per_rank_token_mean",
+        "each rank divides its loss by its own target count: DDP's average then gives a mean of per-rank means",
+        "the data-parallel factor of the accumulation fix, transformers#34511", component="trainer_cls")
+class _PerRankMean(DistributedTrainer):
+    def loss_divisor(self, batch: Batch, window: Sequence[Batch], window_tokens: int) -> float:
+        return max(sum(self.count_targets(b["labels"]) for b in window), 1)
+
+
+def _sum_hook(state, bucket):
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+@mutant("dist_grads_not_averaged",
+        "the gradient reduction sums over the ranks without dividing by the world size (a DDP comm hook; FSDP2's "
+        "divide factor 1)",
+        "FSDP2 on gloo in torch 2.7.0 returning world-size-multiplied gradients, pytorch#162338",
+        component="trainer_cls")
+class _NotAveraged(DistributedTrainer):
+    def __init__(self, model, optimizer, **kwargs):
+        super().__init__(model, optimizer, **kwargs)
+        if self.kind == "ddp":
+            model.register_comm_hook(None, _sum_hook)
+        else:
+            model.set_gradient_divide_factor(1.0)
+
+
+@mutant("dist_divided_twice",
+        "the loss divided by the global target count and then averaged by DDP/FSDP2 as well: gradients 1/W",
+        "the inverse of transformers#34511's fix: a global token mean without undoing the average over ranks",
+        component="trainer_cls")
+class _DividedTwice(DistributedTrainer):
+    def loss_divisor(self, batch: Batch, window: Sequence[Batch], window_tokens: int) -> float:
+        return window_tokens
+
+
+@mutant("dist_sync_off_by_one",
+        "gradients synchronised on every micro-batch but the last (the no_sync condition inverted): the last "
+        "micro-batch's gradients stay rank-local",
+        "FunASR#3472 (found with a 2-rank CPU repro)", component="trainer_cls")
+class _SyncOffByOne(DistributedTrainer):
+    def gradient_sync(self, index: int, count: int):
+        return self._sync(index != count - 1)
+
+
+@mutant("dist_clip_local_shard_norm",
+        "clipping by the norm of the rank's own gradient shard (FSDP2) instead of the global norm",
+        "clip_grad_norm_ applied to local shards; FSDP's documented reason for FullyShardedDataParallel.clip_grad_norm_",
+        component="trainer_cls")
+class _ClipLocalNorm(DistributedTrainer):
+    def clip_gradients(self) -> float:
+        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params
+                 if p.grad is not None]
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in local))
+        coef = min(1.0, self.clip / (norm + 1e-6))
+        with torch.no_grad():
+            for g in local:
+                g.mul_(coef)
+        return norm
+
+
+@mutant("dist_same_data_every_rank",
+        "every rank trains on rank 0's share of the window (no DistributedSampler): the others' micro-batches are "
+        "never seen",
+        "a DataLoader without a DistributedSampler under DDP", component="trainer_cls")
+class _SameData(DistributedTrainer):
+    def local_window(self, window: Sequence[Batch]) -> list[Batch]:
+        return split_window(window, 0, self.world)  # rank 0's share is the longest: no rank waits on another
+
+
+@mutant("dist_loss_from_rank0",
+        "the logged loss is each rank's own share's mean, not all-reduced: rank 0 logs its micro-batches only",
+        "logging the local loss on rank 0 (the loss curves of transformers#34511's report)", component="trainer_cls")
+class _LocalLoss(DistributedTrainer):
+    def window_loss(self, sums: Sequence[torch.Tensor], window: Sequence[Batch], window_tokens: int) -> float:
+        local = sum(self.count_targets(b["labels"]) for b in window)
+        return float(sum(float(s) for s in sums)) / max(local, 1)
