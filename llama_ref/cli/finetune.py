@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..train.config import TrainConfig, build_model
 from ..train.data import DataError, InstructionDataset, collate, default_dataset_path, load_records
 from ..train.optim import make_optimizer, make_scheduler
 from ..train.rng import seeded
-from ..train.trainer import Batch, NonFiniteLossError, Trainer, windows
+from ..train.trainer import PRECISIONS, Batch, NonFiniteLossError, Trainer, windows
 from .options import dataclass_parser
 from .progress import progress as make_progress
 
@@ -143,13 +144,37 @@ def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig)
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as ``cfg`` says; return the metrics (also written to ``--out``). Raises NonFiniteLossError and
     out-of-memory errors after recording them in ``metrics.json`` (``main`` turns them into exit codes). Draws from
-    ``cfg.seed``, leaving the caller's random state as it was; ``cfg.threads`` is applied by ``main``."""
-    with seeded(cfg.seed, cfg.device):
-        return _run(cfg)
+    ``cfg.seed``, leaving the caller's random state as it was; ``cfg.threads`` is applied by ``main``. With
+    ``--dist``, every rank of torchrun's process group runs this; rank 0 alone prints and writes."""
+    with _process_group(cfg) as (rank, world), seeded(cfg.seed, cfg.device):
+        return _run(cfg, rank, world)
 
 
-def _run(cfg: TrainConfig) -> dict[str, Any]:
-    out = Path(cfg.out) if cfg.out else None
+@contextlib.contextmanager
+def _process_group(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
+    """(rank, world size): torchrun's process group for ``--dist`` (destroyed on exit; the other ranks' output
+    silenced), else (0, 1)."""
+    if cfg.dist == "off":
+        yield 0, 1
+        return
+    import torch.distributed as dist
+    from ..train.distributed import init_from_env
+    from ..train.distributed import DistributedError
+    rank, world = init_from_env(torch.device(cfg.device).type)
+    try:
+        with (contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(open(os.devnull, "w"))):
+            yield rank, world
+    except DistributedError as e:  # raised alike on every rank, before any collective of the step
+        print(f"llama-finetune: error: {e}", file=sys.stderr, flush=True)
+        e.printed = True  # type: ignore[attr-defined]
+        dist.barrier()  # every rank has said it before any exits (torchrun stops the others at the first exit)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    out = Path(cfg.out) if cfg.out and rank == 0 else None  # rank 0 writes
     if out:
         out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"config": dataclasses.asdict(cfg), "status": "running", "losses": []}
@@ -159,17 +184,26 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     dataset = InstructionDataset(load_records(cfg.data or default_dataset_path()), tokenizer,
                                  cfg.max_seq_len or model.params.max_seq_len)
     n_micro = cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
-    total_steps = min(math.ceil(n_micro / cfg.ga), cfg.max_steps or sys.maxsize)
-    optimizer = make_optimizer(cfg, model)
-    trainer = Trainer(model, optimizer, scheduler=make_scheduler(optimizer, cfg.schedule, total_steps,
-                                                                 cfg.warmup_steps),
-                      precision=cfg.mp, clip=cfg.clip or None, device_type=torch.device(cfg.device).type,
-                      loss_chunk=cfg.loss_chunk or None)
+    window_size = cfg.ga * world  # every rank takes its --ga micro-batches of each window
+    total_steps = min(math.ceil(n_micro / window_size), cfg.max_steps or sys.maxsize)
+    device_type = torch.device(cfg.device).type
+    net, trainer_cls, precision = model, Trainer, cfg.mp
+    if cfg.dist != "off":
+        from ..train.distributed import DistributedTrainer, wrap
+        fsdp_half = PRECISIONS[cfg.mp] if cfg.dist == "fsdp2" else None  # FSDP2's MixedPrecisionPolicy, no autocast
+        net = wrap(model, cfg.dist, device_type=device_type, mp=fsdp_half)
+        trainer_cls, precision = DistributedTrainer, ("off" if fsdp_half is not None else cfg.mp)
+    optimizer = make_optimizer(cfg, model)  # after wrapping: FSDP2 replaces the parameters
+    trainer = trainer_cls(net, optimizer, scheduler=make_scheduler(optimizer, cfg.schedule, total_steps,
+                                                                   cfg.warmup_steps),
+                          precision=precision, clip=cfg.clip or None, device_type=device_type,
+                          loss_chunk=cfg.loss_chunk or None)
     start = 0
     if cfg.resume:
         start, metrics["losses"] = _restore(out / STATE_FILE, model, trainer, cfg)
         metrics["resumed_at_step"] = start
-    print(f"llama-finetune: {total_steps} steps of {cfg.ga} x {cfg.batch_size} sequences; "
+    print(f"llama-finetune: {total_steps} steps of {cfg.ga} x {cfg.batch_size} sequences"
+          + (f" on each of {world} ranks ({cfg.dist})" if cfg.dist != "off" else "") + "; "
           f"trainable {trainable:,} of {total:,} parameters ({percent:.4f} %); mp={cfg.mp} lora={cfg.lora} "
           f"gc={cfg.gc_policy if cfg.gc else 'off'}")
     if cfg.sample:
@@ -177,15 +211,19 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
 
     progress = make_progress(total_steps, start, cfg.progress)
     pad_id = max(tokenizer.pad_id, 0)
+    if world > 1:  # every window the run trains must give each rank a micro-batch: said now, not at that step
+        from ..train.distributed import split_window
+        last = min(window_size, n_micro - (total_steps - 1) * window_size)
+        split_window([None] * last, rank, world)  # DistributedError on every rank alike
     n_input_tokens, step, t0 = 0, start, time.perf_counter()
     try:
-        for index, window in enumerate(windows(micro_batches(dataset, cfg, pad_id), cfg.ga)):
+        for index, window in enumerate(windows(micro_batches(dataset, cfg, pad_id), window_size)):
             if index < start:
                 continue  # already trained before --resume: the data order is a function of the seed
             if step >= total_steps or (cfg.stop_after is not None and step >= cfg.stop_after):
                 break
             try:
-                with _step_tracker(model, optimizer, window, step, metrics):
+                with _step_tracker(model, optimizer, window, step if world == 1 else -1, metrics):
                     result = trainer.step(window)
             except NonFiniteLossError as e:
                 metrics["status"] = "nonfinite"
@@ -215,7 +253,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
                        avg_loss=sum(losses) / len(losses) if losses else None,
                        tokens_per_s=n_input_tokens / elapsed if elapsed > 0 else None)
         if out:
-            if metrics["status"] in ("ok", "nonfinite"):
+            if metrics["status"] in ("ok", "nonfinite") and cfg.dist != "fsdp2":  # FSDP2's state is sharded
                 state = _state(model, trainer, step, cfg, metrics["losses"])
                 atomic_write(out / STATE_FILE, lambda f: torch.save(state, f))
             atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
@@ -231,12 +269,23 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         print(f"Tokens/s: {metrics['tokens_per_s']:.1f}")
         if cfg.sample:
             _samples(model, tokenizer, "after training")
-        if out:
-            _save_result(model, out, cfg)
+    if metrics["status"] == "ok" and cfg.out:
+        _save_result(model, Path(cfg.out), cfg, rank)
     return metrics
 
 
-def _save_result(model: Transformer, out: Path, cfg: TrainConfig) -> None:
+def _save_result(model: Transformer, out: Path, cfg: TrainConfig, rank: int = 0) -> None:
+    """The trained model (a Meta checkpoint, or the LoRA adapter), written by rank 0; FSDP2's sharded parameters are
+    gathered first (every rank takes part) into an unsharded copy."""
+    if cfg.dist == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return
+        model, _ = build_model(dataclasses.replace(cfg, dist="off"))
+        model.load_state_dict(whole)
+    if rank != 0:
+        return
     if cfg.lora:
         from ..lora.adapter import save_adapter
         save_adapter(model, out / "adapter")
@@ -260,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               + (f" in {Path(cfg.out) / STATE_FILE}" if cfg.out else ""), file=sys.stderr)
         return EXIT_NONFINITE
     except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"llama-finetune: error: {e}", file=sys.stderr)
+        if not getattr(e, "printed", False):
+            print(f"llama-finetune: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -41,7 +41,7 @@ class TrainConfig:
     ga: int = option("micro-batches per optimizer step (gradient accumulation; the seed used 8)", default=1)
     mp: str = option("mixed precision", default="off", choices=tuple(PRECISIONS))
     half_base: Optional[bool] = option("with --mp and --lora, store the frozen base in the half dtype "
-                                       "(default: on)", default=None)
+                                       "(default: on; off with --dist fsdp2)", default=None)
     lora: bool = option("train LoRA adapters only", default=False)
     lora_r: int = option("LoRA rank", default=16)
     lora_alpha: float = option("LoRA alpha (scaling alpha / r)", default=32.0)
@@ -65,6 +65,8 @@ class TrainConfig:
                                        "whole run (continue later with --resume)", default=None)
     seed: int = option("seed of weights (presets), data order, LoRA init and dropout", default=0)
     device: str = option("torch device", default="cpu")
+    dist: str = option("data parallel over torchrun's ranks (each rank takes --ga micro-batches of every window of "
+                       "ranks x ga): ddp or fsdp2; off: one process", default="off", choices=("off", "ddp", "fsdp2"))
     threads: Optional[int] = option("torch CPU threads (default: torch's choice; 1 is fastest for tiny models on "
                                     "a busy machine)", default=None)
     # output
@@ -95,6 +97,16 @@ class TrainConfig:
             raise ValueError("--half-base needs --lora and --mp fp16/bf16 (a trained weight must stay fp32)")
         if self.resume and not self.out:
             raise ValueError("--resume needs --out DIR holding train_state.pt")
+        if self.dist == "fsdp2" and self.half_base:
+            raise ValueError("--half-base with --dist fsdp2: FSDP2 shards parameters of one dtype; its "
+                             "MixedPrecisionPolicy computes in the --mp dtype instead")
+        if self.dist == "fsdp2" and self.mp == "fp16":
+            raise ValueError("--mp fp16 with --dist fsdp2: FSDP2 needs a sharded GradScaler; use --mp bf16")
+        if self.dist != "off" and self.resume:
+            raise ValueError("--resume with --dist: a sharded checkpoint (torch.distributed.checkpoint) is not written "
+                             "yet; resume a one-process run")
+        if self.dist != "off" and self.sample:
+            raise ValueError("--sample with --dist: generation runs in one process; sample the result instead")
         if self.ckpt_dir and not self.tokenizer:
             raise ValueError("--ckpt-dir needs --tokenizer")
 
@@ -133,7 +145,7 @@ def prepare_for_training(model: Transformer, cfg: TrainConfig) -> Transformer:
     if cfg.lora:
         apply_lora_to_llama(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets,
                             merge_weights=False, lora_dtype=torch.float32)
-        if PRECISIONS[cfg.mp] is not None and cfg.half_base is not False:
+        if PRECISIONS[cfg.mp] is not None and cfg.half_base is not False and cfg.dist != "fsdp2":
             half_frozen_base(model, PRECISIONS[cfg.mp])
     if cfg.gc:
         model.set_gradient_checkpointing(cfg.gc_policy)
