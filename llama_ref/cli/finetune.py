@@ -118,17 +118,20 @@ def _state(model: Transformer, trainer: Trainer, step: int, cfg: TrainConfig,
 _RESUMABLE = {"stop_after", "out", "resume", "log_every", "sample", "progress", "device", "threads"}
 
 
+def _config_differences(saved: dict[str, Any], cfg: TrainConfig) -> Optional[str]:
+    """The options (other than those a resumption may change) that ``saved`` has otherwise, or None."""
+    differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE and saved.get(k) != v]
+    return ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in differ) or None
+
+
 def _restore(path: Path, model: Transformer, trainer: Trainer, cfg: TrainConfig) -> tuple[int, list[dict[str, Any]]]:
     """Load ``path`` into the run; the step it was written after and the window losses of the steps before."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist (run once with --out {path.parent} first)")
     state = torch.load(path, map_location=cfg.device, weights_only=True)
-    saved = state["config"]
-    differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE and saved.get(k) != v]
+    differ = _config_differences(state["config"], cfg)
     if differ:
-        raise ValueError(f"--resume: {path} was written with other options: "
-                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(cfg, k)!r})"
-                                     for k in differ))
+        raise ValueError(f"--resume: {path} was written with other options: {differ}")
     model.load_state_dict(state["model"], strict=not cfg.lora)
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scheduler is not None:
@@ -199,7 +202,12 @@ def _run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
                           precision=precision, clip=cfg.clip or None, device_type=device_type,
                           loss_chunk=cfg.loss_chunk or None)
     start = 0
-    if cfg.resume:
+    if cfg.resume and world > 1:
+        from . import dist_state
+        start, metrics["losses"] = dist_state.restore(Path(cfg.out), model, trainer,
+                                                      lambda saved: _config_differences(saved, cfg))
+        metrics["resumed_at_step"] = start
+    elif cfg.resume:
         start, metrics["losses"] = _restore(out / STATE_FILE, model, trainer, cfg)
         metrics["resumed_at_step"] = start
     print(f"llama-finetune: {total_steps} steps of {cfg.ga} x {cfg.batch_size} sequences"
@@ -252,8 +260,13 @@ def _run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
         metrics.update(steps=step, runtime_s=elapsed, peak_memory_mb=mem, peak_memory_kind=mem_kind,
                        avg_loss=sum(losses) / len(losses) if losses else None,
                        tokens_per_s=n_input_tokens / elapsed if elapsed > 0 else None)
+        resumable = metrics["status"] in ("ok", "nonfinite")
+        if resumable and cfg.out and world > 1:  # every rank writes its shards
+            from . import dist_state
+            dist_state.save(Path(cfg.out), model, trainer, step,
+                            {"config": dataclasses.asdict(cfg), "losses": metrics["losses"]})
         if out:
-            if metrics["status"] in ("ok", "nonfinite") and cfg.dist != "fsdp2":  # FSDP2's state is sharded
+            if resumable and world == 1:
                 state = _state(model, trainer, step, cfg, metrics["losses"])
                 atomic_write(out / STATE_FILE, lambda f: torch.save(state, f))
             atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")

@@ -102,9 +102,6 @@ class TrainConfig:
                              "MixedPrecisionPolicy computes in the --mp dtype instead")
         if self.dist == "fsdp2" and self.mp == "fp16":
             raise ValueError("--mp fp16 with --dist fsdp2: FSDP2 needs a sharded GradScaler; use --mp bf16")
-        if self.dist != "off" and self.resume:
-            raise ValueError("--resume with --dist: a sharded checkpoint (torch.distributed.checkpoint) is not written "
-                             "yet; resume a one-process run")
         if self.dist != "off" and self.sample:
             raise ValueError("--sample with --dist: generation runs in one process; sample the result instead")
         if self.ckpt_dir and not self.tokenizer:

@@ -61,7 +61,6 @@ def test_a_window_with_fewer_micro_batches_than_ranks_is_one_line_on_every_rank(
     (dict(dist="fsdp2", lora=True, mp="bf16", half_base=True), "--half-base with --dist fsdp2"),
     (dict(dist="fsdp2", mp="fp16"), "--mp fp16 with --dist fsdp2"),
     (dict(dist="ddp", sample=True), "--sample with --dist"),
-    (dict(dist="ddp", resume=True, out="x"), "--resume with --dist"),
 ])
 def test_options_that_cannot_go_with_dist_are_refused_up_front(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -74,3 +73,22 @@ def test_dist_without_torchrun_says_how_to_launch(monkeypatch, capsys):
     assert main(["--dist", "ddp", "--max-steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun --nproc_per_node N -m llama_ref.cli.finetune --dist" in err[0]
+
+
+@pytest.mark.slow  # four runs of two or three processes
+def test_a_sharded_state_resumes_bit_exactly_on_the_same_world_size_only(tmp_path):
+    kind = "ddp" if fsdp2_unavailable() else "fsdp2"
+    flags = ["--dist", kind, "--lora", "--ga", "2", "--max-steps", "4", "--threads", "1", "--no-progress"]
+    assert _torchrun(2, *flags, "--out", str(tmp_path / "whole")).returncode == 0
+    assert _torchrun(2, *flags, "--out", str(tmp_path / "part"), "--stop-after", "2").returncode == 0
+    assert (tmp_path / "part" / "dist_state" / "run.pt").is_file()
+    done = _torchrun(2, *flags, "--out", str(tmp_path / "part"), "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")  # the whole history, bit for bit (LoRA dropout
+    assert json.loads((tmp_path / "part" / METRICS_FILE).read_text())["resumed_at_step"] == 2  # draws per rank)
+    adapter = "adapter/adapter.safetensors"
+    assert (tmp_path / "part" / adapter).read_bytes() == (tmp_path / "whole" / adapter).read_bytes()
+    three = _torchrun(3, *flags, "--out", str(tmp_path / "part"), "--resume")
+    errors = [line for line in three.stderr.splitlines() if line.startswith("llama-finetune: error:")]
+    assert three.returncode != 0 and len(errors) == 3, three.stderr[-2000:]
+    assert all("was written by 2 ranks, this run has 3" in e for e in errors)
