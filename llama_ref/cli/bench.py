@@ -56,10 +56,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     if bench.threads:  # the cells run in this process (--no-isolate) or in children that set it again
         torch.set_num_threads(bench.threads)
+    if bench.world_sizes():
+        return _predict_world_sizes(bench)
     records = run(bench, make_progress(len(bench.selected_cells()), 0, bench.progress, unit="cell"))
     ok = sum(r["status"] == "ok" for r in records)
     print(f"llama-bench: {ok}/{len(records)} cells ok; wrote {Path(bench.out) / 'bench.json'} and bench.md")
     print((Path(bench.out) / "bench.md").read_text())
+    return 0
+
+
+def _predict_world_sizes(bench: BenchConfig) -> int:
+    """The per-rank FSDP2 peak at each ``--world-size`` (the plain cell's configuration), printed and written to
+    ``fsdp2.json``."""
+    from ..perf.fsdp2_memory import predict_fsdp2_rank_memory
+    cfg = bench.train_config(Cell(False, False, False, False))
+    rows = []
+    for n in bench.world_sizes():
+        r = predict_fsdp2_rank_memory(cfg, bench.batch_size, bench.seq_len, n)
+        rows.append({"world_size": n, "peak_mb": r.peak_mb, "breakdown_mb": r.breakdown_mb})
+    print(f"llama-bench: FSDP2 per-rank peak, predicted ({cfg.preset}, {cfg.optimizer}, batch {bench.batch_size} x "
+          f"{bench.seq_len} per rank, fp32)")
+    print(f"{'ranks':>5}  {'MiB per rank':>13}  breakdown")
+    for row in rows:
+        parts = ", ".join(f"{k} {v:,.1f}" for k, v in row["breakdown_mb"].items() if v >= 0.05)
+        print(f"{row['world_size']:>5}  {row['peak_mb']:>13,.1f}  {parts}")
+    Path(bench.out).mkdir(parents=True, exist_ok=True)
+    _write_json(Path(bench.out) / "fsdp2.json", {"config": dict(preset=cfg.preset, optimizer=cfg.optimizer,
+                                                                 batch_size=bench.batch_size, seq_len=bench.seq_len),
+                                                 "rows": rows})
     return 0
 
 

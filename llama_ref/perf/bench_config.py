@@ -46,6 +46,9 @@ class BenchConfig:
     cells: Optional[str] = option("comma-separated cells to run (default: all 16), e.g. plain,LoRA,GC+MP+LoRA",
                                   default=None)
     predict: bool = option("predict every cell on fake tensors instead of running it", default=False)
+    world_size: Optional[str] = option("with --predict: instead of the 16 cells, the per-rank peak of FSDP2 (the plain "
+                                       "cell: full fine-tune, fp32, one micro-batch per rank) at these "
+                                       "comma-separated world sizes, e.g. 1,2,4,8", default=None)
     jobs: Optional[int] = option("processes predicting cells in parallel (default: one per CPU)", default=None)
     device: str = shared("device")
     threads: Optional[int] = shared("threads", help="torch CPU threads per cell")
@@ -85,6 +88,20 @@ class BenchConfig:
             raise ValueError("--memory-limit-mb needs isolated cells (it limits the cell's own process): drop "
                              "--no-isolate")
         self.selected_cells()  # validates --cells
+        self.world_sizes()  # validates --world-size
+
+    def world_sizes(self) -> list[int]:
+        """``--world-size`` as integers (empty without it); ValueError naming the bad entry."""
+        if not self.world_size:
+            return []
+        if not self.predict:
+            raise ValueError("--world-size is a prediction: add --predict")
+        sizes = []
+        for entry in self.world_size.split(","):
+            if not entry.strip().isdigit() or int(entry) < 1:
+                raise ValueError(f"--world-size: {entry.strip()!r} is not a positive number of ranks")
+            sizes.append(int(entry))
+        return sizes
 
     def selected_cells(self) -> list[Cell]:
         if not self.cells:
