@@ -165,7 +165,9 @@ def _process_group(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
     from ..train.distributed import DistributedError
     rank, world = init_from_env(torch.device(cfg.device).type)
     try:
-        with (contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(open(os.devnull, "w"))):
+        with contextlib.ExitStack() as quiet:
+            if rank != 0:
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
             yield rank, world
     except DistributedError as e:  # raised alike on every rank, before any collective of the step
         print(f"llama-finetune: error: {e}", file=sys.stderr, flush=True)
