@@ -161,8 +161,7 @@ def _process_group(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
         yield 0, 1
         return
     import torch.distributed as dist
-    from ..train.distributed import init_from_env
-    from ..train.distributed import DistributedError
+    from ..train.distributed import DistributedError, init_from_env
     rank, world = init_from_env(torch.device(cfg.device).type)
     try:
         with contextlib.ExitStack() as quiet:
@@ -204,7 +203,7 @@ def _run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
                           precision=precision, clip=cfg.clip or None, device_type=device_type,
                           loss_chunk=cfg.loss_chunk or None)
     start = 0
-    if cfg.resume and world > 1:
+    if cfg.resume and cfg.dist != "off":
         from . import dist_state
         start, metrics["losses"] = dist_state.restore(Path(cfg.out), model, trainer,
                                                       lambda saved: _config_differences(saved, cfg))
@@ -219,7 +218,7 @@ def _run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
     if cfg.sample:
         _samples(model, tokenizer, "before training")
 
-    progress = make_progress(total_steps, start, cfg.progress)
+    progress = make_progress(total_steps, start, cfg.progress and rank == 0)  # one bar, rank 0's
     pad_id = max(tokenizer.pad_id, 0)
     if world > 1:  # every window the run trains must give each rank a micro-batch: said now, not at that step
         from ..train.distributed import split_window
@@ -263,12 +262,12 @@ def _run(cfg: TrainConfig, rank: int = 0, world: int = 1) -> dict[str, Any]:
                        avg_loss=sum(losses) / len(losses) if losses else None,
                        tokens_per_s=n_input_tokens / elapsed if elapsed > 0 else None)
         resumable = metrics["status"] in ("ok", "nonfinite")
-        if resumable and cfg.out and world > 1:  # every rank writes its shards
+        if resumable and cfg.out and cfg.dist != "off":  # every rank writes its shards
             from . import dist_state
             dist_state.save(Path(cfg.out), model, trainer, step,
                             {"config": dataclasses.asdict(cfg), "losses": metrics["losses"]})
         if out:
-            if resumable and world == 1:
+            if resumable and cfg.dist == "off":
                 state = _state(model, trainer, step, cfg, metrics["losses"])
                 atomic_write(out / STATE_FILE, lambda f: torch.save(state, f))
             atomic_write(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
