@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=4,
                    help="with --ckpt-dir or --preset: KV-cache rows (default: %(default)s)")
     p.add_argument("--mutants", action="store_true", help="also run every bug-zoo mutant and print the kill matrix")
+    p.add_argument("--distributed", action="store_true",
+                   help="also property 6: DDP and FSDP2 on 2 and 3 spawned CPU ranks against one process (with "
+                        "--mutants, its zoo too)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return p
 
@@ -117,6 +120,16 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     results = run_checks(factory, inputs, checks=checks, dtypes=args.dtype or ["float32", "bfloat16"],
                          attn_impls=args.attn_impl or ["math", "sdpa"], device=args.device)
+    dist_zoo: dict = {}
+    if args.distributed:
+        from llama_ref.train.distributed import DistributedTrainer
+
+        from .checks.distributed import check_distributed_many
+        from .mutants.distributed import DIST_ZOO
+        trainers = {"": DistributedTrainer, **({m.name: m.components["trainer_cls"] for m in DIST_ZOO}
+                                               if args.mutants else {})}
+        dist_zoo = check_distributed_many(factory(), trainers, seed=args.seed)
+        results.append(dist_zoo.pop(""))
     print(format_results(results))
     failed = [r for r in results if not r.ok]
     payload = {"target": target, "environment": env, "results": [r.to_json() for r in results]}
@@ -129,6 +142,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         print("bug zoo (each mutant must make its own property's check fail):")
         print(format_kill_matrix(matrix, mutants))
         missed = uncaught(matrix, mutants)
+        if dist_zoo:
+            print()
+            print("property 6's zoo (each must make the distributed check fail):")
+            print(format_table([("mutant", "verdict")] + [(n, "caught" if not r.ok else "MISSED")
+                                                           for n, r in dist_zoo.items()]))
+            missed += [n for n, r in dist_zoo.items() if r.ok]
+            matrix.update({n: {"distributed": r} for n, r in dist_zoo.items()})
         payload["mutants"] = {name: {c: r.to_json() for c, r in row.items()} for name, row in matrix.items()}
         payload["mutants_missed"] = missed
 

@@ -76,3 +76,13 @@ def test_every_mutant_of_the_distributed_zoo_is_caught_for_its_reason(zoo_result
     result = zoo_results[name]
     assert not result.ok, f"{name} not caught"
     assert any(REASONS[name] in d for d in result.details), result.details[:4]
+
+
+@pytest.mark.slow  # two spawns of the whole zoo, through the command line
+def test_llama_verify_distributed_runs_property_6_and_its_zoo(capsys):
+    from verify.__main__ import main
+    assert main(["--check", "kv_cache", "--dtype", "float32", "--attn-impl", "math", "--distributed",
+                 "--mutants"]) == 0
+    out = capsys.readouterr().out
+    assert "distributed  W=2/3" in out and "property 6's zoo" in out
+    assert all(f"{m.name}" in out for m in DIST_ZOO) and "MISSED" not in out
