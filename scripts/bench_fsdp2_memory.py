@@ -48,6 +48,7 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str)
         torch.save({"peak": snap["Total"] / MiB, "parts": parts}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # the result is on disk: no interpreter teardown (a gloo/FSDP2 thread can abort it, SIGABRT)
 
 
 def main() -> None:
