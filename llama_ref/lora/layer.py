@@ -90,16 +90,21 @@ class LoRALinear(nn.Linear, LoRALayer):
             self.lora_B.zero_()
         self.merged = False
 
+    def _accumulation_dtype(self) -> torch.dtype:
+        """fp32 for half weights and fp32 ones; float64 stays float64 (``.float()`` would round a float64 merge)."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` (out, in), accumulated in fp32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """``scaling·B·A`` (out, in), accumulated in fp32 (float64 for a float64 layer)."""
+        acc = self._accumulation_dtype()
+        return (self.lora_B.to(acc) @ self.lora_A.to(acc)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into ``weight``; a second call is a no-op."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._accumulation_dtype()) + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -107,7 +112,7 @@ class LoRALinear(nn.Linear, LoRALayer):
         """Take the update out of ``weight`` again; a no-op unless merged."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_((self.weight.to(self._accumulation_dtype()) - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
     def train(self, mode: bool = True) -> "LoRALinear":

@@ -3,8 +3,9 @@ caller's model is left as it was."""
 from __future__ import annotations
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
+from llama_ref.args import ModelArgs
 from llama_ref.default import default_model
 from llama_ref.lora import ALL_TARGETS, lora_layers
 from llama_ref.model import Transformer, init_weights
@@ -21,7 +22,15 @@ def lora_cases(draw):
     return args, targets, rank, alpha, draw(st.booleans()), draw(st.sampled_from([torch.float32, torch.bfloat16]))
 
 
+# Found by hypothesis: alpha/r = 3.5 on every target, where merged logits were 4.19x further from float64 than
+# unmerged ones (the old criterion's factor was 4) and 1.48x the error of a right merge — the criterion since.
+_DOMINANT_DELTA = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=32,
+                            use_scaled_rope=True, rope_scale_factor=8.0, max_batch_size=2, max_seq_len=24,
+                            attn_impl="sdpa")
+
+
 @given(case=lora_cases(), seed=seeds())
+@example(case=(_DOMINANT_DELTA, ["w3", "wo", "wv", "wq", "wk", "w1", "w2"], 2, 7.0, False, torch.float32), seed=173)
 def test_merged_equals_unmerged(case, seed):
     args, targets, rank, alpha, rslora, dtype = case
     model = init_weights(Transformer(args), seed).to(dtype)
