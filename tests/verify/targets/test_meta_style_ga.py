@@ -40,6 +40,26 @@ def test_the_users_step_runs_on_llama_ref_too():
     assert not check_grad_accumulation(model, train_step=train_steps.seed_step, **QUICK).ok
 
 
+def test_a_scaled_loss_is_caught_although_clipping_binds_and_the_logged_loss_is_right():
+    # Every clipped step binds ("auto": half the first norm), which rescales any multiple of the right gradients to
+    # the same update, and a user's step reports no norm: only the unclipped last scenario can see the scale.
+    result = check_grad_accumulation(default_model(0), train_step=train_steps.per_micro_count_step, lora=(False,),
+                                     splits=[[2, 4]], stream_ga=3, steps=2)
+    assert not result.ok, str(result)
+    assert "unclipped" in result.case and " (bound in 0/" not in result.case
+    text = "\n".join(result.details)
+    assert "unclipped step" in text and "the logged loss" not in text
+    clipped = [d for d in result.details if "unclipped" not in d and not d.startswith("note:")]
+    assert not clipped, clipped  # the clipped scenario is blind to it: the reason the unclipped one exists
+
+
+def test_with_one_scenario_all_clipped_the_check_says_what_it_could_not_see():
+    result = check_grad_accumulation(default_model(0), train_step=train_steps.token_mean_step, lora=(False,),
+                                     splits=[[2, 4]], stream_ga=None, steps=2)
+    assert result.ok and "0 unclipped" in result.case
+    assert any(d.startswith("note: every step was clipped") for d in result.details), result.details
+
+
 def test_without_a_step_a_meta_style_model_is_not_applicable_and_says_how_to_give_one():
     result = check_grad_accumulation(seed_style.trainable(seed_style.make_fixed()))
     assert result.verdict == "N/A" and "--train-step PATH.py:FN" in result.not_applicable

@@ -4,7 +4,10 @@
 :func:`seed_step` is the seed report's loop (``../shared/seed/report.txt``), written anew: each micro-batch's mean
 cross-entropy divided by ``ACCUMULATION_STEPS`` = 8 and backpropagated, one optimizer step at the end of the
 window, and the scaled loss of the last micro-batch logged; it does not clip. :func:`token_mean_step` is the
-correct one: the window's loss is the mean over all its target tokens.
+correct one: the window's loss is the mean over all its target tokens. :func:`per_micro_count_step` logs that mean
+too, but divides the window's summed loss by a micro-batch's average token count instead of the window's (the
+data-parallel factor of transformers#34511, here over micro-batches): its gradients are exactly K times the right
+ones, which clipping that binds normalises away.
 """
 from __future__ import annotations
 
@@ -48,6 +51,22 @@ def token_mean_step(model, optimizer, window, max_norm):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / n_tokens
+
+
+def per_micro_count_step(model, optimizer, window, max_norm):
+    n_tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in window)
+    per_micro = n_tokens / len(window)  # a micro-batch's token count on average, where the window's belongs
+    total = 0.0
+    for batch in window:
+        logits = model(batch["input_ids"], 0)
+        loss_sum = F.cross_entropy(*_shifted(logits, batch["labels"]), ignore_index=-100, reduction="sum")
+        (loss_sum / per_micro).backward()
+        total += float(loss_sum.detach())
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n_tokens  # the logged loss is right
 
 
 def autocast_step(dtype: torch.dtype):
