@@ -135,6 +135,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     payload = {"target": target, "environment": env, "results": [r.to_json() for r in results]}
 
     missed: list[str] = []
+    na: set[str] = set()  # mutants this torch cannot show (FSDP2's, where FSDP2 does not run)
     if args.mutants:
         mutants = [m for m in MUTANTS.values() if m.prop in checks]
         matrix = kill_matrix(factory, inputs, mutants, checks=checks, device=args.device)
@@ -143,21 +144,28 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_kill_matrix(matrix, mutants))
         missed = uncaught(matrix, mutants)
         if dist_zoo:
+            from .checks.distributed import fsdp2_unavailable
+            from .mutants.distributed import FSDP2_ONLY
+            no_fsdp2 = fsdp2_unavailable()
+            na = {n for n in dist_zoo if n in FSDP2_ONLY and no_fsdp2}
             print()
             print("property 6's zoo (each must make the distributed check fail):")
-            print(format_table([("mutant", "verdict")] + [(n, "caught" if not r.ok else "MISSED")
-                                                           for n, r in dist_zoo.items()]))
-            missed += [n for n, r in dist_zoo.items() if r.ok]
+            print(format_table([("mutant", "verdict")] + [
+                (n, f"not applicable: only FSDP2 shows it, and {no_fsdp2}" if n in na else
+                 "caught" if not r.ok else "MISSED") for n, r in dist_zoo.items()]))
+            missed += [n for n, r in dist_zoo.items() if r.ok and n not in na]
             matrix.update({n: {"distributed": r} for n, r in dist_zoo.items()})
         payload["mutants"] = {name: {c: r.to_json() for c, r in row.items()} for name, row in matrix.items()}
         payload["mutants_missed"] = missed
+        payload["mutants_not_applicable"] = sorted(na)
 
     if args.json:
         write_json(args.json, payload)
     print()
     print(f"{len(results) - len(failed)}/{len(results)} checks passed"
           + (f"; {len(missed)} mutant(s) NOT caught: {', '.join(missed)}" if args.mutants and missed else
-             (f"; all {len(matrix)} mutants caught" if args.mutants else "")))
+             (f"; all {len(matrix) - len(na)} mutants caught" + (f", {len(na)} not applicable here" if na else "")
+              if args.mutants else "")))
     return 1 if failed or missed else 0
 
 

@@ -17,6 +17,9 @@ from .base import Mutant, collector
 
 PROP = "distributed"
 DIST_ZOO: list[Mutant] = []
+# Mutants only FSDP2 can show (a DDP gradient is whole on every rank, its local norm the global one): where FSDP2
+# does not run, they are not applicable, never "missed".
+FSDP2_ONLY = frozenset({"dist_clip_local_shard_norm"})
 mutant = collector(DIST_ZOO, PROP)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from llama_ref.train.distributed import DistributedError, DistributedTrainer, split_window
 from verify.checks.distributed import Case, check_distributed, check_distributed_many, fsdp2_unavailable
-from verify.mutants.distributed import DIST_ZOO
+from verify.mutants.distributed import DIST_ZOO, FSDP2_ONLY
 
 # what each mutant's failure must say
 REASONS = {
@@ -71,7 +71,7 @@ def test_the_correct_trainer_passes_on_two_ranks(zoo_results, kind):
 
 @pytest.mark.parametrize("name", [m.name for m in DIST_ZOO])
 def test_every_mutant_of_the_distributed_zoo_is_caught_for_its_reason(zoo_results, name):
-    if name == "dist_clip_local_shard_norm" and (fsdp2_unavailable() or FSDP2_DOUBLES):
+    if name in FSDP2_ONLY and (fsdp2_unavailable() or FSDP2_DOUBLES):
         pytest.skip("FSDP2 does not run right here")  # a DDP gradient is whole on every rank: only FSDP2 shows it
     result = zoo_results[name]
     assert not result.ok, f"{name} not caught"
@@ -79,6 +79,8 @@ def test_every_mutant_of_the_distributed_zoo_is_caught_for_its_reason(zoo_result
 
 
 @pytest.mark.slow  # two spawns of the whole zoo, through the command line
+@pytest.mark.xfail(FSDP2_DOUBLES, strict=True, reason=f"torch {torch.__version__}: FSDP2 on CPU/gloo returns "
+                   "gradients times the world size (pytorch#162338): the correct trainer fails property 6")
 def test_llama_verify_distributed_runs_property_6_and_its_zoo(capsys):
     from verify.__main__ import main
     assert main(["--check", "kv_cache", "--dtype", "float32", "--attn-impl", "math", "--distributed",
@@ -86,3 +88,7 @@ def test_llama_verify_distributed_runs_property_6_and_its_zoo(capsys):
     out = capsys.readouterr().out
     assert "distributed  W=2/3" in out and "property 6's zoo" in out
     assert all(f"{m.name}" in out for m in DIST_ZOO) and "MISSED" not in out
+    # Where FSDP2 does not run, its mutants are said to be not applicable, and why; never counted as caught.
+    n_na = sum(any(name in line and "not applicable: only FSDP2 shows it" in line for line in out.splitlines())
+               for name in FSDP2_ONLY)
+    assert n_na == (len(FSDP2_ONLY) if fsdp2_unavailable() else 0), out[-2000:]

@@ -151,4 +151,10 @@ def test_a_peft_model_from_a_factory_is_checked_with_its_own_adapters(hf_model):
     merge = check_lora_merge(adapted, targets=("q_proj",), rank=8)  # a PeftModel keeps its own LoraConfig
     assert merge.ok and "targets=k_proj,o_proj r=2 alpha=5 rslora" in merge.case, _explain(merge)
     gc = check_gradient_checkpointing(adapted, policies=("all",), autocast_dtype=None, full_finetune=False)
-    assert gc.ok and "LoRA r=2 alpha=5 rslora on k_proj,o_proj" in gc.case, _explain(gc)
+    assert "LoRA r=2 alpha=5 rslora on k_proj,o_proj" in gc.case, _explain(gc)
+    if TRANSFORMERS < Version("5"):  # REENTRANT_UNDER_PEFT (transformers#26221): that mode fails, and only it
+        failing = [d for d in gc.details if not d.startswith("note:")]
+        assert not gc.ok and failing, _explain(gc)
+        assert all("use_reentrant=True" in d and "does not require grad" in d for d in failing), _explain(gc)
+    else:
+        assert gc.ok, _explain(gc)
