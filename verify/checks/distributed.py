@@ -134,7 +134,7 @@ def _worker(rank: int, world: int, store: str, job_path: str, out_dir: str) -> N
                     result = f"{type(e).__name__}: {e}"
                     dist.barrier()
                 torch.save(result, os.path.join(out_dir, f"{label}-{i}-{rank}.pt"))
-    except Exception:
+    except BaseException:  # SystemExit and the like too: a rank that stops says why, whatever stopped it
         with open(os.path.join(out_dir, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
     finally:
