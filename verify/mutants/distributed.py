@@ -37,17 +37,26 @@ def _sum_hook(state, bucket):
 
 
 @mutant("dist_grads_not_averaged",
-        "the gradient reduction sums over the ranks without dividing by the world size (a DDP comm hook; FSDP2's "
-        "divide factor 1)",
+        "the gradient reduction sums over the ranks without dividing by the world size (a DDP comm hook; under "
+        "FSDP2, the averaged shards multiplied back by the world size)",
         "FSDP2 on gloo in torch 2.7.0 returning world-size-multiplied gradients, pytorch#162338",
         component="trainer_cls")
 class _NotAveraged(DistributedTrainer):
+    # FSDP2's own way, set_gradient_divide_factor(1.0), makes its reduce-scatter a PREMUL_SUM, which gloo refuses:
+    # the rank raises in backward at a point the other ranks may already have passed, and the job's later cases lose
+    # their results (seen as a flaky spawn). The sum is the average times the world size: that is what it does here.
     def __init__(self, model, optimizer, **kwargs):
         super().__init__(model, optimizer, **kwargs)
         if self.kind == "ddp":
             model.register_comm_hook(None, _sum_hook)
-        else:
-            model.set_gradient_divide_factor(1.0)
+
+    def clip_gradients(self) -> float:
+        if self.kind != "ddp":
+            with torch.no_grad():
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(dist.get_world_size())
+        return super().clip_gradients()
 
 
 @mutant("dist_divided_twice",
