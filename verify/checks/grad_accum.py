@@ -386,7 +386,7 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
     # With clipping on, the last of several scenarios runs without it: clipping that binds rescales the gradients
     # to max_norm, so a uniformly scaled loss would show in no stepped gradient (nor, in a user's step that reports
     # no norm, anywhere); one scenario alone keeps its clipping and the note below says what went unexamined.
-    unclipped = scenarios[-1].label if clip is not None and len(scenarios) > 1 else None
+    unclip_last = clip is not None and len(scenarios) > 1
     try:
         bound = total = n_unclipped = 0
         for use_lora in lora:
@@ -409,7 +409,7 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
                      for k, v in base.state_dict().items()}
             for j, sc in enumerate(scenarios):
                 kind = kinds[j % len(kinds)]
-                free = sc.label == unclipped
+                free = unclip_last and j == len(scenarios) - 1
                 labelled = _Scenario(f"{'lora' if use_lora else 'full'} {kind} {sc.label}"
                                      + (" unclipped" if free else ""), sc.sizes, sc.ga)
                 bound += _run(target, models, start, pool, labelled, kind, None if free else max_norm, schedule,

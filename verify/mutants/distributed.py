@@ -50,13 +50,13 @@ class _NotAveraged(DistributedTrainer):
         if self.kind == "ddp":
             model.register_comm_hook(None, _sum_hook)
 
-    def clip_gradients(self) -> float:
+    def prepare_gradients(self, loss: float):  # after the last backward, before clipping (clipped or not)
         if self.kind != "ddp":
             with torch.no_grad():
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(dist.get_world_size())
-        return super().clip_gradients()
+        return super().prepare_gradients(loss)
 
 
 @mutant("dist_divided_twice",
