@@ -27,7 +27,7 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str)
     try:
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-        from llama_ref.perf.memory import _random_batch
+        from llama_ref.perf.memory import random_batch
         from llama_ref.train.config import TrainConfig, build_model
         from llama_ref.train.distributed import DistributedTrainer, wrap
         from llama_ref.train.optim import make_optimizer
@@ -37,7 +37,7 @@ def _rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str)
         net = wrap(model, "fsdp2", device_type="cpu")
         optimizer = make_optimizer(cfg, model)
         trainer = DistributedTrainer(net, optimizer, clip=cfg.clip)
-        batch = _random_batch(model.params.vocab_size, args.batch_size, args.seq_len, "cpu", seed=rank)
+        batch = random_batch(model.params.vocab_size, args.batch_size, args.seq_len, "cpu", seed=rank)
         trainer.step([batch] * world)  # warm-up: the optimizer's state exists from here on
         tracker = FSDPMemTracker(net, optimizer)
         tracker.track_inputs((batch["input_ids"],))

@@ -11,15 +11,14 @@ from typing import Optional, Sequence
 import torch
 
 from ..perf import bench as _bench
-from ..perf.bench import _write_json, run
-from ..perf.bench_cell import _address_space, _limit_memory, run_cell
+from ..formats.atomic import write_json
+from ..perf.bench import run
+from ..perf.bench_cell import address_space, limit_memory, run_cell
 from ..perf.bench_config import BenchConfig
-from ..perf.bench_report import Cell
+from ..perf.cells import Cell
 from ..perf.peak import MiB
 from .options import dataclass_parser
 from .progress import progress as make_progress
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +32,14 @@ def _child(job: Path, result: Path) -> int:
     bench = BenchConfig(**spec["bench"])
     if bench.threads:
         torch.set_num_threads(bench.threads)
-    start = _address_space("VmSize")
-    _limit_memory(bench, start)  # this process only: it exists for this one cell
+    start = address_space("VmSize")
+    limit_memory(bench, start)  # this process only: it exists for this one cell
     record = run_cell(bench, Cell(**spec["cell"]))
-    peak = _address_space("VmPeak")
+    peak = address_space("VmPeak")
     if start is not None and peak is not None and not bench.device.startswith("cuda"):
         # What --memory-limit-mb limits on CPU: the address space the cell mapped beyond its start.
         record["address_space_mb"] = (peak - start) / MiB
-    _write_json(result, record)
+    write_json(result, record)
     return 0
 
 
@@ -81,7 +80,7 @@ def _predict_world_sizes(bench: BenchConfig) -> int:
         parts = ", ".join(f"{k} {v:,.1f}" for k, v in row["breakdown_mb"].items() if v >= 0.05)
         print(f"{row['world_size']:>5}  {row['peak_mb']:>13,.1f}  {parts}")
     Path(bench.out).mkdir(parents=True, exist_ok=True)
-    _write_json(Path(bench.out) / "fsdp2.json", {"config": dict(preset=cfg.preset, optimizer=cfg.optimizer,
+    write_json(Path(bench.out) / "fsdp2.json", {"config": dict(preset=cfg.preset, optimizer=cfg.optimizer,
                                                                  batch_size=bench.batch_size, seq_len=bench.seq_len),
                                                  "rows": rows})
     return 0

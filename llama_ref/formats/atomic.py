@@ -6,6 +6,7 @@ A failure at any point removes the temporary files and leaves the targets as the
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -19,6 +20,11 @@ def atomic_write(path: Union[str, os.PathLike], content: Content) -> Path:
     """Write ``content`` (bytes, text as UTF-8, or a function writing to a binary file) to ``path`` atomically."""
     path = Path(path)
     return atomic_write_files(path.parent, {path.name: content}) / path.name
+
+
+def write_json(path: Union[str, os.PathLike], data: object) -> Path:
+    """``data`` as JSON indented by 2, with a final newline, written to ``path`` atomically (a run's records)."""
+    return atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def atomic_write_files(directory: Union[str, os.PathLike], files: Mapping[str, Content]) -> Path:

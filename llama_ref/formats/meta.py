@@ -269,13 +269,14 @@ def _merge_shards(shards: Sequence[dict[str, torch.Tensor]], names: Sequence[str
         except (RuntimeError, IndexError):
             problems.append(f"{key!r}: shard shapes {shapes} do not concatenate on dim {cat_dim}")
     if problems:
-        raise CheckpointError(f"{ckpt_dir}: cannot merge shards {list(names)}: {_listing(problems)}")
+        raise CheckpointError(f"{ckpt_dir}: cannot merge shards {list(names)}: {listing(problems)}")
     return merged
 
 
 # --- validation -----------------------------------------------------------------------------------------------
 
-def _listing(items: Sequence[str]) -> str:
+def listing(items: Sequence[str]) -> str:
+    """``items`` joined by commas, the first few only, then how many more (an error message's list of keys)."""
     shown = ", ".join(items[:_MAX_LISTED])
     return shown + (f", … and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
@@ -290,11 +291,11 @@ def key_problems(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tup
                   for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k])]
     lines = []
     if strict and missing:
-        lines.append(f"{len(missing)} missing key(s): {_listing([repr(k) for k in missing])}")
+        lines.append(f"{len(missing)} missing key(s): {listing([repr(k) for k in missing])}")
     if strict and unexpected:
-        lines.append(f"{len(unexpected)} unexpected key(s): {_listing([repr(k) for k in unexpected])}")
+        lines.append(f"{len(unexpected)} unexpected key(s): {listing([repr(k) for k in unexpected])}")
     if mismatched:
-        lines.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
+        lines.append(f"{len(mismatched)} shape mismatch(es): {listing(mismatched)}")
     return lines
 
 

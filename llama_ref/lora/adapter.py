@@ -39,7 +39,7 @@ from torch import nn
 
 from ..formats.atomic import atomic_write_files
 from ..formats.hf import hf_to_meta_module, meta_to_hf_module, permute_rotary, rotary_heads, unpermute_rotary
-from ..formats.meta import _listing, key_problems
+from ..formats.meta import key_problems, listing
 from ..model import Transformer
 from .apply import apply_lora_to_llama, lora_layers
 from .layer import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
@@ -95,7 +95,7 @@ def adapter_spec(model: Transformer) -> Optional[AdapterSpec]:
     for name, layer in layers.items():
         variants.setdefault((layer.r, layer.lora_alpha, _dropout_p(layer), bool(layer.use_rslora)), []).append(name)
     if len(variants) > 1:
-        lines = [f"r={r}, lora_alpha={a}, lora_dropout={d}, use_rslora={rs}: {_listing(names)}"
+        lines = [f"r={r}, lora_alpha={a}, lora_dropout={d}, use_rslora={rs}: {listing(names)}"
                  for (r, a, d, rs), names in variants.items()]
         raise ValueError("LoRA layers with different hyper-parameters cannot be saved as one adapter:\n  "
                          + "\n  ".join(lines))
@@ -104,7 +104,7 @@ def adapter_spec(model: Transformer) -> Optional[AdapterSpec]:
     missing, unexpected = sorted(expected - set(layers)), sorted(set(layers) - expected)
     if missing or unexpected:
         raise ValueError(f"LoRA layers must cover the same targets {list(targets)} in every block: "
-                         + "; ".join(f"{what} {_listing(names)}" for what, names in
+                         + "; ".join(f"{what} {listing(names)}" for what, names in
                                      (("no LoRA on", missing), ("unexpected LoRA on", unexpected)) if names))
     (r, alpha, dropout, rslora), = variants
     return AdapterSpec(r, alpha, dropout, rslora, targets)
@@ -251,7 +251,7 @@ def _load(model: Transformer, spec: AdapterSpec, tensors: dict[str, torch.Tensor
     lines = key_problems(tensors, expected, strict=strict)
     not_float = [f"{k!r} ({t.dtype})" for k, t in tensors.items() if k in expected and not t.is_floating_point()]
     if not_float:
-        lines.append(f"{len(not_float)} non-floating tensor(s): {_listing(not_float)}")
+        lines.append(f"{len(not_float)} non-floating tensor(s): {listing(not_float)}")
     if lines:
         raise AdapterError(f"{source} does not fit the model:\n  " + "\n  ".join(lines))
 

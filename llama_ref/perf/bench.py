@@ -27,10 +27,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..formats.atomic import atomic_write
-from .bench_cell import _cell_fields, _pick, _run_in_process
+from ..formats.atomic import atomic_write, write_json
+from .bench_cell import run_cell_in_process
 from .bench_config import BenchConfig
-from .bench_report import Cell, write_markdown, write_plots
+from .bench_report import write_markdown, write_plots
+from .cells import Cell, breakdown
 from .memory import predict_step_flops, predict_step_memory
 
 
@@ -42,27 +43,27 @@ def _run_isolated(bench: BenchConfig, cell: Cell, workdir: Path) -> dict[str, An
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.timeout)
     except subprocess.TimeoutExpired:
-        return {**_cell_fields(cell), "status": "timeout", "error": f"stopped after {bench.timeout:.0f} s"}
+        return {**cell.record_fields(), "status": "timeout", "error": f"stopped after {bench.timeout:.0f} s"}
     if result.is_file():
         return json.loads(result.read_text())
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     if proc.returncode == -9:  # SIGKILL: on Linux, the kernel's OOM killer
-        return {**_cell_fields(cell), "status": "OOM", "error": "killed by SIGKILL (out of memory)"}
-    return {**_cell_fields(cell), "status": "error",
+        return {**cell.record_fields(), "status": "OOM", "error": "killed by SIGKILL (out of memory)"}
+    return {**cell.record_fields(), "status": "error",
             "error": f"cell process exited with {proc.returncode}: " + " | ".join(tail)}
 
 
 def predict_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
     """``cell``'s memory and FLOPs predicted on fake tensors; a bad shape is an ``error`` record."""
     cfg = bench.train_config(cell)
-    record: dict[str, Any] = {**_cell_fields(cell)}
+    record: dict[str, Any] = {**cell.record_fields()}
     try:
         report = predict_step_memory(cfg, bench.batch_size, bench.seq_len)
         flops = predict_step_flops(cfg, bench.batch_size, bench.seq_len)
     except ValueError as e:
         return {**record, "status": "error", "error": str(e)}
     return {**record, "status": "ok", "peak_mb": report.peak_mb, "peak_method": report.method,
-            "breakdown_mb": _pick(report.breakdown_mb), "category_peaks_mb": _pick(report.category_peaks_mb),
+            "breakdown_mb": breakdown(report.breakdown_mb), "category_peaks_mb": breakdown(report.category_peaks_mb),
             "flops_per_micro_batch": flops, "seconds": report.seconds}
 
 
@@ -104,10 +105,6 @@ def _add_flops(bench: BenchConfig, records: list[dict[str, Any]]) -> None:
         r["flops_per_micro_batch"] = counted[key]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2) + "\n")
-
-
 def _model_description(bench: BenchConfig) -> str:
     if bench.ckpt_dir:
         return f"checkpoint {bench.ckpt_dir}"
@@ -128,7 +125,7 @@ def run(bench: BenchConfig, bar: Any = None) -> list[dict[str, Any]]:
 
     def done(record: dict[str, Any]) -> dict[str, Any]:
         records.append(record)  # partial results survive an interrupted run
-        _write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
+        write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
         if bar is not None:
             bar.set_postfix_str(record["cell"])
             bar.update(1)
@@ -139,12 +136,12 @@ def run(bench: BenchConfig, bar: Any = None) -> list[dict[str, Any]]:
     else:
         with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
             for cell in cells:
-                done(_run_isolated(bench, cell, Path(tmp)) if bench.isolate else _run_in_process(bench, cell))
+                done(_run_isolated(bench, cell, Path(tmp)) if bench.isolate else run_cell_in_process(bench, cell))
     if bar is not None:
         bar.close()
     if not bench.predict:
         _add_flops(bench, records)
-    _write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
+    write_json(out / "bench.json", {"config": dataclasses.asdict(bench), **meta, "cells": records})
     write_markdown(out / "bench.md", bench, records, meta)
     if bench.plots:
         write_plots(out, records)

@@ -18,7 +18,7 @@ from ..train.optim import make_optimizer
 from ..train.rng import seeded
 from ..train.trainer import NonFiniteLossError, Trainer, windows
 from .bench_config import BenchConfig
-from .bench_report import BREAKDOWN, Cell
+from .cells import Cell, breakdown
 from .peak import MiB, MemTrackerUnavailable, PeakTracker, peak_memory_mb
 
 
@@ -76,7 +76,7 @@ def _micro_batches(bench: BenchConfig, tokenizer, vocab: int) -> tuple[str, Iter
     return kind, synthetic_blocks(vocab, bench.batch_size, bench.seq_len, bench.seed)
 
 
-def _limit_memory(bench: BenchConfig, mapped: Optional[int]) -> None:
+def limit_memory(bench: BenchConfig, mapped: Optional[int]) -> None:
     """Apply ``--memory-limit-mb`` to this process; ``mapped``: the bytes of address space it maps now (VmSize)."""
     if bench.memory_limit_mb is None:
         return
@@ -91,7 +91,7 @@ def _limit_memory(bench: BenchConfig, mapped: Optional[int]) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (mapped + int(bench.memory_limit_mb * MiB), resource.RLIM_INFINITY))
 
 
-def _address_space(key: str) -> Optional[int]:
+def address_space(key: str) -> Optional[int]:
     """Bytes of this process's ``VmSize`` (mapped now) or ``VmPeak`` (mapped at most), from /proc (Linux only)."""
     try:
         with open("/proc/self/status") as f:
@@ -155,15 +155,15 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     else:  # the CUDA allocator's peak since this call began, or (no MemTracker on CPU) the process's peak RSS
         peak, method = peak_memory_mb(cfg.device)
     return dict(peak_mb=peak, peak_method=method,
-                breakdown_mb=_pick(tracker.breakdown_mb) if tracker else {},
-                category_peaks_mb=_pick(tracker.category_peaks_mb) if tracker else {}, **record)
+                breakdown_mb=breakdown(tracker.breakdown_mb) if tracker else {},
+                category_peaks_mb=breakdown(tracker.category_peaks_mb) if tracker else {}, **record)
 
 
 def run_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
     """Build and train ``cell`` for ``bench.steps`` micro-batches in this process; return its record (status ``ok``,
     ``OOM``, ``nonfinite`` or ``error``: a failure is recorded, never raised)."""
     cfg = bench.train_config(cell)
-    record: dict[str, Any] = {**_cell_fields(cell), "status": "running"}
+    record: dict[str, Any] = {**cell.record_fields(), "status": "running"}
     try:
         with seeded(bench.seed, bench.device):
             model, tokenizer = build_model(cfg, require_tokenizer=False)
@@ -179,7 +179,7 @@ def run_cell(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
     return record
 
 
-def _run_in_process(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
+def run_cell_in_process(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
     """``run_cell`` in this process (its random state is forked: the caller's is left as it was), then the cell's
     model and optimizer state released before the next cell measures."""
     try:
@@ -189,12 +189,3 @@ def _run_in_process(bench: BenchConfig, cell: Cell) -> dict[str, Any]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-
-def _pick(mb: dict[str, float]) -> dict[str, float]:
-    picked = {k: mb.get(k, 0.0) for k in BREAKDOWN}
-    picked["other"] += mb.get("buffer", 0.0)
-    return picked
-
-
-def _cell_fields(cell: Cell) -> dict[str, Any]:
-    return {"cell": cell.name, "ga": cell.ga, "gc": cell.gc, "mp": cell.mp, "lora": cell.lora}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..train.config import TrainConfig, check_choices, option
-from .bench_report import CELLS, Cell
+from .cells import CELLS, Cell
 
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

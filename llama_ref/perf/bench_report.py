@@ -1,51 +1,16 @@
-"""The seed report's table (its 16 cells, its figures, its qualitative "Performance Analysis") and llama-bench's
+"""The seed report's table (its figures for each of the 16 cells, its qualitative "Performance Analysis") and llama-bench's
 reports of it: ``bench.md`` in the seed's layout with the breakdown and the analysis measured, and the PNG plots."""
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from ..formats.atomic import atomic_write
-
-if TYPE_CHECKING:
-    from .bench_config import BenchConfig
-
-# MemTracker's categories; "other" also takes its "buffer" (none in this model) and holds what no module owns,
-# e.g. the batches of tokens.
-BREAKDOWN = ("parameter", "gradient", "optimizer state", "activation", "temporary", "other")
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell of the seed's table: which of the four techniques are on."""
-    ga: bool
-    gc: bool
-    mp: bool
-    lora: bool
-
-    @property
-    def name(self) -> str:
-        on = [n for n, v in (("GA", self.ga), ("GC", self.gc), ("MP", self.mp), ("LoRA", self.lora)) if v]
-        return "+".join(on) or "plain"
-
-    @classmethod
-    def parse(cls, name: str) -> "Cell":
-        parts = {p.strip().upper() for p in name.split("+") if p.strip()}
-        if parts == {"PLAIN"}:
-            parts = set()
-        unknown = parts - {"GA", "GC", "MP", "LORA"}
-        if unknown or not name.strip():
-            raise ValueError(f"unknown cell {name!r}: write e.g. plain, LoRA, GC+MP+LoRA, GA+GC+MP+LoRA")
-        return cls("GA" in parts, "GC" in parts, "MP" in parts, "LORA" in parts)
-
-
-# The seed's order: the table with GA, then without; GC off/on, then MP off/on, then LoRA off/on.
-CELLS = tuple(Cell(ga, gc, mp, lora) for ga in (True, False) for gc in (False, True) for mp in (False, True)
-              for lora in (False, True))
+from .bench_config import BenchConfig
+from .cells import BREAKDOWN, CELLS, Cell
 
 # The seed report's figures (MB, s); None: out of memory ("x").
 SEED_TABLE: dict[Cell, tuple[Optional[float], Optional[float]]] = dict(zip(CELLS, [

@@ -27,14 +27,14 @@ import torch
 
 from ..args import ModelArgs
 from ..train.config import TrainConfig
-from .memory import MemoryReport, _build_like_finetune, _model_args, predict_step_memory
+from .memory import MemoryReport, build_like_finetune, model_args, predict_step_memory
 from .peak import MiB
 
 
 def unsharded_bytes(args: ModelArgs, cfg: TrainConfig) -> tuple[float, float]:
     """(root parameters, the largest block's parameters), MiB, of the model ``cfg`` builds (LoRA included)."""
     with torch.device("meta"):
-        model = _build_like_finetune(args, cfg)
+        model = build_like_finetune(args, cfg)
     block = max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.layers)
     in_blocks = {id(p) for layer in model.layers for p in layer.parameters()}
     root = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
@@ -58,7 +58,7 @@ def predict_fsdp2_rank_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_
     kinds = ("parameter", "gradient", "optimizer state")
     sharded = {k: one.breakdown_mb.get(k, 0.0) for k in kinds}
     rest = one.peak_mb - sum(sharded.values())
-    root, block = unsharded_bytes(_model_args(cfg_or_args, dataclasses.replace(cfg, batch_size=batch_size)), cfg)
+    root, block = unsharded_bytes(model_args(cfg_or_args, dataclasses.replace(cfg, batch_size=batch_size)), cfg)
     gathered = {"root parameters (unsharded)": root, "block parameters (computing + prefetched)": 2 * block}
     at_peak = {f"{k} (sharded)": v / world_size for k, v in sharded.items()}
     if sharded["gradient"] < 0.5 * one.category_peaks_mb.get("gradient", 0.0):  # the peak is in forward

@@ -32,7 +32,7 @@ from ..train.config import TrainConfig, build_model, prepare_for_training
 from ..train.optim import make_optimizer
 from ..train.rng import seeded
 from ..train.trainer import Trainer
-from .peak import MiB, MemTrackerUnavailable, PeakTracker, _mem_tracker_class
+from .peak import MiB, MemTrackerUnavailable, PeakTracker, mem_tracker_class
 
 
 @dataclass
@@ -51,7 +51,8 @@ class MemoryReport:
         return f"{self.peak_mb:,.1f} MiB ({self.method}, {self.device}){': ' + parts if parts else ''}"
 
 
-def _random_batch(vocab: int, batch_size: int, seq_len: int, device: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_batch(vocab: int, batch_size: int, seq_len: int, device: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A micro-batch of seeded uniform tokens below ``vocab`` (every one a target); ValueError below 2 positions."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (the loss predicts token t+1 from token t), got {seq_len}")
     tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -84,7 +85,7 @@ def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: fl
     device = torch.device(cfg.device)
     trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type=device.type,
                       loss_chunk=cfg.loss_chunk or None)
-    batch = _random_batch(model.vocab_size, batch_size, seq_len, device, cfg.seed)
+    batch = random_batch(model.vocab_size, batch_size, seq_len, device, cfg.seed)
     window = [batch] * cfg.ga  # a whole accumulation window per step
     for _ in range(steps - 1):  # warm-up: lazily created state (optimizer moments, RoPE table) exists before
         trainer.step(window)
@@ -111,7 +112,9 @@ def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: fl
 
 # --- prediction on fake tensors ---------------------------------------------------------------------------------
 
-def _model_args(cfg_or_args: Union[TrainConfig, ModelArgs, str], cfg: TrainConfig) -> ModelArgs:
+def model_args(cfg_or_args: Union[TrainConfig, ModelArgs, str], cfg: TrainConfig) -> ModelArgs:
+    """The shape a prediction runs: ``cfg_or_args`` itself when a ModelArgs (its batch at least ``cfg``'s), else
+    ``cfg``'s checkpoint's params.json or preset, at ``cfg.max_seq_len`` when set; no weights are read."""
     if isinstance(cfg_or_args, ModelArgs):
         return cfg_or_args.replace(max_batch_size=max(cfg.batch_size, cfg_or_args.max_batch_size))
     if cfg.ckpt_dir:
@@ -122,7 +125,7 @@ def _model_args(cfg_or_args: Union[TrainConfig, ModelArgs, str], cfg: TrainConfi
     return ModelArgs.preset(cfg.preset, **({"max_seq_len": cfg.max_seq_len} if cfg.max_seq_len else {}))
 
 
-def _build_like_finetune(args: ModelArgs, cfg: TrainConfig) -> Transformer:
+def build_like_finetune(args: ModelArgs, cfg: TrainConfig) -> Transformer:
     """``build_model`` without the weights' values (never read for memory) and without the tokenizer."""
     return prepare_for_training(Transformer(args), cfg)
 
@@ -164,20 +167,20 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    _mem_tracker_class()  # fail early, before any work
+    mem_tracker_class()  # fail early, before any work
     base = cfg_or_args if isinstance(cfg_or_args, TrainConfig) else TrainConfig()
     cfg = dataclasses.replace(base, batch_size=batch_size, **options)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     target = torch.device(cfg.device)
-    args = _model_args(cfg_or_args, cfg)
+    args = model_args(cfg_or_args, cfg)
     if seq_len > args.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {args.max_seq_len}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     t0 = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=False):
-        model = _build_like_finetune(args, cfg)
+        model = build_like_finetune(args, cfg)
         optimizer = make_optimizer(cfg, model, foreach=True if target.type == "cuda" else None)
         trainer = _FakeTensorTrainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu",
                                      loss_chunk=cfg.loss_chunk or None)
@@ -205,11 +208,11 @@ def predict_step_flops(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: i
 
     base = cfg_or_args if isinstance(cfg_or_args, TrainConfig) else TrainConfig()
     cfg = dataclasses.replace(base, batch_size=batch_size, **options)
-    args = _model_args(cfg_or_args, cfg)
+    args = model_args(cfg_or_args, cfg)
     if not 2 <= seq_len <= args.max_seq_len:
         raise ValueError(f"seq_len must be in 2..{args.max_seq_len} (the model's max_seq_len), got {seq_len}")
     with FakeTensorMode(allow_non_fake_inputs=False):
-        model = _build_like_finetune(args, cfg)
+        model = build_like_finetune(args, cfg)
         trainer = Trainer(model, make_optimizer(cfg, model), precision=cfg.mp, clip=None, device_type="cpu",
                           loss_chunk=cfg.loss_chunk or None)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)

@@ -27,7 +27,8 @@ class MemTrackerUnavailable(RuntimeError):
     """This torch has no ``torch.distributed._tools.mem_tracker.MemTracker`` (it appeared in torch 2.5)."""
 
 
-def _mem_tracker_class():
+def mem_tracker_class() -> type:
+    """torch's ``MemTracker`` class; MemTrackerUnavailable (saying which torch) where it does not exist."""
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError as e:  # torch < 2.5, or a build without torch.distributed
@@ -42,7 +43,7 @@ def mem_tracker_available() -> bool:
     """Whether this torch has MemTracker (torch >= 2.5 with torch.distributed): the gate every caller, the tests
     included, uses before measuring by category."""
     try:
-        _mem_tracker_class()
+        mem_tracker_class()
     except MemTrackerUnavailable:
         return False
     return True
@@ -51,7 +52,7 @@ def mem_tracker_available() -> bool:
 def _fast_tracker_class():
     """MemTracker that keeps only the global peak: its ``_update_peak_stats`` also updates every module's local
     peak after every op (modules × ops deep copies, 80 % of a 1B model's prediction time), which we never read."""
-    MemTracker = _mem_tracker_class()
+    MemTracker = mem_tracker_class()
     from torch.distributed._tools import mem_tracker as mt
     total_key = getattr(mt, "_TOTAL_KEY", None)
     if total_key is None or not hasattr(MemTracker, "_update_peak_stats"):  # internals changed: the plain one

@@ -23,7 +23,7 @@ import torch
 
 from llama_ref.args import ModelArgs
 from llama_ref.perf.bench_cell import measure_training
-from llama_ref.perf.bench_report import CELLS, Cell
+from llama_ref.perf.cells import CELLS, Cell
 from llama_ref.train.config import TrainConfig, prepare_for_training
 from llama_ref.model import Transformer, init_weights
 from verify.tolerances import GA_LARGE_BATCH_RTOL

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_ref.perf.bench_report import SEED_TABLE, Cell
+from llama_ref.perf.bench_report import SEED_TABLE
+from llama_ref.perf.cells import Cell
 from llama_ref.perf.peak import mem_tracker_available
 
 ROOT = Path(__file__).resolve().parents[2]

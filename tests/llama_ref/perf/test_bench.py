@@ -13,7 +13,8 @@ from llama_ref.args import ModelArgs
 from llama_ref.cli.bench import main
 from llama_ref.perf.bench_cell import packed_blocks, synthetic_blocks
 from llama_ref.perf.bench_config import BenchConfig
-from llama_ref.perf.bench_report import CELLS, SEED_TABLE, Cell, analysis, analysis_table
+from llama_ref.perf.bench_report import SEED_TABLE, analysis, analysis_table
+from llama_ref.perf.cells import CELLS, Cell
 from llama_ref.train.data import IGNORE_INDEX
 from llama_ref.perf.memory import predict_step_flops, predict_step_memory
 from llama_ref.perf.peak import mem_tracker_available
