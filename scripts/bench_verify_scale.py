@@ -21,7 +21,7 @@ def child(preset: str, check: str) -> None:
 
     from llama_ref.args import ModelArgs
     from llama_ref.model import Transformer, init_weights
-    from verify.report import CHECKS as RUN, Inputs
+    from verify.properties import Inputs, get
 
     torch.set_num_threads(2)
     model = init_weights(Transformer(ModelArgs.preset(preset, max_seq_len=256, max_batch_size=4, attn_impl="sdpa")), 0)
@@ -29,7 +29,7 @@ def child(preset: str, check: str) -> None:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the model itself, and torch
     t0 = time.perf_counter()
     try:
-        result = RUN[check](model, Inputs(seed=0))
+        result = get(check)(model, Inputs(seed=0))
         verdict, case = result.verdict, result.case
     except MemoryError as e:
         verdict, case = "out of memory", str(e)

@@ -11,9 +11,10 @@ import torch
 
 from llama_ref.generation import SEED_PROMPTS
 
-from .mutants import MUTANTS
-from .report import (CHECKS, DTYPES, Inputs, environment, format_kill_matrix, format_results, format_table, kill_matrix,
-                     run_checks, run_target_checks, uncaught, write_json)
+from .mutants import mutants_for
+from .properties import Inputs, default_names, get
+from .runner import DTYPES, environment, kill_matrix, require, run_checks, run_target_checks, uncaught
+from .table import format_kill_matrix, format_results, format_table, write_json
 from .targets.spec import as_target, load_factory
 from .targets.train_step import load_train_step
 
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype(s) to check in, repeatable (default: float32 and bfloat16)")
     p.add_argument("--attn-impl", action="append", choices=["math", "sdpa"],
                    help="attention path(s), repeatable (default: both)")
-    p.add_argument("--check", action="append", choices=sorted(CHECKS), help="run only these checks (repeatable)")
+    p.add_argument("--check", action="append", choices=default_names(), help="run only these checks (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=256,
                    help="with --ckpt-dir or --preset: KV-cache length (default: %(default)s)")
@@ -113,7 +114,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     rows = args.max_batch_size if args.preset else factory().params.max_batch_size  # no 1B model just to read it
     prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:rows]
     inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step, mp_train_step=mp_train_step)
-    checks = args.check or list(CHECKS)
+    checks = args.check or default_names()
     env = environment(args.device)
     print(f"llama-verify on the {target}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
@@ -137,7 +138,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     missed: list[str] = []
     na: set[str] = set()  # mutants this torch cannot show (FSDP2's, where FSDP2 does not run)
     if args.mutants:
-        mutants = [m for m in MUTANTS.values() if m.prop in checks]
+        mutants = [m for m in mutants_for() if m.prop in checks]
         matrix = kill_matrix(factory, inputs, mutants, checks=checks, device=args.device)
         print()
         print("bug zoo (each mutant must make its own property's check fail):")
@@ -179,16 +180,19 @@ def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., fl
         probe = factory()
     except Exception as e:
         raise ValueError(f"target {args.target!r}: calling its factory raised {type(e).__name__}: {e}") from e
-    description = str(as_target(probe))  # TypeError, naming what is missing, for an object no adapter takes
-    del probe
-    checks = args.check or list(CHECKS)
+    target = as_target(probe)  # TypeError, naming what is missing, for an object no adapter takes
+    description = str(target)
+    if args.check:  # asked by name: a target short of the property's members is a usage error, before any work
+        require(target, args.check)
+    del probe, target
+    checks = args.check or default_names()
     env = environment(args.device)
     print(f"llama-verify on {args.target}: {description}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print()
     results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step, mp_train_step=mp_train_step),
                                 checks=checks, dtypes=args.dtype or [None],
-                                device=args.device)
+                                device=args.device, asked=bool(args.check))
     print(format_results(results))
     failed = [r for r in results if not r.ok]
     na = [r for r in results if r.not_applicable]
@@ -208,7 +212,7 @@ def _hf_zoo(factory: Callable[[], Any]) -> list[str]:
     rows, missed = [("mutant", "property", "verdict", "origin")], []
     for m in HF_ZOO:
         with m.applied():
-            r = CHECKS[m.prop](hf_target(factory(), m), Inputs(fail_fast=True))
+            r = get(m.prop)(hf_target(factory(), m), Inputs(fail_fast=True))
         rows.append((m.name, m.prop, "caught" if not r.ok else "MISSED", m.origin))
         if r.ok:
             missed.append(m.name)

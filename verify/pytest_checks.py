@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from verify.report import Inputs, run_target_checks
+from verify.properties import Inputs
+from verify.runner import run_target_checks
 from verify.testing import verdict
 
 

@@ -1,8 +1,10 @@
-"""Assertions for the user's own tests: each runs one property's check on a target (a model any adapter takes, or a
-ready target) and raises ``AssertionError`` with the check's own report when it fails.
+"""Assertions for the user's own tests, one per property, derived from the registry (:mod:`verify.properties`):
+each runs its property's check on a target (a model any adapter takes, or a ready target) and raises
+``AssertionError`` with the check's own report when it fails.
 
 A property the target cannot be asked is not a failure: inside pytest the test is skipped with the reason, elsewhere
-:class:`NotApplicable` is raised. Keyword arguments go to the check (``seed``, ``tokens``, ``policies``, …)::
+:class:`NotApplicable` is raised. Keyword arguments go to the check (``seed``, ``tokens``, ``policies``,
+``train_step``, …)::
 
     from verify.testing import assert_kv_cache_equivalent, assert_grad_accumulation_equivalent
 
@@ -11,20 +13,20 @@ A property the target cannot be asked is not a failure: inside pytest the test i
 
     def test_my_accumulation():
         assert_grad_accumulation_equivalent(make_my_model(), train_step=my_train_step)
+
+The helpers: ``assert_kv_cache_equivalent`` (property 1), ``assert_grad_accumulation_equivalent`` (2),
+``assert_lora_merge_equivalent`` (3), ``assert_gradient_checkpointing_equivalent`` (4),
+``assert_mixed_precision_right`` (5: of ``train_step``, yours with its autocast and GradScaler, else the target's
+own step — transformers' Trainer — or llama_ref's own trainer), ``assert_distributed_equivalent`` (6), and one for
+each property registered since (its record's ``assertion``).
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any, Callable
 
-from .checks.gradient_checkpointing import check_gradient_checkpointing
-from .checks.grad_accum import check_grad_accumulation
-from .checks.kv_cache import check_kv_cache
-from .checks.lora_merge import check_lora_merge
-from .checks.mixed_precision import check_mixed_precision
-from .checks.mixed_precision_step import check_mixed_precision_step
+from .properties import PROPERTIES, Property
 from .result import CheckResult
-from .targets.base import TrainStep
 
 
 class NotApplicable(Exception):
@@ -44,34 +46,30 @@ def verdict(result: CheckResult) -> CheckResult:
     return result
 
 
-def assert_kv_cache_equivalent(target: Any, **kwargs: Any) -> CheckResult:
-    """Property 1: cached logits and generations equal uncached ones (:func:`verify.checks.kv_cache.check_kv_cache`)."""
-    return verdict(check_kv_cache(target, **kwargs))
+def assertion(prop: Property) -> Callable[..., CheckResult]:
+    """The assertion helper of property ``prop``: ``helper(target, **check_keywords) -> CheckResult``."""
+    def helper(target: Any, **kwargs: Any) -> CheckResult:
+        __tracebackhide__ = True  # pytest shows the user's line, not this one
+        return verdict(prop.check(target, **kwargs))
+    helper.__name__ = helper.__qualname__ = prop.assertion
+    helper.__doc__ = (f"Property {prop.name!r}: {prop.statement} (:func:`{prop.check.__module__}."
+                      f"{prop.check.__qualname__}`); the check's keyword arguments pass through.")
+    return helper
 
 
-def assert_grad_accumulation_equivalent(target: Any, *, train_step: Optional[TrainStep] = None,
-                                        **kwargs: Any) -> CheckResult:
-    """Property 2: accumulated windows equal one large batch, stepped by ``train_step`` or the target's own loop."""
-    return verdict(check_grad_accumulation(target, train_step=train_step, **kwargs))
+def __getattr__(name: str) -> Callable[..., CheckResult]:
+    for prop in PROPERTIES.values():
+        if prop.assertion == name:
+            return assertion(prop)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def assert_lora_merge_equivalent(target: Any, **kwargs: Any) -> CheckResult:
-    """Property 3: merged LoRA equals unmerged, on weights and logits (:func:`verify.checks.lora_merge`)."""
-    return verdict(check_lora_merge(target, **kwargs))
+def __dir__() -> list[str]:
+    return sorted([*globals(), *(p.assertion for p in PROPERTIES.values())])
 
 
-def assert_mixed_precision_right(target: Any, *, train_step: Optional[TrainStep] = None, **kwargs: Any) -> CheckResult:
-    """Property 5: mixed precision really mixed and calibrated against float64 — of ``train_step`` (yours, with its
-    autocast and GradScaler: :mod:`verify.checks.mixed_precision_step`) or of llama_ref's own trainer."""
-    if train_step is not None:
-        return verdict(check_mixed_precision_step(target, train_step, **kwargs))
-    return verdict(check_mixed_precision(target, **kwargs))
+def _exported() -> list[str]:
+    return sorted(["NotApplicable", "assertion", "verdict", *(p.assertion for p in PROPERTIES.values())])
 
 
-def assert_gradient_checkpointing_equivalent(target: Any, **kwargs: Any) -> CheckResult:
-    """Property 4: checkpointing changes no gradient and really recomputes (:mod:`verify.checks.gradient_checkpointing`)."""
-    return verdict(check_gradient_checkpointing(target, **kwargs))
-
-
-__all__ = ["NotApplicable", "assert_gradient_checkpointing_equivalent", "assert_grad_accumulation_equivalent",
-           "assert_kv_cache_equivalent", "assert_lora_merge_equivalent", "assert_mixed_precision_right", "verdict"]
+__all__ = _exported()

@@ -86,7 +86,7 @@ def test_the_margin_is_the_worst_error_over_what_the_rule_allows():
 
 
 def test_the_report_table_fits_120_columns_and_shows_each_margin():
-    from verify.report import format_results
+    from verify.table import format_results
     from verify.result import CheckResult
 
     results = [CheckResult("kv_cache", True, 1e-6, 1e-6, Tolerance(1e-5, 0.0), case="x" * 300, margin=0.25),

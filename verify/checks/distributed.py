@@ -44,9 +44,11 @@ from ..compare import compare, compare_calibrated
 from ..result import CheckResult
 from ..tolerances import CALIBRATION_FACTORS, tolerance
 from ..targets.lora import draw_nonzero_b, layer_views
+from ..targets.protocols import DistributedTarget
 from .grad_accum import padded, random_sequences
 
 NAME = "distributed"
+PROTOCOLS = (DistributedTarget,)  # llama_ref's model, which DistributedTrainer trains
 FSDP2_MIN_TORCH = (2, 7)
 TIMEOUT_S = 120
 

@@ -45,13 +45,14 @@ from torch import nn
 from ..compare import compare, compare_calibrated, scale_factor
 from ..oracles import IGNORE_INDEX, clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
 from ..result import CheckResult, describe_exception
-from ..targets.base import TrainStep
-from ..targets.lora import target_layers
+from ..targets.base import why_not
+from ..targets.protocols import TrainingTarget, TrainStep
 from ..targets.spec import as_target
 from ..targets.train_step import UserStepDriver
 from ..tolerances import CALIBRATION_FACTORS, tolerance
 
 NAME = "grad_accum"
+PROTOCOLS = (TrainingTarget,)  # what the check reads of a target
 CALIBRATION_FACTOR = CALIBRATION_FACTORS[NAME]  # measured and justified in verify/tolerances.py
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
@@ -188,7 +189,7 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
     net.zero_grad(set_to_none=True)
     opt, ref_opt, exact_opt = _optimizer(kind, net), _optimizer(kind, ref), _optimizer(kind, exact)
     driver = (UserStepDriver(train_step, net, opt, clip) if train_step is not None else
-              target.step_driver(net, opt, total_steps=len(expected), schedule=schedule, warmup=warmup, clip=clip))
+              target.step_driver(net, opt, clip=clip, schedule=schedule, total_steps=len(expected), warmup=warmup))
     params = _trainable(net)
     captured: list[tuple[dict[str, Optional[torch.Tensor]], float]] = []
     opt.register_step_pre_hook(lambda *_: captured.append((_grads(params), opt.param_groups[0]["lr"])))
@@ -312,7 +313,7 @@ def _variant(target: Any, lora: bool, g: torch.Generator) -> Optional[nn.Module]
             return None
         m.train()
         with torch.no_grad():
-            for layer in target_layers(target, m):
+            for layer in target.lora_layers(m):
                 a, b = layer.lora_A, layer.lora_B
                 a.copy_((torch.randn(a.shape, generator=g) / math.sqrt(a.shape[1])).to(a))
                 b.copy_((torch.randn(b.shape, generator=g) / math.sqrt(layer.rank)).to(b))
@@ -330,7 +331,7 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
                             seed: int = 0, trainer_cls: Optional[type] = None,
                             train_step: Optional[TrainStep] = None, fail_fast: bool = False) -> CheckResult:
     """Check property 2 on copies of ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts —
-    which is left untouched, trained by ``train_step`` (the user's :class:`verify.targets.base.TrainStep`) or, where
+    which is left untouched, trained by ``train_step`` (the user's :class:`verify.targets.protocols.TrainStep`) or, where
     none is given, the target's own loop: llama_ref's ``Trainer`` (or ``trainer_cls``, a subclass under test).
 
     Each split (micro-batch sizes summing to ``n_sequences``; default :func:`default_splits`) trains ``steps``
@@ -343,8 +344,8 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
     (the same verdict, sooner; the details are that scenario's only).
     """
     target = as_target(model, trainer_cls=trainer_cls)
-    why = target.not_applicable(NAME)
-    if why is None and train_step is None and not getattr(target, "own_train_loop", False):
+    why = why_not(target, NAME, PROTOCOLS)
+    if why is None and train_step is None and not target.own_train_loop:
         why = ("no training loop of its own: give the check your training step (train_step=, llama-verify "
                "--train-step PATH.py:FN)")
     if why:

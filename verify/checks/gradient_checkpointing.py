@@ -12,7 +12,7 @@ trainable parameter — a ``None`` against a tensor is a failure, never a skip. 
 * all of the above in fp32 and again under ``torch.autocast(dtype=autocast_dtype)``, where the recomputation must
   replay the forward's autocast state.
 
-The check runs on a target (:class:`verify.targets.base.CheckpointingTarget`): llama_ref's model (any policy, LoRA
+The check runs on a target (:class:`verify.targets.protocols.CheckpointingTarget`): llama_ref's model (any policy, LoRA
 applied here) or a Meta-style one (its blocks are the modules holding the cached attention; the policies its switch
 offers; its own LoRA layers, if it has any — without, the LoRA case becomes the blocks trained with everything
 outside them frozen, where the reentrant checkpoint fails the same way). A target without a switch, or whose
@@ -48,12 +48,14 @@ from torch import nn
 from ..compare import Comparison, GradComparison, compare, compare_grads
 from ..oracles import policy_layers
 from ..result import CheckResult, describe_exception, name_list
-from ..targets.base import CheckpointingTarget
-from ..targets.lora import describe_layers, draw_nonzero_b, loralib_layers, target_layers
+from ..targets.base import why_not
+from ..targets.lora import describe_layers, draw_nonzero_b, loralib_layers
+from ..targets.protocols import CheckpointingTarget
 from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
 
 NAME = "gradient_checkpointing"
+PROTOCOLS = (CheckpointingTarget,)  # what the check reads of a target
 LORA_RANK = 4
 LORA_ALPHA = 8
 
@@ -96,14 +98,6 @@ def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
-def _switch(target: CheckpointingTarget, model: nn.Module, policy: Optional[str], mode: Optional[str]) -> None:
-    """The target's switch, in ``mode`` (one of its ``gc_modes``: transformers' use_reentrant) where it has modes."""
-    if mode is None:
-        target.set_checkpointing(model, policy)
-    else:
-        target.set_checkpointing(model, policy, mode)
-
-
 def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str], tokens: torch.Tensor,
          weights: torch.Tensor, autocast_dtype: Optional[torch.dtype], seed: int, mode: Optional[str] = None) -> _Run:
     """One forward + backward of ``template`` under ``policy`` (in place: no step is taken, so the weights stay as
@@ -111,10 +105,9 @@ def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str]
     ``logits · weights``, so every logit is weighted (a mean over logits would hide permuted ones)."""
     model = template
     model.zero_grad(set_to_none=True)  # the previous run's gradients stay with its _Run
-    _switch(target, model, policy, mode)
+    target.set_checkpointing(model, policy, mode)
     device_type = tokens.device.type
-    probes = getattr(target, "recompute_probes", None)  # where a block's call is counted, if not on the block
-    counted = probes(model) if probes is not None else target.blocks(model)
+    counted = target.recompute_probes(model)  # where a block's call is counted (the block, by default)
     with warnings.catch_warnings(record=True) as caught, counting_forwards(counted) as forwards:
         # warnings recorded, not shown: reported with the failure they explain
         warnings.simplefilter("always")
@@ -125,7 +118,7 @@ def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str]
         loss.backward()
     run = _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
                target.checkpointed_blocks(model), [str(w.message) for w in caught])
-    _switch(target, model, None, mode)
+    target.set_checkpointing(model, None, mode)
     model.zero_grad(set_to_none=True)
     return run
 
@@ -137,7 +130,7 @@ def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout:
     None where the target has no LoRA layers."""
     lora = target.fresh_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
     if lora is not None:
-        draw_nonzero_b(target_layers(target, lora), g)
+        draw_nonzero_b(target.lora_layers(lora), g)
     return lora
 
 
@@ -203,7 +196,7 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     if not (lora or full_finetune):
         raise ValueError("nothing to check: lora and full_finetune are both False")
     target = as_target(model, block_runner=block_runner)
-    why = target.not_applicable(NAME)
+    why = why_not(target, NAME, PROTOCOLS)
     if why:
         return CheckResult.na(NAME, why, str(target))
     notes: list[str] = []
@@ -217,8 +210,8 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                          f"switch offers {list(target.policies)}")
         policies = offered
     full_policy = "all" if target.policies is None else policies[0]
-    gc_modes: Sequence[Optional[str]] = getattr(target, "gc_modes", None) or (None,)
-    if not getattr(target, "checkpoints_in_eval", True):
+    gc_modes: Sequence[Optional[str]] = tuple(target.gc_modes) or (None,)
+    if not target.checkpoints_in_eval:
         notes.append("note: the target checkpoints in train mode only: in eval mode no block is expected to be "
                      "recomputed")
     lim = target.limits
@@ -255,7 +248,7 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                     label = "blocks only"
                     parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
                 elif label == "LoRA":
-                    d = describe_layers(target_layers(target, template))
+                    d = describe_layers(target.lora_layers(template))
                     parts.append(f"LoRA r={d['r']} alpha={d['alpha']}{d['rslora']} on {d['targets']} "
                                  f"dropout={d['dropout']} policies={','.join(policies)}")
                 else:
@@ -312,7 +305,7 @@ def _compare_policy(where: str, target: CheckpointingTarget, template: nn.Module
         return
     n_before = len(tally.details)
     selected = policy_layers(policy, len(run.forwards))
-    in_eval_only = not template.training and not getattr(target, "checkpoints_in_eval", True)
+    in_eval_only = not template.training and not target.checkpoints_in_eval
     expected = frozenset() if in_eval_only else selected
     if run.selected is not None and run.selected != selected:
         tally.details.append(f"{where}: the model checkpoints blocks {sorted(run.selected)}, the policy means "

@@ -7,7 +7,7 @@ chunking of T (several-token chunks at ``start_pos > 0`` included), for every ba
 tokens diverge, that is excused only if the uncached top-2 logit margin at that step is within twice the logit
 tolerance (a genuine tie, which either path may break either way).
 
-The check runs on a target (:class:`verify.targets.base.KVCacheTarget`): llama_ref's model, a Meta-style one, or
+The check runs on a target (:class:`verify.targets.protocols.KVCacheTarget`): llama_ref's model, a Meta-style one, or
 any object offering those operations; a target without a cache switch gets "not applicable", never PASS.
 
 Logits are compared with assert_close's rtol/atol, the relative term taken on the largest |logit| of the same
@@ -22,11 +22,13 @@ import torch
 
 from ..compare import compare, row_scale
 from ..result import CheckResult, describe_exception
-from ..targets.base import KVCacheTarget
+from ..targets.base import why_not
+from ..targets.protocols import KVCacheTarget
 from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
 
 NAME = "kv_cache"
+PROTOCOLS = (KVCacheTarget,)  # what the check reads of a target
 
 
 def random_chunking(length: int, generator: torch.Generator, max_chunk: int = 5) -> list[int]:
@@ -74,7 +76,7 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
     implementation's: ``cache_cls`` (a ``KVCache`` subclass) and ``generator_cls`` (a ``Llama`` subclass).
     """
     target = as_target(model, cache_cls=cache_cls, generator_cls=generator_cls)
-    why = target.not_applicable(NAME)
+    why = why_not(target, NAME, PROTOCOLS)
     if why:
         return CheckResult.na(NAME, why, str(target))
     lim = target.limits

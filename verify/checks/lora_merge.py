@@ -18,13 +18,14 @@ block, non-square ``wk``/``wv`` under GQA and the FFN included:
 Memory: the check works on one copy of the model (and its adapted weights once more); its float64 reference is that
 copy converted in place at the end, so the peak is about 3x the model's fp32 bytes beside the caller's model.
 
-The check runs on a target (:class:`verify.targets.base.LoRATarget`): llama_ref's model, to which it applies the
+The check runs on a target (:class:`verify.targets.protocols.LoRACapable`): llama_ref's model, to which it applies the
 adapters asked for, or a model that comes with loralib-shaped LoRA layers (a Meta-style fork's); a model without
 any is "not applicable". The claims about ``eval()``/``train()`` merging apply to layers with loralib's
 ``merge_weights`` switch.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import torch
@@ -32,12 +33,20 @@ import torch
 from ..compare import compare, compare_calibrated, row_scale
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
-from ..targets.base import LoRATarget
+from ..targets.base import why_not
+from ..targets.protocols import LoRACapable, LoRALayer, LoRATarget, missing_members
 from ..targets.lora import describe_layers, draw_nonzero_b
 from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "lora_merge"
+PROTOCOLS = (LoRACapable,)  # what the check reads of a target (and of what lora_target returns: LoRATarget)
+
+
+def scaling(layer: LoRALayer) -> float:
+    """The scaling a right merge uses, from the layer's hyper-parameters: ``alpha / r`` (``alpha / sqrt(r)`` with
+    rsLoRA). Computed here, never read from the layer: it is part of what is checked."""
+    return layer.alpha / (math.sqrt(layer.rank) if layer.use_rslora else layer.rank)
 
 
 def weight_tolerance(dtype: torch.dtype, rank: int) -> Tolerance:
@@ -61,7 +70,7 @@ def _right_merge_logits(lora: Any, layers: Iterable[Any], w0: Optional[dict[str,
         w = w0[layer.name] if w0 is not None else layer.weight
         b = layer.lora_B
         saved.append(b.clone() if w0 is not None else None)
-        layer.weight.copy_(w.double() + layer.scaling * (b.double() @ layer.lora_A.double()))
+        layer.weight.copy_(w.double() + scaling(layer) * (b.double() @ layer.lora_A.double()))
         b.zero_()
     logits = lora.logits(tokens)
     if w0 is not None:
@@ -84,7 +93,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
     ``tokens`` (B, L) default to random ids drawn from ``seed``.
     """
     target = as_target(model)
-    why = target.not_applicable(NAME)
+    why = why_not(target, NAME, PROTOCOLS)
     if why:
         return CheckResult.na(NAME, why, str(target))
     lim = target.limits
@@ -107,6 +116,12 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
     try:
         lora = target.lora_target(targets=None if targets is None else tuple(targets), rank=rank, alpha=alpha,
                                   dropout=dropout, use_rslora=use_rslora, layer_cls=lora_layer_cls, generator=g)
+        incomplete = missing_members(lora, (LoRATarget,)) or next(
+            (missing_members(layer, (LoRALayer,)) for layer in lora.layers
+             if missing_members(layer, (LoRALayer,))), [])
+        if incomplete:  # the target's own object, not the model, is short of a member: nothing to judge
+            return CheckResult.na(NAME, f"the target's lora_target() returned an object without "
+                                        f"{', '.join(incomplete)} (verify.targets.protocols)", str(target))
         layers = {layer.name: layer for layer in lora.layers}
         d = describe_layers(layers.values())
         case = (f"targets={d['targets']} r={d['r']} alpha={d['alpha']}{d['rslora']} dropout={d['dropout']} "
@@ -147,8 +162,8 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         def expected(n: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
             """``W + s·B·A`` in float64 rounded to the weights' dtype, and the magnitude its error scales with."""
             a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-            return ((w0[n].double() + layer.scaling * (b @ a)).to(lim.dtype),
-                    w0[n].double().abs() + layer.scaling * (b.abs() @ a.abs()))
+            return ((w0[n].double() + scaling(layer) * (b @ a)).to(lim.dtype),
+                    w0[n].double().abs() + scaling(layer) * (b.abs() @ a.abs()))
 
         def check_merged(label: str) -> None:
             for n, layer in layers.items():
@@ -156,7 +171,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
                 record(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, n, scale=scale))
 
         check_merged("merged weight")
-        if hasattr(lora, "unloaded_logits"):  # PEFT's merge_and_unload(): the plain model it hands back
+        if lora.unloaded_logits is not None:  # PEFT's merge_and_unload(): the plain model it hands back
             record("merge_and_unload() logits vs merged", compare(lora.unloaded_logits(tokens), merged, tol, "logits",
                                                                   scale=row_scale(merged)))
         lora.merge()

@@ -60,7 +60,7 @@ random configs, a LoRA half base 5 times in 240 steps); the fp32 runs skip the s
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -74,14 +74,18 @@ from llama_ref.train.trainer import Trainer
 
 from ..compare import CalibratedComparison, compare, compare_calibrated
 from .precision_policy import OpRecorder, autocast_observed, precision_policy_problems
+from .mixed_precision_step import check_mixed_precision_step
 from .precision_policy import dtype_names as _dt
 from ..oracles import lr_factor, token_loss_sum, total_grad_norm
 from ..result import CheckResult
 from ..result import name_list as _names
+from ..targets.base import why_not
+from ..targets.protocols import MixedPrecisionTarget, TrainStep
 from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS, Tolerance, tolerance
 
 NAME = "mixed_precision"
+PROTOCOLS = (MixedPrecisionTarget,)  # what the check reads of a target
 FACTORS = CALIBRATION_FACTORS  # "mixed_precision" and "mixed_precision_curve", measured in verify/tolerances.py
 CURVE_FLOOR = 0.1  # × eps(half)·||fp32 curve||: the rounded start can land closer than MP's per-step rounding allows
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -90,9 +94,19 @@ SKIP_LR, SKIP_WARMUP = 1e-3, 48  # the GradScaler claim's warm-up schedule: ever
 Batch = dict[str, torch.Tensor]
 
 
-def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bfloat16,
-                          lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0, steps: int = 8,
-                          trainer_cls: type[Trainer] = Trainer,
+def autocast_dtype(model: Any) -> torch.dtype:
+    """fp16 for a model (or target) stored in fp16, else bf16: the autocast dtype a run of the checks uses."""
+    if isinstance(model, torch.nn.Module):
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        dtype = weight.dtype if weight is not None else None
+    else:
+        dtype = getattr(getattr(model, "limits", None), "dtype", None)
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
+def check_mixed_precision(model: Any, *, dtype: torch.dtype = torch.bfloat16, train_step: Optional[TrainStep] = None,
+                          full: bool = True, lora: Optional[Sequence[str]] = ("wq", "wv", "w2"), seed: int = 0,
+                          steps: int = 8, trainer_cls: type[Trainer] = Trainer,
                           half_base: Callable[[Transformer, torch.dtype], Transformer] = half_frozen_base,
                           fail_fast: bool = False) -> CheckResult:
     """Check property 5 on copies of ``model`` (left untouched), autocasting to ``dtype`` (bf16 or fp16).
@@ -110,14 +124,25 @@ def check_mixed_precision(model: Transformer, *, dtype: torch.dtype = torch.bflo
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not isinstance(model, Transformer):  # a target: this check still drives llama_ref's Trainer itself
-        target = as_target(model)
-        if not isinstance(getattr(target, "model", None), Transformer):
-            why = target.not_applicable(NAME) or (
-                "no training loop of its own: give the check your training step, with its autocast and GradScaler "
-                "(llama-verify --mp-train-step PATH.py:FN; verify.checks.mixed_precision_step)")
-            return CheckResult.na(NAME, why, str(target))
-        model = target.model
+    target = as_target(model)
+    why = why_not(target, NAME, PROTOCOLS)
+    if why:
+        return CheckResult.na(NAME, why, str(target))
+    # One dispatch, whoever asks (llama-verify, the pytest plugin, verify.testing): the user's step where given; a
+    # foreign model's own step (transformers' Trainer); llama_ref's Trainer as a step where ``full`` is off (a
+    # real-size model: LoRA only); else the full check below, driving llama_ref's Trainer itself.
+    if train_step is not None:
+        return check_mixed_precision_step(target, train_step, seed=seed)
+    own = isinstance(target.model, Transformer)
+    if not own or not full:
+        step = target.mp_step(PRECISION_NAMES[dtype])
+        if step is None:
+            return CheckResult.na(NAME, "no training loop of its own: give the check your training step, with its "
+                                        "autocast and GradScaler (llama-verify --mp-train-step PATH.py:FN; "
+                                        "verify.checks.mixed_precision_step)", str(target))
+        return check_mixed_precision_step(target, step, full=full, seed=seed,
+                                          label="llama_ref's Trainer as a step" if own else target.mp_step_label)
+    model = target.model
     base = copy.deepcopy(model).float()
     base.kv_caching = False
     device = next(base.parameters()).device

@@ -1,6 +1,6 @@
 """Property 5 on the user's own training step: mixed precision that is really mixed, and still right.
 
-The step (:class:`verify.targets.base.TrainStep`) brings its own autocast and, for fp16, its own ``GradScaler``;
+The step (:class:`verify.targets.protocols.TrainStep`) brings its own autocast and, for fp16, its own ``GradScaler``;
 the check observes it from outside, on fresh copies of the target's model:
 
 * **really mixed** — while the step runs (a ``TorchDispatchMode`` records each op with the module it ran in):
@@ -32,8 +32,9 @@ from ..compare import compare_calibrated, scale_factor
 from ..oracles import mean_token_loss
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
-from ..targets.base import TrainStep
-from ..targets.lora import draw_nonzero_b, target_layers
+from ..targets.base import why_not
+from ..targets.lora import draw_nonzero_b
+from ..targets.protocols import TrainingCopies, TrainStep
 from ..targets.spec import as_target
 from ..tolerances import CALIBRATION_FACTORS
 from .grad_accum import padded, random_sequences
@@ -83,7 +84,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
     stores it in), where it has one. ``attempts``: how many windows GradScaler may skip
     while it lowers its initial scale before a step is taken; ``label`` names the step in the case."""
     target = as_target(model)
-    why = target.not_applicable(NAME)  # a forward without autograd, say
+    why = why_not(target, NAME, (TrainingCopies,))  # a forward without autograd, say
     if why:
         return CheckResult.na(NAME, why, str(target))
     lim = target.limits
@@ -101,7 +102,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             if lora_model is None:
                 notes.append("note: the LoRA variant not checked: the model has no LoRA layers")
             else:
-                draw_nonzero_b(target_layers(target, lora_model), g)
+                draw_nonzero_b(target.lora_layers(lora_model), g)
                 variants.append(("lora", lora_model.train()))
         for variant, net in variants:
             for module in net.modules():

@@ -21,6 +21,7 @@ DIST_ZOO: list[Mutant] = []
 # does not run, they are not applicable, never "missed".
 FSDP2_ONLY = frozenset({"dist_clip_local_shard_norm"})
 mutant = collector(DIST_ZOO, PROP)
+ZOO = DIST_ZOO  # the name the properties' registry reads
 
 
 @mutant("dist_per_rank_token_mean",

@@ -252,8 +252,10 @@ class HFTarget(Target):
 
     # ---- properties 2 and 5: transformers' Trainer ----------------------------------------------------------------
 
-    def step_driver(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, clip: Optional[float] = None,
-                    **_: Any):
+    def step_driver(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, clip: Optional[float],
+                    schedule: str, total_steps: int, warmup: int):
+        """transformers' Trainer, one ``train()`` per window; the rate of each step is the check's (``schedule``,
+        ``total_steps`` and ``warmup`` are what it follows), set on ``optimizer``."""
         from .hf_trainer import TrainerDriver
         return TrainerDriver(model, optimizer, clip, trainer_cls=self.trainer_cls)
 

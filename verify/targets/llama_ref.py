@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -139,8 +139,8 @@ class LlamaRefTarget(Target):
     def blocks(self, model: Transformer) -> Sequence[torch.nn.Module]:
         return list(model.layers)
 
-    def set_checkpointing(self, model: Transformer, policy: Optional[str]) -> None:
-        model.set_gradient_checkpointing(policy)
+    def set_checkpointing(self, model: Transformer, policy: Optional[str], mode: Optional[str] = None) -> None:
+        model.set_gradient_checkpointing(policy)  # one mode: non-reentrant, RNG preserved
 
     def checkpointed_blocks(self, model: Transformer) -> frozenset[int]:
         return frozenset(model.checkpointed_layers)
@@ -150,13 +150,13 @@ class LlamaRefTarget(Target):
 
     # ---- property 2 ----------------------------------------------------------------------------------------------
 
-    def step_driver(self, model: Transformer, optimizer: torch.optim.Optimizer, *, total_steps: int, schedule: str,
-                    warmup: int, clip: Optional[float]) -> "_TrainerDriver":
+    def step_driver(self, model: Transformer, optimizer: torch.optim.Optimizer, *, clip: Optional[float],
+                    schedule: str, total_steps: int, warmup: int) -> "_TrainerDriver":
         return _TrainerDriver(self.trainer_cls(model, optimizer, clip=clip,
                                                scheduler=make_scheduler(optimizer, schedule, total_steps, warmup)))
 
 
-    def mp_step(self, precision: str = "bf16"):
+    def mp_step(self, precision: str = "bf16") -> Callable[..., float]:
         """llama_ref's own mixed-precision step as a :class:`verify.targets.base.TrainStep`: ``Trainer`` with
         ``precision`` (its autocast, its GradScaler for fp16), for the step-based MP check on a real-size model."""
         trainer_cls = self.trainer_cls

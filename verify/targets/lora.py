@@ -103,13 +103,6 @@ def layer_views(model: nn.Module) -> list[LoRALayerView]:
     return [LoRALayerView(n, m) for n, m in loralib_layers(model).items()]
 
 
-def target_layers(target: object, model: nn.Module) -> list[LoRALayerView]:
-    """The LoRA layers of ``model`` (a copy ``target`` made) as ``target`` reads them (its ``lora_layers``: PEFT's, for
-    a transformers target), loralib's shape by default."""
-    own = getattr(target, "lora_layers", None)
-    return list(own(model)) if own is not None else layer_views(model)
-
-
 def draw_nonzero_b(layers: Iterable[LoRALayerView], generator: torch.Generator) -> None:
     """``B ~ N(0, 1/r)`` from ``generator``, in place: with a fresh ``B = 0`` the update ``B·A`` is zero, ``A`` gets
     no gradient and a merge bug does not show."""
@@ -162,6 +155,8 @@ class LoralibTarget(ModuleLoRATarget):
     ``B·A·x`` is then zero whatever ``B`` holds). ``no_gradient`` says why a backward cannot reach the parameters
     (a forward under ``inference_mode``), None where it can.
     """
+
+    unloaded_logits = None  # loralib has no merge-and-unload of its own
 
     def __init__(self, module: nn.Module, forward: Forward, *, description: str,
                  base: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, no_gradient: Optional[str] = None):

@@ -258,7 +258,7 @@ class MetaStyleTarget(Target):
         attention = {id(m) for m in cache_modules(model)}
         return [m for m in model.modules() if any(id(c) in attention for c in m.children())]
 
-    def set_checkpointing(self, model: nn.Module, policy: Optional[str]) -> None:
+    def set_checkpointing(self, model: nn.Module, policy: Optional[str], mode: Optional[str] = None) -> None:
         if self._gc_switch is not None:
             self._gc_switch(model, policy_layers(policy, len(self.blocks(model))))
         elif policy in (None, "seed"):
@@ -271,8 +271,3 @@ class MetaStyleTarget(Target):
 
     def train_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, 0)  # a fresh_model copy: the cache is off where it can be
-
-    # ---- property 2 ----------------------------------------------------------------------------------------------
-
-    def step_driver(self, model: nn.Module, optimizer: torch.optim.Optimizer, **_: Any) -> None:
-        return None  # no training loop of its own: the user's step (verify.targets.train_step) drives it

@@ -8,7 +8,7 @@ import pytest
 from llama_ref.default import DEFAULT_SEED, default_model
 import llama_ref.model as M
 from verify.mutants import MUTANTS, inject, mutants_for
-from verify.report import CHECK_PARTS, CHECKS, Inputs
+from verify.properties import PROPERTIES, Inputs, default_names, get
 
 @pytest.mark.parametrize("prop", ["kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum",
                                   "mixed_precision"])
@@ -17,16 +17,17 @@ def test_the_zoo_holds_at_least_six_bugs_per_property(prop):
 
 
 def test_every_mutant_targets_a_registered_check():
-    assert {m.prop for m in MUTANTS.values()} <= set(CHECKS)
+    assert {m.prop for m in MUTANTS.values()} <= set(default_names())
     # Its own check takes every part it replaces (else the kill matrix would silently run the correct code there),
-    # and a trainer goes to both checks that drive one.
-    assert all(set(m.components) <= CHECK_PARTS[m.prop] for m in MUTANTS.values())
-    assert {p for p, parts in CHECK_PARTS.items() if "trainer_cls" in parts} == {"grad_accum", "mixed_precision"}
+    # and a trainer goes to every check that drives one.
+    assert all(set(m.components) <= PROPERTIES[m.prop].parts for m in MUTANTS.values())
+    assert {p.name for p in PROPERTIES.values() if "trainer_cls" in p.parts} == {"grad_accum", "mixed_precision",
+                                                                               "distributed"}
 
 
 @functools.lru_cache(maxsize=None)
 def _correct_code_passes(prop: str, overrides: tuple) -> bool:
-    return CHECKS[prop](default_model(DEFAULT_SEED, **dict(overrides)), Inputs(seed=1)).ok
+    return get(prop)(default_model(DEFAULT_SEED, **dict(overrides)), Inputs(seed=1)).ok
 
 
 # The mutants' own bug, not a problem of the test:
@@ -34,7 +35,7 @@ def _correct_code_passes(prop: str, overrides: tuple) -> bool:
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_mutant_is_caught_by_its_propertys_check(name):
     m = MUTANTS[name]
-    check = CHECKS[m.prop]
+    check = get(m.prop)
     model = default_model(DEFAULT_SEED, **m.model_overrides)
     assert _correct_code_passes(m.prop, tuple(sorted(m.model_overrides.items()))), \
         "the correct code must pass the very check the mutant fails"

@@ -1,0 +1,190 @@
+"""The properties, one record each: the registry everything else reads.
+
+A :class:`Property` says what is claimed (``statement``), which function checks it (``check``), what a target must
+offer for that (``protocols``, validated before the check runs), which known-wrong implementations it must catch
+(``mutants``, a module of the bug zoo with its ``ZOO``), how ``llama-verify`` and the pytest plugin call it
+(``run``), which parts of the implementation it takes as components (``parts``) and its assertion helper's name in
+:mod:`verify.testing`. ``llama-verify``'s table and ``--check``, the plugin's tests, :mod:`verify.testing`, the
+mutant registry and the kill matrix are all derived from :data:`PROPERTIES`: adding a property is a check module, a
+zoo module, one record here, tests and docs.
+
+The records are listed in :data:`RECORDS`, in the order the table shows them; :func:`registered` adds one for the
+length of a block (a property of a user's own, or a test's).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .checks.distributed import check_distributed
+from .checks.gradient_checkpointing import check_gradient_checkpointing
+from .checks.grad_accum import check_grad_accumulation
+from .checks.kv_cache import check_kv_cache
+from .checks.lora_merge import check_lora_merge
+from .checks.mixed_precision import autocast_dtype, check_mixed_precision
+from .mutants import distributed as distributed_mutants
+from .mutants import grad_accum as grad_accum_mutants
+from .mutants import gradient_checkpointing as gradient_checkpointing_mutants
+from .mutants import kv_cache as kv_cache_mutants
+from .mutants import lora_merge as lora_merge_mutants
+from .mutants import mixed_precision as mixed_precision_mutants
+from .result import CheckResult
+from .checks import distributed, gradient_checkpointing, grad_accum, kv_cache, lora_merge, mixed_precision
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a run of the checks shares: a seed for random inputs and, where a tokenizer is known, real prompts."""
+
+    seed: int = 0
+    prompts: Optional[Sequence[Sequence[int]]] = None
+    fail_fast: bool = False  # the checks that can stop at their first failing case do (a verdict, not a report)
+    train_step: Optional[Callable[..., float]] = None  # the user's training step, for GA (verify.targets.base.TrainStep)
+    mp_train_step: Optional[Callable[..., float]] = None  # the user's mixed-precision step (its autocast), for MP
+
+
+# Above this many parameters a model is "real-size": GA and checkpointing check LoRA on a frozen base only, and MP
+# checks llama_ref's Trainer as a step on LoRA only (a full fine-tune's gradients, optimizer state and float64 copy
+# need several times the model's memory; docs/verification.md has each check's measured peak on llama-3.2-1b).
+LARGE_MODEL_PARAMS = 200_000_000
+
+
+def is_large(model: Any) -> bool:
+    """More than :data:`LARGE_MODEL_PARAMS` parameters (a model, or a target holding one as ``model``)."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    return isinstance(module, torch.nn.Module) and sum(p.numel() for p in module.parameters()) > LARGE_MODEL_PARAMS
+
+
+Run = Callable[..., CheckResult]  # run(model_or_target, inputs, **components) -> CheckResult
+
+
+@dataclass(frozen=True)
+class Property:
+    """One property: what is claimed, what checks it, what it needs of a target, and the zoo that proves it."""
+
+    name: str  # the check's name: CheckResult.name, --check NAME, the plugin's test id
+    title: str  # a few words for tables and docs
+    statement: str  # the claim, in one line
+    check: Callable[..., CheckResult]  # check(model_or_target, **keywords) -> CheckResult
+    protocols: tuple[type, ...] = ()  # what a target must offer (verify.targets.base); () for none
+    mutants: Optional[ModuleType] = None  # its zoo module (a ``ZOO`` list of verify.mutants.base.Mutant)
+    assertion: str = ""  # its helper's name in verify.testing (default: assert_<name>)
+    run: Optional[Run] = None  # how a run of the checks calls it (default: check(model, seed=inputs.seed, **parts))
+    parts: frozenset[str] = field(default_factory=frozenset)  # keyword arguments naming replaceable components
+    opt_in: Optional[str] = None  # not in the default run: the flag that asks for it (property 6: --distributed)
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.check).parameters
+        missing = sorted(p for p in self.parts if p not in params or params[p].kind != inspect.Parameter.KEYWORD_ONLY)
+        if missing:
+            raise TypeError(f"property {self.name!r}: parts {missing} are not keyword-only arguments of "
+                            f"{self.check.__qualname__}")
+        if not self.assertion:
+            object.__setattr__(self, "assertion", f"assert_{self.name}")
+
+    @property
+    def zoo(self) -> list:
+        """Its mutants (empty without a zoo module)."""
+        return list(getattr(self.mutants, "ZOO", ())) if self.mutants is not None else []
+
+    def __call__(self, model: Any, inputs: Inputs, **components: Any) -> CheckResult:
+        """The check as a run of the checks calls it, with ``components`` (a mutant's parts) in place."""
+        unknown = sorted(set(components) - self.parts)
+        if unknown:
+            raise TypeError(f"property {self.name!r} takes no components {unknown}; its parts: {sorted(self.parts)}")
+        if self.run is not None:
+            return self.run(model, inputs, **components)
+        return self.check(model, seed=inputs.seed, **components)
+
+
+def _kv_cache(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
+    return check_kv_cache(model, prompts=inputs.prompts, seed=inputs.seed, **parts)
+
+
+def _grad_accum(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
+    return check_grad_accumulation(model, seed=inputs.seed, fail_fast=inputs.fail_fast, train_step=inputs.train_step,
+                                   lora=(True,) if is_large(model) else (False, True), **parts)
+
+
+def _mixed_precision(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
+    return check_mixed_precision(model, dtype=autocast_dtype(model), train_step=inputs.mp_train_step,
+                                 seed=inputs.seed, fail_fast=inputs.fail_fast,
+                                 full=not is_large(model) or bool(parts), **parts)
+
+
+def _gradient_checkpointing(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
+    return check_gradient_checkpointing(model, seed=inputs.seed, full_finetune=not is_large(model), **parts)
+
+
+def _distributed(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
+    model = model if isinstance(model, torch.nn.Module) else model.model
+    if type(model).__module__ != "llama_ref.model":
+        return CheckResult.na("distributed", f"{type(model).__qualname__} is not llama_ref's Transformer, the only "
+                                             "model DistributedTrainer trains", type(model).__qualname__)
+    return check_distributed(model, seed=inputs.seed, **parts)
+
+
+RECORDS: tuple[Property, ...] = (
+    Property("kv_cache", "KV cache",
+             "uncached logits = cached logits over any chunking and batch size, after earlier calls; cached and "
+             "uncached greedy generation agree (a divergence excused only at a genuine top-2 tie)",
+             check_kv_cache, kv_cache.PROTOCOLS, kv_cache_mutants, "assert_kv_cache_equivalent", _kv_cache,
+             frozenset({"cache_cls", "generator_cls"})),
+    Property("grad_accum", "gradient accumulation",
+             "any split of a window into micro-batches gives the gradients, loss and post-step parameters of one "
+             "batch whose loss is the mean over all its target tokens",
+             check_grad_accumulation, grad_accum.PROTOCOLS, grad_accum_mutants, "assert_grad_accumulation_equivalent",
+             _grad_accum, frozenset({"trainer_cls"})),
+    Property("lora_merge", "LoRA merge",
+             "merged weight = W + (alpha/r)·B·A, merged logits = unmerged, merging twice is a no-op, unmerge restores "
+             "W, a fresh adapter is the base model, only LoRA parameters get gradients",
+             check_lora_merge, lora_merge.PROTOCOLS, lora_merge_mutants, "assert_lora_merge_equivalent",
+             parts=frozenset({"lora_layer_cls"})),
+    Property("mixed_precision", "mixed precision",
+             "matmuls really in the half dtype, reductions and master weights fp32, loss and gradients calibrated "
+             "against float64, GradScaler skips inf/NaN steps untouched and unscales before clipping",
+             check_mixed_precision, mixed_precision.PROTOCOLS, mixed_precision_mutants, "assert_mixed_precision_right",
+             _mixed_precision, frozenset({"trainer_cls", "half_base"})),
+    Property("gradient_checkpointing", "gradient checkpointing",
+             "every policy gives the plain run's loss, logits and gradients (a None gradient is a failure), and the "
+             "checkpointed blocks really were recomputed",
+             check_gradient_checkpointing, gradient_checkpointing.PROTOCOLS, gradient_checkpointing_mutants,
+             "assert_gradient_checkpointing_equivalent", _gradient_checkpointing, frozenset({"block_runner"})),
+    Property("distributed", "DDP / FSDP2",
+             "on N ranks the gradients each rank steps with, the loss, the pre-clip norm and the parameters after "
+             "every step equal one process accumulating the same micro-batches",
+             check_distributed, distributed.PROTOCOLS, distributed_mutants, "assert_distributed_equivalent",
+             _distributed, frozenset({"trainer_cls"}), opt_in="--distributed"),
+)
+
+PROPERTIES: dict[str, Property] = {p.name: p for p in RECORDS}
+
+
+def default_names() -> list[str]:
+    """The properties a plain run checks, in order (those no flag has to ask for)."""
+    return [name for name, p in PROPERTIES.items() if p.opt_in is None]
+
+
+def get(name: str) -> Property:
+    """The record of property ``name``; KeyError naming the known ones."""
+    try:
+        return PROPERTIES[name]
+    except KeyError:
+        raise KeyError(f"unknown property {name!r}; known: {sorted(PROPERTIES)}") from None
+
+
+@contextlib.contextmanager
+def registered(prop: Property) -> Iterator[Property]:
+    """``prop`` in the registry for the length of the block (after the others); a name taken is a ValueError."""
+    if prop.name in PROPERTIES:
+        raise ValueError(f"property {prop.name!r} is registered already")
+    PROPERTIES[prop.name] = prop
+    try:
+        yield prop
+    finally:
+        del PROPERTIES[prop.name]
