@@ -12,11 +12,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ..loss import count_target_tokens
-from ..train.config import TrainConfig, build_model
+from ..train.config import TrainConfig, build_model, make_trainer
 from ..train.data import DataError, InstructionDataset, default_dataset_path, load_records
-from ..train.optim import make_optimizer
 from ..train.rng import seeded
-from ..train.trainer import NonFiniteLossError, Trainer, windows
+from ..train.trainer import NonFiniteLossError, windows
 from .bench_config import BenchConfig
 from .cells import Cell, breakdown
 from .peak import MiB, MemTrackerUnavailable, PeakTracker, peak_memory_mb
@@ -112,9 +111,7 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     and measure: window losses, runtime, tokens/s; then one more window under MemTracker for the breakdown. Peak:
     the CUDA allocator's since this call began (the model is already there), or MemTracker's on CPU.
     ``memory=False``: the losses, runtime and tokens/s only (no extra window; the record has no peak)."""
-    optimizer = make_optimizer(cfg, model)
-    trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None,
-                      device_type=torch.device(cfg.device).type, loss_chunk=cfg.loss_chunk or None)
+    trainer = make_trainer(cfg, model, one_process=True)
     to_device = ({k: v.to(cfg.device) for k, v in b.items()} for b in stream)
     if micro_batches < cfg.ga or micro_batches % cfg.ga:
         raise ValueError(f"{micro_batches} micro-batches is not a whole number of windows of {cfg.ga}")
@@ -145,7 +142,7 @@ def measure_training(model: torch.nn.Module, cfg: TrainConfig, stream: Iterator[
     # One more window under MemTracker: the breakdown (and the peak on CPU), outside the timed loop.
     window = [next(to_device) for _ in range(cfg.ga)]
     try:
-        tracker: Optional[PeakTracker] = PeakTracker(model, optimizer, window[0]["input_ids"], window[0]["labels"])
+        tracker: Optional[PeakTracker] = PeakTracker(model, trainer.optimizer, window[0]["input_ids"], window[0]["labels"])
     except MemTrackerUnavailable:
         tracker = None
     with tracker if tracker is not None else contextlib.nullcontext():

@@ -28,8 +28,7 @@ import torch
 
 from ..args import ModelArgs
 from ..model import Transformer
-from ..train.config import TrainConfig, build_model, prepare_for_training
-from ..train.optim import make_optimizer
+from ..train.config import TrainConfig, build_model, make_trainer, prepare_for_training
 from ..train.rng import seeded
 from ..train.trainer import Trainer
 from .peak import MiB, MemTrackerUnavailable, PeakTracker, mem_tracker_class
@@ -81,17 +80,15 @@ def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: fl
     model, _ = build_model(cfg)
     if seq_len > model.params.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
-    optimizer = make_optimizer(cfg, model)
     device = torch.device(cfg.device)
-    trainer = Trainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type=device.type,
-                      loss_chunk=cfg.loss_chunk or None)
+    trainer = make_trainer(cfg, model, one_process=True)
     batch = random_batch(model.vocab_size, batch_size, seq_len, device, cfg.seed)
     window = [batch] * cfg.ga  # a whole accumulation window per step
     for _ in range(steps - 1):  # warm-up: lazily created state (optimizer moments, RoPE table) exists before
         trainer.step(window)
     cuda = device.type == "cuda"
     try:
-        tracker = PeakTracker(model, optimizer, batch["input_ids"], batch["labels"])
+        tracker = PeakTracker(model, trainer.optimizer, batch["input_ids"], batch["labels"])
     except MemTrackerUnavailable:
         if not cuda:
             raise
@@ -181,9 +178,8 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
     t0 = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = build_like_finetune(args, cfg)
-        optimizer = make_optimizer(cfg, model, foreach=True if target.type == "cuda" else None)
-        trainer = _FakeTensorTrainer(model, optimizer, precision=cfg.mp, clip=cfg.clip or None, device_type="cpu",
-                                     loss_chunk=cfg.loss_chunk or None)
+        trainer = make_trainer(cfg, model, trainer_cls=_FakeTensorTrainer, device_type="cpu",
+                               foreach=True if target.type == "cuda" else None, one_process=True)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         batch = {"input_ids": tokens, "labels": tokens.clone()}
         # Accumulation: from the second micro-batch on, every micro-batch allocates what the second did (the
@@ -191,7 +187,7 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
         micro_batches = min(cfg.ga, 2)
         for _ in range(steps - 1):
             trainer.step([batch] * micro_batches)
-        with PeakTracker(model, optimizer, batch["input_ids"], batch["labels"]) as tracker:
+        with PeakTracker(model, trainer.optimizer, batch["input_ids"], batch["labels"]) as tracker:
             trainer.step([batch] * micro_batches)
     return MemoryReport(tracker.peak_mb, tracker.breakdown_mb, f"{target} (predicted on fake CPU tensors)",
                         "MemTracker on FakeTensorMode", time.perf_counter() - t0, tracker.category_peaks_mb)
@@ -213,8 +209,7 @@ def predict_step_flops(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: i
         raise ValueError(f"seq_len must be in 2..{args.max_seq_len} (the model's max_seq_len), got {seq_len}")
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = build_like_finetune(args, cfg)
-        trainer = Trainer(model, make_optimizer(cfg, model), precision=cfg.mp, clip=None, device_type="cpu",
-                          loss_chunk=cfg.loss_chunk or None)
+        trainer = make_trainer(cfg, model, device_type="cpu", one_process=True)  # a micro-step never clips
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         with FlopCounterMode(display=False) as counter:
             trainer.micro_step({"input_ids": tokens, "labels": tokens.clone()}, batch_size * (seq_len - 1))

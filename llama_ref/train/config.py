@@ -1,6 +1,7 @@
 """What a training run is made of: ``TrainConfig`` (the one source of llama-finetune's options: the command line is
 generated from its fields), the model built as it says (``build_model``) and prepared for training
-(``prepare_for_training``: cache off, LoRA, the frozen base in half precision, gradient checkpointing)."""
+(``prepare_for_training``: cache off, LoRA, the frozen base in half precision, gradient checkpointing), and the
+trainer that steps it (``make_trainer``: optimizer, schedule, precision, clipping, data parallelism)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -13,7 +14,8 @@ from ..generation import SEED_PROMPTS
 from ..lora import apply_lora_to_llama
 from ..model import Transformer, checkpoint_policy_layers, init_weights
 from ..tokenizer import Tokenizer, default_tokenizer_path
-from .trainer import PRECISIONS
+from .optim import make_optimizer, make_scheduler
+from .trainer import PRECISIONS, Trainer
 
 
 def option(help: str, **kw: Any) -> Any:
@@ -158,3 +160,30 @@ def half_frozen_base(model: Transformer, half: torch.dtype) -> Transformer:
     return model
 
 
+def make_trainer(cfg: TrainConfig, model: Transformer, *, total_steps: Optional[int] = None,
+                 trainer_cls: Optional[type[Trainer]] = None, device_type: Optional[str] = None,
+                 foreach: Optional[bool] = None, one_process: bool = False) -> Trainer:
+    """The trainer ``cfg`` describes for ``model`` (built by ``build_model``): ``make_optimizer``'s optimizer,
+    ``cfg.mp``, clipping at ``cfg.clip`` (0: none), ``cfg.loss_chunk`` (0: full logits). ``total_steps``: the
+    run's length, over which ``cfg.schedule`` runs (None: no schedule, the LR stays ``cfg.lr``).
+
+    With ``cfg.dist`` (inside a process group): ``model`` wrapped by ``distributed.wrap`` before the optimizer is
+    built (FSDP2 replaces the parameters; its ``MixedPrecisionPolicy`` computes in the ``--mp`` dtype instead of
+    autocast) and stepped by ``DistributedTrainer``. ``trainer_cls`` replaces the trainer's class (a prediction's
+    trainer on fake tensors), ``device_type`` the autocast and GradScaler device (default: ``cfg.device``'s),
+    ``foreach`` is ``make_optimizer``'s; ``one_process=True`` ignores ``cfg.dist`` (a measurement or prediction of
+    one process's step)."""
+    device_type = device_type or torch.device(cfg.device).type
+    net, precision = model, cfg.mp
+    if cfg.dist != "off" and not one_process:
+        from .distributed import DistributedTrainer, wrap
+        fsdp_half = PRECISIONS[cfg.mp] if cfg.dist == "fsdp2" else None  # FSDP2's MixedPrecisionPolicy, no autocast
+        net = wrap(model, cfg.dist, device_type=device_type, mp=fsdp_half)
+        trainer_cls = trainer_cls or DistributedTrainer
+        precision = "off" if fsdp_half is not None else cfg.mp
+    optimizer = make_optimizer(cfg, model, foreach=foreach)  # after wrapping: FSDP2 replaces the parameters
+    scheduler = (make_scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps)
+                 if total_steps is not None else None)
+    return (trainer_cls or Trainer)(net, optimizer, scheduler=scheduler, precision=precision,
+                                    clip=cfg.clip or None, device_type=device_type,
+                                    loss_chunk=cfg.loss_chunk or None)
