@@ -293,9 +293,9 @@ def members(protocol: type) -> dict[str, str]:
     for cls in reversed(protocol.__mro__):
         if cls in (object, Protocol, Generic) or not getattr(cls, "_is_protocol", False):
             continue
-        names = set(getattr(cls, "__annotations__", {})) | {
-            n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
-        out.update({n: cls.__name__ for n in names})
+        names = [*cls.__dict__.get("__annotations__", {}),
+                 *(n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property)))]
+        out.update({n: cls.__name__ for n in names if n not in out})  # in declaration order
     return out
 
 
