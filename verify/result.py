@@ -28,6 +28,9 @@ class CheckResult:
     criterion: str = ""  # how the check judged, where ``tol`` alone does not say it (calibrated comparisons)
     not_applicable: Optional[str] = None
     margin: Optional[float] = None  # worst error ÷ what its criterion allows, over every comparison (> 1 fails)
+    # The typed records behind ``details`` (verify.findings.Finding: failure, raised, note, tie, not applicable), in
+    # the same order; empty for a result made by hand.
+    findings: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.margin is None and not self.ok and not self.not_applicable:
@@ -48,6 +51,7 @@ class CheckResult:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["tol"] = None if self.tol is None else {"rtol": self.tol.rtol, "atol": self.tol.atol}
+        d["findings"] = [f.to_json() for f in self.findings]
         return d
 
     def __str__(self) -> str:

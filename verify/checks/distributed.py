@@ -41,6 +41,7 @@ from llama_ref.train.distributed import DistributedTrainer, full, wrap
 from llama_ref.train.trainer import Trainer
 
 from ..compare import compare, compare_calibrated
+from ..findings import Findings
 from ..result import CheckResult
 from ..tolerances import CALIBRATION_FACTORS, tolerance
 from ..targets.lora import draw_nonzero_b, layer_views
@@ -184,32 +185,32 @@ def _job(model: Transformer, world: int, cases: Sequence[Case], trainers: dict[s
 
 
 def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype: torch.dtype,
-           details: list[str], worst: list[float]) -> None:
+           found: Findings) -> None:
     if got["n_stepped"] != 1:
-        details.append(f"{where}: optimizer.step ran {got['n_stepped']} times in one window")
+        found.fail(f"{where}: optimizer.step ran {got['n_stepped']} times in one window")
         return
     loss_ok = compare(torch.tensor(got["loss"], dtype=torch.float64), torch.tensor(exact["loss"], dtype=torch.float64),
                       tolerance(dtype)).ok
     if not loss_ok:
-        details.append(f"{where}: loss {got['loss']:.7g} != the single process's {plain['loss']:.7g} (float64: "
+        found.fail(f"{where}: loss {got['loss']:.7g} != the single process's {plain['loss']:.7g} (float64: "
                        f"{exact['loss']:.7g}; {got['loss'] / exact['loss']:.4g}x it)")
     for what in ("grads", "params"):
         names = sorted(exact[what])
         if sorted(got[what]) != names:
-            details.append(f"{where} {what}: tensors {sorted(set(names) ^ set(got[what]))[:3]} differ in presence")
+            found.fail(f"{where} {what}: tensors {sorted(set(names) ^ set(got[what]))[:3]} differ in presence")
             continue
         flat = [torch.cat([d[what][n].flatten().double() for n in names]) for d in (got, plain, exact)]
         cal = compare_calibrated(flat[0], flat[1], flat[2], factor,
                                  floor=torch.finfo(dtype).eps * float(flat[2].norm()))
-        worst[0], worst[1] = max(worst[0], float((flat[0] - flat[1]).abs().max())), max(worst[1], cal.ratio / factor)
+        found.measure(float((flat[0] - flat[1]).abs().max()), margin=cal.margin)
         if not cal.ok:
-            details.append(f"{where} {what}: {cal}")
+            found.fail(f"{where} {what}: {cal}")
     if (got["norm"] is None) != (exact["norm"] is None):
-        details.append(f"{where}: grad norm {got['norm']} vs {exact['norm']}")
+        found.fail(f"{where}: grad norm {got['norm']} vs {exact['norm']}")
     elif exact["norm"] is not None:
         allowed = factor * max(abs(plain["norm"] - exact["norm"]), torch.finfo(dtype).eps * exact["norm"])
         if not abs(got["norm"] - exact["norm"]) <= allowed:
-            details.append(f"{where}: pre-clip norm {got['norm']:.7g} vs the single process's {exact['norm']:.7g} "
+            found.fail(f"{where}: pre-clip norm {got['norm']:.7g} vs the single process's {exact['norm']:.7g} "
                            f"(off by {abs(got['norm'] - exact['norm']):.2e} > {allowed:.2e})")
 
 
@@ -223,11 +224,11 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
         model = default_model()
     cases = list(cases) if cases is not None else default_cases()
     na = fsdp2_unavailable()
-    notes = [f"note: FSDP2 cases not run: {na}"] if na and any(c.kind == "fsdp2" for c in cases) else []
+    found = {label: Findings() for label in trainers}
+    if na and any(c.kind == "fsdp2" for c in cases):
+        for f in found.values():
+            f.not_applicable(f"FSDP2 cases not run: {na}")
     cases = [c for c in cases if not (na and c.kind == "fsdp2")]
-    details: dict[str, list[str]] = {label: list(notes) for label in trainers}
-    worst = {label: [0.0, 0.0] for label in trainers}
-    errors: dict[str, str] = {}
     for world in world_sizes:
         job = _job(model, world, cases, trainers, seed)
         with tempfile.TemporaryDirectory() as tmp:
@@ -246,27 +247,19 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
                         path = os.path.join(tmp, f"{label}-{i}-{rank}.pt")
                         where = f"W={world} {case.label} rank {rank}"
                         if not os.path.exists(path):
-                            errors.setdefault(label, f"{where}: no result ({'; '.join(crashed) or 'the rank died'})")
+                            found[label].raised(f"{where}: no result ({'; '.join(crashed) or 'the rank died'})")
                             continue
                         got = torch.load(path, weights_only=False)
                         if isinstance(got, str):
-                            details[label].append(f"{where}: raised {got}")
+                            found[label].raised(got, detail=f"{where}: raised {got}")
                             continue
                         for step, (g_, p_, e_) in enumerate(zip(got, plain, exact)):
-                            _judge(f"{where} step {step + 1}", g_, p_, e_, factor, dtype, details[label],
-                                   worst[label])
+                            _judge(f"{where} step {step + 1}", g_, p_, e_, factor, dtype, found[label])
     case_text = (f"W={'/'.join(map(str, world_sizes))}, {', '.join(c.label for c in cases)}; windows of 2 micro-batches "
                  "per rank and a short last one; clipping binds")
-    results = {}
-    for label in trainers:
-        failed = [d for d in details[label] if not d.startswith("note:")]
-        ok = not failed and label not in errors
-        margin = worst[label][1] if ok or worst[label][1] > 1 else float("inf")
-        results[label] = CheckResult(NAME, ok, worst[label][0], 0.0, None, details[label], case_text,
-                                     error=errors.get(label), margin=margin,
-                                     criterion=f"calibrated <= {CALIBRATION_FACTORS['grad_accum']:g}x fp32, "
-                                               f"{CALIBRATION_FACTORS['distributed_bf16']:g}x bf16; every rank")
-    return results
+    criterion = (f"calibrated <= {CALIBRATION_FACTORS['grad_accum']:g}x fp32, "
+                 f"{CALIBRATION_FACTORS['distributed_bf16']:g}x bf16; every rank")
+    return {label: found[label].result(NAME, case_text, criterion=criterion) for label in trainers}
 
 
 def check_distributed(model: Optional[Transformer] = None, *, trainer_cls: type = DistributedTrainer,

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..compare import compare, compare_calibrated, scale_factor
 from ..oracles import IGNORE_INDEX, clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
+from ..findings import Findings
 from ..result import CheckResult, describe_exception
 from ..targets.base import why_not
 from ..targets.protocols import TrainingTarget, TrainStep
@@ -172,7 +173,7 @@ class _Scenario:
 
 def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dict[str, torch.Tensor],
          pool: Sequence[Batch], sc: _Scenario, kind: str, clip: Optional[float], schedule: str, warmup: int,
-         details: list[str], worst: list[float], train_step: Optional[TrainStep]) -> int:
+         found: Findings, train_step: Optional[TrainStep]) -> int:
     """Train ``models[0]`` from ``start`` on ``sc`` (with the user's ``train_step``, else the target's own loop),
     judging every step against the oracle run on ``models[1]`` (model dtype) and ``models[2]`` (float64); returns
     how many steps clipping bound in."""
@@ -196,7 +197,7 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
 
     grouped = driver.windows(micro, sc.ga)
     if [[id(b) for b in w] for w in grouped] != [[id(b) for b in w] for w in expected]:
-        details.append(f"{sc.label}: windows() grouped {len(micro)} micro-batches with ga={sc.ga} as "
+        found.fail(f"{sc.label}: windows() grouped {len(micro)} micro-batches with ga={sc.ga} as "
                        f"{[len(w) for w in grouped]}, expected {[len(w) for w in expected]} in order")
     base_lr = OPTIMIZERS[kind][1]["lr"]
     n_bound = 0
@@ -213,11 +214,11 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
         captured.clear()
         result = driver.step(window, lr)
         if len(captured) != 1:
-            details.append(f"{sc.label} step {i + 1}: optimizer.step ran {len(captured)} times in one window")
+            found.fail(f"{sc.label} step {i + 1}: optimizer.step ran {len(captured)} times in one window")
         grads, stepped_lr = captured[-1] if captured else ({}, None)
         got = _Step(result.loss, result.n_tokens, result.grad_norm, result.lr, grads, *_snapshot(net),
                     stepped_lr=stepped_lr, reports_stats=train_step is None)
-        _judge(f"{sc.label} step {i + 1}", got, want, truth, details, worst, target.limits.dtype)
+        _judge(f"{sc.label} step {i + 1}", got, want, truth, found, target.limits.dtype)
     return n_bound
 
 
@@ -227,13 +228,12 @@ def _cloned(state: dict) -> dict:
             "param_groups": [dict(group) for group in state["param_groups"]]}
 
 
-def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str], worst: list[float],
-           model_dtype: torch.dtype) -> None:
+def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, model_dtype: torch.dtype) -> None:
     """``got`` (trainer) against ``want`` (oracle, model dtype) and ``truth`` (oracle, float64, same state). The loss
     is judged at the tolerance of the dtype the model computes in (``model_dtype``), not its trainable parameters':
     PEFT keeps a bf16 base's adapters in fp32."""
     if got.reports_stats and got.n_tokens is not None and got.n_tokens != want.n_tokens:  # None: not reported
-        details.append(f"{where}: StepResult.n_tokens {got.n_tokens} != {want.n_tokens} target tokens")
+        found.fail(f"{where}: StepResult.n_tokens {got.n_tokens} != {want.n_tokens} target tokens")
     dtype = next(iter(want.params.values())).dtype
     loss_label = "StepResult.loss" if got.reports_stats else "the logged loss"
     for what, a, e, tol in ((loss_label, got.loss, truth.loss, tolerance(model_dtype)),
@@ -243,13 +243,13 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str]
                                          tol).ok:
             why = (f"; {a / e:.4g}x it): the logged loss is not the window's token mean"
                    if what == loss_label and e else ")")
-            details.append(f"{where}: {what} {a:.7g} != oracle {e:.7g} ({tol}{why}")
+            found.fail(f"{where}: {what} {a:.7g} != oracle {e:.7g} ({tol}{why}")
     for what in ("grads", "params"):
         a, e, t = getattr(got, what), getattr(want, what), getattr(truth, what)
         if sorted(a) != sorted(t) or any((a[n] is None) != (t[n] is None) for n in t):
             missing = sorted(n for n in t if a.get(n) is None and t[n] is not None)
             extra = sorted(n for n in a if a[n] is not None and t.get(n) is None)
-            details.append(f"{where} {what}: missing for {missing[:3]}, unexpected for {extra[:3]}")
+            found.fail(f"{where} {what}: missing for {missing[:3]}, unexpected for {extra[:3]}")
             continue
         names = [n for n in t if t[n] is not None]
         flat = [torch.cat([d[n].flatten().double() for n in names]) for d in (a, e, t)]
@@ -257,27 +257,27 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, details: list[str]
         frozen_sq = sum(sq for _, sq in truth.frozen.values()) if what == "params" else 0.0
         cal = compare_calibrated(flat[0], flat[1], flat[2], CALIBRATION_FACTOR,
                                  floor=torch.finfo(dtype).eps * math.sqrt(float(flat[2].square().sum()) + frozen_sq))
-        worst[0], worst[1] = max(worst[0], float((flat[0] - flat[1]).abs().max())), max(worst[1], cal.ratio)
+        found.measure(float((flat[0] - flat[1]).abs().max()), margin=cal.margin)  # margin: ratio ÷ the factor
         if not cal.ok:
             ratios = sorted(((float((a[n].double() - t[n]).norm()) / max(float((e[n].double() - t[n]).norm()),
                                                                           1e-30), n) for n in names), reverse=True)
-            details.append(f"{where} {what}: {cal}; worst " + ", ".join(f"{n} {r:.3g}x" for r, n in ratios[:3])
+            found.fail(f"{where} {what}: {cal}; worst " + ", ".join(f"{n} {r:.3g}x" for r, n in ratios[:3])
                            + (_diagnosis(flat[0], flat[2]) if what == "grads" else ""))
     changed = sorted(n for n in want.frozen if got.frozen.get(n) != want.frozen[n])
     if changed:
-        details.append(f"{where}: frozen parameters changed by the step: {', '.join(changed[:3])}"
+        found.fail(f"{where}: frozen parameters changed by the step: {', '.join(changed[:3])}"
                        + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
     if not got.reports_stats:
         return
     if (got.norm is None) != (want.norm is None):
-        details.append(f"{where}: StepResult.grad_norm is {got.norm} with clipping "
+        found.fail(f"{where}: StepResult.grad_norm is {got.norm} with clipping "
                        f"{'off' if want.norm is None else 'on'}")
     elif want.norm is not None:
         names = [n for n, g in truth.pre_clip.items() if g is not None]
         plain = math.sqrt(sum(float((want.pre_clip[n].double() - truth.pre_clip[n]).pow(2).sum()) for n in names))
         allowed = CALIBRATION_FACTOR * max(plain, torch.finfo(dtype).eps * truth.norm)
         if not abs(got.norm - truth.norm) <= allowed:
-            details.append(f"{where}: StepResult.grad_norm {got.norm:.7g} vs the float64 pre-clip norm "
+            found.fail(f"{where}: StepResult.grad_norm {got.norm:.7g} vs the float64 pre-clip norm "
                            f"{truth.norm:.7g}: off by {abs(got.norm - truth.norm):.2e} > {allowed:.2e} "
                            f"({CALIBRATION_FACTOR:g}x the large batch's gradient error)")
 
@@ -382,8 +382,7 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
     case = (f"N={n_sequences} splits={len(splits)} stream_ga={stream_ga} steps={steps} {schedule}(warmup {warmup}) "
             f"{'/'.join(kinds)}{note} {'+'.join('lora' if v else 'full' for v in lora)} "
             f"{str(dtype).replace('torch.', '')}")
-    details: list[str] = []
-    worst = [0.0, 0.0]  # max |trainer − oracle| over gradients and parameters; worst calibrated ratio
+    found = Findings()  # max_abs: |trainer − oracle| over gradients and parameters; margin: worst ratio ÷ factor
     # With clipping on, the last of several scenarios runs without it: clipping that binds rescales the gradients
     # to max_norm, so a uniformly scaled loss would show in no stepped gradient (nor, in a user's step that reports
     # no norm, anywhere); one scenario alone keeps its clipping and the note below says what went unexamined.
@@ -393,7 +392,7 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
         for use_lora in lora:
             base = _variant(target, use_lora, g)
             if base is None:
-                details.append("note: the LoRA variant not checked: the model has no LoRA layers")
+                found.not_applicable("the LoRA variant not checked: the model has no LoRA layers")
                 continue
             max_norm = clip
             if clip == "auto":  # half the first window's norm: binds at the first step at least
@@ -414,28 +413,21 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
                 labelled = _Scenario(f"{'lora' if use_lora else 'full'} {kind} {sc.label}"
                                      + (" unclipped" if free else ""), sc.sizes, sc.ga)
                 bound += _run(target, models, start, pool, labelled, kind, None if free else max_norm, schedule,
-                              warmup, details, worst, train_step)
+                              warmup, found, train_step)
                 n_steps = -(-len(sc.sizes) // sc.ga)
                 n_unclipped += n_steps if free else 0
                 total += 0 if free else n_steps
-                if fail_fast and _failed(details):
+                if fail_fast and found.failed:
                     break
-            if fail_fast and _failed(details):
+            if fail_fast and found.failed:
                 break
         if clip is not None:
             case += f" clip={clip} (bound in {bound}/{total} steps, {n_unclipped} unclipped)"
             if not n_unclipped and bound == total and train_step is not None:  # its own loops report the norm
-                details.append("note: every step was clipped and no pre-clip norm reported: a uniformly scaled "
-                               "loss would not show (give several scenarios, or clip=None)")
-        ok = not _failed(details)
-        margin = worst[1] / CALIBRATION_FACTOR
-        return CheckResult(NAME, ok, worst[0], 0.0, None, details, case,
-                           criterion=f"calibrated <= {CALIBRATION_FACTOR:g}x (worst {worst[1]:.2f}x)",
-                           margin=margin if ok or margin > 1 else float("inf"))
+                found.not_applicable("every step was clipped and no pre-clip norm reported: a uniformly scaled "
+                                     "loss would not show (give several scenarios, or clip=None)")
+        return found.result(NAME, case, criterion=f"calibrated <= {CALIBRATION_FACTOR:g}x (worst "
+                                                  f"{found.margin * CALIBRATION_FACTOR:.2f}x)")
     except Exception as e:  # the implementation under test crashed: a failure, with its message
-        return CheckResult(NAME, False, float("inf"), float("inf"), None, details, case,
-                           error=describe_exception(e))
-
-
-def _failed(details: Sequence[str]) -> bool:
-    return any(not d.startswith("note:") for d in details)
+        found.raised(describe_exception(e), aborts=True)
+        return found.result(NAME, case)

@@ -45,7 +45,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..compare import Comparison, GradComparison, compare, compare_grads
+from ..compare import compare, compare_grads
+from ..findings import Findings
 from ..oracles import policy_layers
 from ..result import CheckResult, describe_exception, name_list
 from ..targets.base import why_not
@@ -152,28 +153,6 @@ def _full_template(target: CheckpointingTarget) -> nn.Module:
     return full
 
 
-class _Tally:
-    """Failures (one line each, naming the case, policy and parameter), crashes, and the largest differences."""
-
-    def __init__(self) -> None:
-        self.details: list[str] = []
-        self.errors: list[str] = []
-        self.max_abs = 0.0
-        self.max_rel = 0.0
-        self.margin = 0.0
-
-    def add(self, label: str, c: Comparison) -> None:
-        self.max_abs, self.max_rel = max(self.max_abs, c.max_abs), max(self.max_rel, c.max_rel)
-        self.margin = max(self.margin, c.margin)
-        if not c.ok:
-            self.details.append(f"{label}: {c}")
-
-    def add_grads(self, where: str, c: GradComparison) -> None:
-        self.max_abs, self.max_rel = max(self.max_abs, c.max_abs), max(self.max_rel, c.max_rel)
-        self.margin = max(self.margin, c.margin)
-        self.details.extend(f"{where} gradient of {problem}" for problem in c.problems)
-
-
 def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = None, *,
                                  policies: Sequence[str] = ("all", "seed", "every:2"), lora: bool = True,
                                  lora_targets: Sequence[str] = ("wq", "wv", "w2"), dropout: float = 0.1,
@@ -199,21 +178,20 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
     why = why_not(target, NAME, PROTOCOLS)
     if why:
         return CheckResult.na(NAME, why, str(target))
-    notes: list[str] = []
+    found = Findings()
     if target.policies is not None:
         offered = [q for q in policies if q in target.policies]
         if not offered:
             return CheckResult.na(NAME, f"its checkpointing switch offers policies {list(target.policies)}, none of "
                                   f"{policies}", str(target))
         if offered != policies:
-            notes.append(f"note: policies {[q for q in policies if q not in offered]} not checked: the target's "
-                         f"switch offers {list(target.policies)}")
+            found.not_applicable(f"policies {[q for q in policies if q not in offered]} not checked: the target's "
+                                 f"switch offers {list(target.policies)}")
         policies = offered
     full_policy = "all" if target.policies is None else policies[0]
     gc_modes: Sequence[Optional[str]] = tuple(target.gc_modes) or (None,)
     if not target.checkpoints_in_eval:
-        notes.append("note: the target checkpoints in train mode only: in eval mode no block is expected to be "
-                     "recomputed")
+        found.note("the target checkpoints in train mode only: in eval mode no block is expected to be recomputed")
     lim = target.limits
     tol = tolerance(lim.dtype, NAME)
     g = torch.Generator().manual_seed(seed)
@@ -225,8 +203,6 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
 
     precisions: list[Optional[torch.dtype]] = [None] + ([autocast_dtype] if autocast_dtype is not None else [])
     modes_of_dtype = [_dtype_name(lim.dtype)] + [f"{_dtype_name(d)} autocast" for d in precisions[1:]]
-    tally = _Tally()
-    tally.details += notes
     stage = "copying the model and applying LoRA"
     case = str(target)
     criterion = f"loss, logits, grads {tol}; checkpointed blocks 2 forwards, others 1"
@@ -262,31 +238,23 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                         stage = f"{where} plain run"
                         plain = _run(target, template, None, tokens, weights, precision, seed)  # if it raises: none
                         if plain.forwards != [1] * n_layers:
-                            tally.details.append(f"{where} plain run: forwards per block {plain.forwards}, "
-                                                 "expected 1 each")
+                            found.fail(f"{where} plain run: forwards per block {plain.forwards}, expected 1 each")
                         missing = [n for n, q in template.named_parameters()
                                    if q.requires_grad and plain.grads[n] is None]
                         if missing:
-                            tally.details.append(f"{where} plain run: no gradient on trainable {_names(missing)}")
+                            found.fail(f"{where} plain run: no gradient on trainable {_names(missing)}")
                         for policy in case_policies:
                             for gc_mode in gc_modes:
                                 _compare_policy(f"{where} policy={policy}{' ' + gc_mode if gc_mode else ''}",
                                                 target, template, policy, plain, tokens, weights, precision, seed,
-                                                tol, tally, gc_mode)
+                                                tol, found, gc_mode)
                         del plain
                 del template
             case = (f"{'; '.join(parts)}; {' + '.join(modes_of_dtype)}; B={tokens.shape[0]} L={tokens.shape[1]} "
                     f"layers={n_layers}" + (f"; each {', '.join(gc_modes)}" if gc_modes != (None,) else ""))
     except Exception as e:  # the plain run (or the copy) failed: nothing could be compared
-        return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case,
-                           error=f"{stage}: {describe_exception(e)}", criterion=criterion)
-    failed = [d for d in tally.details if not d.startswith("note:")]
-    if tally.errors:
-        return CheckResult(NAME, False, float("inf"), float("inf"), tol, tally.details, case, error=tally.errors[0],
-                           criterion=criterion)
-    margin = tally.margin if not failed or tally.margin > 1 else float("inf")  # a failure no comparison measured
-    return CheckResult(NAME, not failed, tally.max_abs, tally.max_rel, tol, tally.details, case,
-                       criterion=criterion, margin=margin)
+        found.raised(f"{stage}: {describe_exception(e)}", aborts=True)
+    return found.result(NAME, case, tol, criterion)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -295,33 +263,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _compare_policy(where: str, target: CheckpointingTarget, template: nn.Module, policy: str, plain: _Run,
                     tokens: torch.Tensor, weights: torch.Tensor, precision: Optional[torch.dtype], seed: int,
-                    tol: Tolerance, tally: _Tally, mode: Optional[str] = None) -> None:
+                    tol: Tolerance, found: Findings, mode: Optional[str] = None) -> None:
     """One checkpointed run against the plain run: block selection, recomputation counts, loss, logits, gradients."""
     try:
         run = _run(target, template, policy, tokens, weights, precision, seed, mode)
     except Exception as e:  # the checkpointed path crashed where the plain one did not
-        tally.errors.append(f"{where}: {type(e).__name__}: {e}")
-        tally.details.append(f"{where}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        found.raised(f"{where}: {type(e).__name__}: {e}", aborts=True,
+                     detail=f"{where}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return
-    n_before = len(tally.details)
+    n_before = len(found.entries)
     selected = policy_layers(policy, len(run.forwards))
     in_eval_only = not template.training and not target.checkpoints_in_eval
     expected = frozenset() if in_eval_only else selected
     if run.selected is not None and run.selected != selected:
-        tally.details.append(f"{where}: the model checkpoints blocks {sorted(run.selected)}, the policy means "
-                             f"{sorted(selected)}")
+        found.fail(f"{where}: the model checkpoints blocks {sorted(run.selected)}, the policy means "
+                   f"{sorted(selected)}")
     want = [2 if i in expected else 1 for i in range(len(run.forwards))]
     if expected and all(n == 1 for n in run.forwards):
-        tally.details.append(f"{where}: checkpoint silently not applied: no block was recomputed in backward "
-                             f"(blocks {sorted(expected)} should have been)")
+        found.fail(f"{where}: checkpoint silently not applied: no block was recomputed in backward "
+                   f"(blocks {sorted(expected)} should have been)")
     elif run.forwards != want:
         wrong = [f"block {i} ran {n}, expected {w}" for i, (n, w) in enumerate(zip(run.forwards, want)) if n != w]
-        tally.details.append(f"{where}: forwards per block {run.forwards} (recomputed once = 2): {_names(wrong)}")
-    tally.add(f"{where} loss", compare(run.loss, plain.loss, tol, "loss"))
-    tally.add(f"{where} logits", compare(run.logits, plain.logits, tol, "logits"))
-    tally.add_grads(where, compare_grads(run.grads, plain.grads, tol))
-    if len(tally.details) > n_before and run.warned:
-        tally.details.append(f"{where}: torch warned: {_names(sorted(set(run.warned)), 2)}")
+        found.fail(f"{where}: forwards per block {run.forwards} (recomputed once = 2): {_names(wrong)}")
+    found.compared(f"{where} loss", compare(run.loss, plain.loss, tol, "loss"))
+    found.compared(f"{where} logits", compare(run.logits, plain.logits, tol, "logits"))
+    found.compared_grads(where, compare_grads(run.grads, plain.grads, tol))
+    if len(found.entries) > n_before and run.warned:  # the warning explains the failures just recorded
+        found.note(f"{where}: torch warned: {_names(sorted(set(run.warned)), 2)}")
 
 
 def _names(names: Sequence, limit: int = 6) -> str:

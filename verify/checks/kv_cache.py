@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..compare import compare, row_scale
+from ..findings import Findings
 from ..result import CheckResult, describe_exception
 from ..targets.base import why_not
 from ..targets.protocols import KVCacheTarget
@@ -99,8 +100,7 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
         prompts = [torch.randint(0, lim.vocab_size, (n,), generator=g).tolist() for n in lens]
     max_gen_len = min(max_gen_len, lim.max_seq_len - max(len(q) for q in prompts))
 
-    details: list[str] = []
-    worst_abs = worst_rel = margin = 0.0
+    found = Findings()
     case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(lim.dtype).replace('torch.', '')}"
     try:
         with target.kv_session():
@@ -112,29 +112,18 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
                 expected = target.logits(tokens[:b], 0, kv_caching=False)
                 for chunking in chunkings:
                     got = _chunked_logits(target, tokens[:b], chunking)
-                    c = compare(got, expected, tol, "logits", scale=row_scale(expected))
-                    worst_abs, worst_rel = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel)
-                    margin = max(margin, c.margin)
-                    if not c.ok:
-                        details.append(f"teacher-forced B={b} chunks={describe_chunking(chunking)}: {c}")
-
-            abs_, rel_, gen_margin, gen_details = _check_generation(target, prompts, max_gen_len, tol)
-            worst_abs, worst_rel, margin = max(worst_abs, abs_), max(worst_rel, rel_), max(margin, gen_margin)
-            details += gen_details
-        ok = not any(not d.startswith("tie:") for d in details)
-        if not ok and margin <= 1:
-            margin = float("inf")  # a failure no comparison measured (generations diverging, not a tie)
-        return CheckResult(NAME, ok, worst_abs, worst_rel, tol, details, case, margin=margin)
+                    found.compared(f"teacher-forced B={b} chunks={describe_chunking(chunking)}",
+                                   compare(got, expected, tol, "logits", scale=row_scale(expected)))
+            _check_generation(target, prompts, max_gen_len, tol, found)
     except Exception as e:  # the implementation under test crashed: that is a failure, with its message
-        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
+        found.raised(describe_exception(e), aborts=True)
+    return found.result(NAME, case, tol)
 
 
 def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], max_gen_len: int,
-                      tol: Tolerance) -> tuple[float, float, float, list[str]]:
+                      tol: Tolerance, found: Findings) -> None:
     runs = {kv: target.generate(prompts, max_gen_len, kv_caching=kv) for kv in (True, False)}
     (cached, cached_lp), (uncached, uncached_lp) = runs[True], runs[False]
-    details: list[str] = []
-    worst_abs = worst_rel = margin = 0.0
     device = target.limits.device
     for row, (a, b) in enumerate(zip(cached, uncached)):
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -143,21 +132,18 @@ def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], m
             prefix = torch.tensor([list(prompts[row]) + a[:n]], device=device)
             logits = target.logits(prefix, 0, kv_caching=False)[0, -1]
             top2 = logits.topk(2).values
-            gap = float(top2[0] - top2[1])  # not the criterion's margin, which this loop keeps in `margin`
+            gap = float(top2[0] - top2[1])  # not the criterion's margin
             allowed = 2 * tol.bound(float(logits.abs().max()))  # each path may be off by one bound
             where = f"generate row {row} step {n}: cached {a[n:n + 1]} vs uncached {b[n:n + 1]}"
             if gap <= allowed:
-                details.append(f"tie: {where}, top-2 margin {gap:.2e} <= {allowed:.2e}")
+                found.tie(f"{where}, top-2 margin {gap:.2e} <= {allowed:.2e}")
             else:
-                details.append(f"{where}, top-2 margin {gap:.2e} > {allowed:.2e}: not a tie")
+                found.fail(f"{where}, top-2 margin {gap:.2e} > {allowed:.2e}: not a tie")
         if n:
             # Log-probabilities carry the rounding error of the logits they come from: scale by the row's logits.
             seq = torch.tensor([list(prompts[row]) + a[:n]], device=device)
             scale = row_scale(target.logits(seq, 0, kv_caching=False)[0, len(prompts[row]) - 1:
                                                                       len(prompts[row]) - 1 + n])[:, 0]
-            c = compare(torch.tensor(cached_lp[row][:n]), torch.tensor(uncached_lp[row][:n]), tol, "logprobs",
-                        scale=scale)
-            worst_abs, worst_rel, margin = max(worst_abs, c.max_abs), max(worst_rel, c.max_rel), max(margin, c.margin)
-            if not c.ok:
-                details.append(f"generate row {row} logprobs: {c}")
-    return worst_abs, worst_rel, margin, details
+            found.compared(f"generate row {row} logprobs",
+                           compare(torch.tensor(cached_lp[row][:n]), torch.tensor(uncached_lp[row][:n]), tol,
+                                   "logprobs", scale=scale))

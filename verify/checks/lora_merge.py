@@ -31,6 +31,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from ..compare import compare, compare_calibrated, row_scale
+from ..findings import Findings
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
 from ..targets.base import why_not
@@ -104,14 +105,8 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
     if tokens is None:
         tokens = torch.randint(0, lim.vocab_size, (min(2, lim.max_batch_size), min(16, lim.max_seq_len)), generator=g)
     tokens = tokens.to(lim.device)
-    details: list[str] = []
-    worst = [0.0, 0.0, 0.0]  # max abs, max rel, margin
+    found = Findings()
     case = str(target)
-
-    def record(label: str, c) -> None:
-        worst[0], worst[1], worst[2] = max(worst[0], c.max_abs), max(worst[1], c.max_rel), max(worst[2], c.margin)
-        if not c.ok:
-            details.append(f"{label}: {c}")
 
     try:
         lora = target.lora_target(targets=None if targets is None else tuple(targets), rank=rank, alpha=alpha,
@@ -132,20 +127,22 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         # A fresh adapter is the base model, merged (eval) and unmerged (train mode, dropout on the zero update).
         with torch.no_grad():
             lora.train(False)
-            record("fresh adapter, eval (merged where eval() merges), vs base",
+            found.compared("fresh adapter, eval (merged where eval() merges), vs base",
                    compare(lora.logits(tokens), base_logits, tol, "logits", scale=row_scale(base_logits)))
             lora.train(True)
-            record("fresh adapter, train mode (unmerged), vs base",
+            found.compared("fresh adapter, train mode (unmerged), vs base",
                    compare(lora.logits(tokens), base_logits, tol, "logits", scale=row_scale(base_logits)))
         still = [n for n, layer in layers.items() if layer.merged]
         if still:
-            details.append("train() left layers merged: " + _names(still))
+            found.fail("train() left layers merged: " + _names(still))
 
         draw_nonzero_b(layers.values(), g)
 
-        details += _trainable_problems(lora)
+        for problem in _trainable_problems(lora):
+            found.fail(problem)
         if lora.no_gradient is None:
-            details += _gradient_problems(lora, tokens, g)
+            for problem in _gradient_problems(lora, tokens, g):
+                found.fail(problem)
 
         # Merged vs unmerged, on the weights and on outputs. Memory: the copy, its target weights once more (w0), and
         # at the end the copy itself in float64 (no second copy): about 3x the model at the peak.
@@ -168,11 +165,11 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         def check_merged(label: str) -> None:
             for n, layer in layers.items():
                 want, scale = expected(n, layer)
-                record(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, n, scale=scale))
+                found.compared(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, n, scale=scale))
 
         check_merged("merged weight")
         if lora.unloaded_logits is not None:  # PEFT's merge_and_unload(): the plain model it hands back
-            record("merge_and_unload() logits vs merged", compare(lora.unloaded_logits(tokens), merged, tol, "logits",
+            found.compared("merge_and_unload() logits vs merged", compare(lora.unloaded_logits(tokens), merged, tol, "logits",
                                                                   scale=row_scale(merged)))
         lora.merge()
         for n, layer in layers.items():
@@ -188,7 +185,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             for n, layer in layers.items():
                 if label == "unmerge" or modes[n]:
                     scale = expected(n, layer)[1]
-                    record(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scale))
+                    found.compared(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scale))
             lora.train(False)
             for n, layer in layers.items():  # merged again for the next round
                 if not modes[n]:
@@ -213,19 +210,18 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         own = float((right.double() - right_exact.double()).norm())
         cal = compare_calibrated(merged, unmerged, reference, factor,
                                  floor=max(own, torch.finfo(merged.dtype).eps * float(reference.norm())))
-        worst[2] = max(worst[2], cal.margin)
-        worst[0] = max(worst[0], float((merged.double() - unmerged.double()).abs().max()))  # shown, judged by cal
+        # shown: max |merged - unmerged|; judged: the calibrated ratio
+        found.measure(float((merged.double() - unmerged.double()).abs().max()), margin=cal.margin)
         if not cal.ok:
-            details.append(f"merged logits vs the float64 unmerged reference: {cal}")
+            found.fail(f"merged logits vs the float64 unmerged reference: {cal}")
         criterion = (f"calibrated {cal.ratio:.2f}x <= {factor:g}x (of the larger of unmerged's error and a right "
                      f"merge's); W rtol={w_tol.rtol:.1e}; fresh {tol}")
         if lora.no_gradient:
-            details.append(f"note: gradient claims not applicable: {lora.no_gradient}")
-        ok = not any(not d.startswith("note:") for d in details)
-        margin = worst[2] if ok or worst[2] > 1 else float("inf")  # a failure no comparison measured
-        return CheckResult(NAME, ok, worst[0], worst[1], tol, details, case, criterion=criterion, margin=margin)
+            found.not_applicable(f"gradient claims not applicable: {lora.no_gradient}")
+        return found.result(NAME, case, tol, criterion)
     except Exception as e:  # the implementation under test crashed: a failure, with its message
-        return CheckResult(NAME, False, float("inf"), float("inf"), tol, details, case, error=describe_exception(e))
+        found.raised(describe_exception(e), aborts=True)
+        return found.result(NAME, case, tol)
 
 
 def _trainable_problems(lora: LoRATarget) -> list[str]:

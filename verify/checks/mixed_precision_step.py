@@ -30,6 +30,7 @@ from torch import nn
 
 from ..compare import compare_calibrated, scale_factor
 from ..oracles import mean_token_loss
+from ..findings import FAILING, Findings
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
 from ..targets.base import why_not
@@ -90,9 +91,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
     lim = target.limits
     g = torch.Generator().manual_seed(seed)
     factor, grad_factor = CALIBRATION_FACTORS[NAME], CALIBRATION_FACTORS["mixed_precision_grad"]
-    details: list[str] = []
-    notes: list[str] = []
-    worst = [0.0, 0.0]  # max abs of the stepped gradients vs float64, worst margin
+    found = Findings()  # max_abs: the stepped gradients vs float64; max_rel and margin: the worst margin
     half: Optional[torch.dtype] = None
     case = f"{label} on {target}"
     try:
@@ -100,7 +99,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
         if lora:
             lora_model = target.fresh_lora_model(None, 4, 8, 0.0, g)
             if lora_model is None:
-                notes.append("note: the LoRA variant not checked: the model has no LoRA layers")
+                found.not_applicable("the LoRA variant not checked: the model has no LoRA layers")
             else:
                 draw_nonzero_b(target.lora_layers(lora_model), g)
                 variants.append(("lora", lora_model.train()))
@@ -129,24 +128,25 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             half = next((d[0] for d in linear_dtypes if d), None) if half is None else half
             if half not in HALVES:
                 ran = dtype_names((half,)) if half else "no dtype"
-                details.append(f"{variant}: not mixed: its Linear matmuls ran in {ran} (no autocast around the forward)")
+                found.fail(f"{variant}: not mixed: its Linear matmuls ran in {ran} (no autocast around the forward)")
                 continue
-            details += [f"{variant}: {p}" for p in precision_policy_problems(rec, net, half)]
+            for p in precision_policy_problems(rec, net, half):
+                found.fail(f"{variant}: {p}")
             if not seen:
-                details.append(f"{variant}: optimizer.step never ran in {attempts} windows (GradScaler skipped them all)")
+                found.fail(f"{variant}: optimizer.step never ran in {attempts} windows (GradScaler skipped them all)")
                 continue
             if len(seen) != 1:
-                details.append(f"{variant}: optimizer.step ran {len(seen)} times in one window")
+                found.fail(f"{variant}: optimizer.step ran {len(seen)} times in one window")
             grads = seen[-1]
             not_fp32 = [f"{n} ({dtype_names((p.dtype,))})" for n, p in net.named_parameters()
                         if p.requires_grad and p.dtype != torch.float32]
             not_fp32 += [f"{n}.grad ({dtype_names((t.dtype,))})" for n, t in grads.items()
                          if t is not None and t.dtype != torch.float32]
             if not_fp32:
-                details.append(f"{variant}: master weights / their gradients not fp32: {_names(not_fp32)}")
+                found.fail(f"{variant}: master weights / their gradients not fp32: {_names(not_fp32)}")
             missing = [n for n, t in grads.items() if t is None]
             if missing:
-                details.append(f"{variant}: trainable parameters with no gradient at the step: {_names(missing)}")
+                found.fail(f"{variant}: trainable parameters with no gradient at the step: {_names(missing)}")
             with torch.no_grad():  # the check's reference runs from the weights the step started from
                 for n, p in net.named_parameters():
                     if n in start:
@@ -155,31 +155,32 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             names = [n for n in exact if grads.get(n) is not None and n in plain]
             flat = [torch.cat([d[n].flatten().double() for n in names]) for d in (grads, plain, exact)]
             cal = compare_calibrated(flat[0], flat[1], flat[2], factor)
-            worst[0] = max(worst[0], float((flat[0] - flat[2]).abs().max()))
-            worst[1] = max(worst[1], cal.margin)
+            found.measure(float((flat[0] - flat[2]).abs().max()), cal.margin, cal.margin)
             if not cal.ok:
                 c = scale_factor(flat[0], flat[2])
                 scaled = (f"; they are {c:.4g}x the reference's: scaled (a window loss that is not the token mean, "
                           "or clipping applied while they were still scaled)") if c and abs(c - 1) > 1e-2 else ""
-                details.append(f"{variant} gradients vs float64: {cal}{scaled}")
+                found.fail(f"{variant} gradients vs float64: {cal}{scaled}")
             per = {n: compare_calibrated(grads[n], plain[n], exact[n], grad_factor) for n in names}
-            worst[1] = max([worst[1]] + [c.margin for c in per.values()])
+            for c in per.values():
+                found.measure(max_rel=c.margin, margin=c.margin)
             far = sorted((n for n, c in per.items() if not c.ok), key=lambda n: -per[n].ratio)
             if far and cal.ok:
-                details.append(f"{variant}: gradients of {len(far)}/{len(per)} parameters too far from float64 "
+                found.fail(f"{variant}: gradients of {len(far)}/{len(per)} parameters too far from float64 "
                                f"({_names(far)}); worst, {far[0]}: {per[far[0]]}")
             if half == torch.float16:
-                details += [f"{variant}: {p}" for p in _skip_problems(train_step, net, window)]
+                for p in _skip_problems(train_step, net, window):
+                    found.fail(f"{variant}: {p}")
         case = (f"{label}, {dtype_names((half,)) if half else '?'} autocast, "
                 f"{'+'.join(v for v, _ in variants)}, one window of 2 ragged sequences")
-        ok = not details
-        return CheckResult(NAME, ok, worst[0], worst[1], None, details + notes, case,
+        found.entries.sort(key=lambda f: f.kind not in FAILING)  # failures first, then what went unexamined
+        return found.result(NAME, case,
                            criterion=f"calibrated <= {factor:g}x (grads each <= {grad_factor:g}x); half matmuls, "
                                      "fp32 reductions, fp32 master" + (", GradScaler skip" if half == torch.float16
-                                                                        else ""),
-                           margin=worst[1] if ok or worst[1] > 1 else float("inf"))
+                                                                        else ""))
     except Exception as e:  # the implementation under test crashed: a failure, with its message
-        return CheckResult(NAME, False, float("inf"), float("inf"), None, details, case, error=describe_exception(e))
+        found.raised(describe_exception(e), aborts=True)
+        return found.result(NAME, case)
 
 
 def _skip_problems(step: TrainStep, model: nn.Module, window: list[Batch]) -> list[str]:

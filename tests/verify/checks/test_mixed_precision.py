@@ -12,6 +12,12 @@ from hypothesis import example, given, strategies as st
 
 import llama_ref.train.trainer as T
 import verify.checks.mixed_precision as MP
+from verify.checks.mixed_precision_autocast import autocast_claim, lora_half_base
+from verify.checks.mixed_precision_base import ClaimFindings, float64_window, plain_window, random_batch
+from verify.checks.mixed_precision_curve import curve_claim
+from verify.checks.mixed_precision_range import long_position_claim, upcast_claim
+from verify.checks.mixed_precision_scaler import same_state, scaler_skip_claim, unscale_clip_claim
+from verify.findings import Kind
 from verify import oracles
 from llama_ref.args import ModelArgs
 from llama_ref.default import default_args, default_model
@@ -33,7 +39,7 @@ PRECISION_PARAMS = [pytest.param("bf16", id="bf16"), pytest.param("fp16", id="fp
 
 
 def _batch(vocab: int, seed: int = 0, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
-    return MP._random_batch(default_args(vocab_size=vocab), torch.Generator().manual_seed(seed), torch.device("cpu"),
+    return random_batch(default_args(vocab_size=vocab), torch.Generator().manual_seed(seed), torch.device("cpu"),
                             batch, length)
 
 
@@ -68,7 +74,8 @@ def test_fp16_is_reported_not_silently_skipped_where_autocast_lacks_it(monkeypat
     monkeypatch.setattr(MP, "autocast_observed", lambda device_type, dtype: (False, "no fp16 autocast here"))
     result = check_mixed_precision(default_model(0), steps=2)
     assert result.ok and "(no fp16)" in result.case
-    assert any(d.startswith("fp16 not checked") and "no fp16 autocast here" in d for d in result.details)
+    assert any(f.kind is Kind.NOT_APPLICABLE and f.message.startswith("fp16 not checked")
+               and "no fp16 autocast here" in f.message for f in result.findings), result.details
 
 
 def test_the_check_refuses_a_dtype_that_is_not_half():
@@ -178,19 +185,21 @@ def test_loss_logits_and_gradients_are_calibrated_against_float64(dtype, lora):
     model.kv_caching = False
     g = torch.Generator().manual_seed(1)
     if lora:
-        model = MP._lora_half_base(model, ("wq", "wv"), dtype, g, half_frozen_base)
-    cals: dict = {}
-    assert MP._autocast_problems(model, [_batch(512, 1)], dtype, cals, "x") == []
-    assert {"x logits", "x loss"} <= set(cals) and len(cals) > 2
-    assert max(c.ratio for c in cals.values()) <= MP.FACTORS["mixed_precision"]
+        model = lora_half_base(model, ("wq", "wv"), dtype, g, half_frozen_base)
+    found = ClaimFindings()
+    autocast_claim(model, [_batch(512, 1)], dtype, found, "x")
+    assert not found.failed and not found.entries, found.details
+    labels = {c.label for c in found.calibrations}
+    assert {"x logits", "x loss"} <= labels and len(labels) > 2
+    assert max(c.comparison.ratio for c in found.calibrations) <= MP.FACTORS["mixed_precision"]
 
 
 def test_the_calibration_rejects_a_gradient_ten_eps_off():
     model = default_model(2)
     model.kv_caching = False
     window = [_batch(512, 2)]
-    _, ref, _ = MP._float64_window(model, window)
-    _, plain, _ = MP._plain_window(model, window, torch.bfloat16)
+    _, ref, _ = float64_window(model, window)
+    _, plain, _ = plain_window(model, window, torch.bfloat16)
     from verify.compare import compare_calibrated
     name = "layers.0.feed_forward.w2.weight"
     off = ref[name] * (1 + 10 * torch.finfo(torch.bfloat16).eps)
@@ -214,7 +223,7 @@ def test_gradscaler_skips_an_inf_step_leaving_parameters_and_adamw_state_and_low
     handle.remove()
     assert result.skipped and trainer.scaler.get_scale() == scale / 2
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-    assert MP._same_state(state["state"], trainer.optimizer.state_dict()["state"])
+    assert same_state(state["state"], trainer.optimizer.state_dict()["state"])
     assert not trainer.step([_batch(512, 2)]).skipped
 
 
@@ -234,11 +243,12 @@ def test_unscale_before_clip_and_skip_subchecks_pass():
     model = default_model(0)
     model.kv_caching = False
     g = torch.Generator().manual_seed(0)
-    window = [MP._random_batch(model.params, g, torch.device("cpu")) for _ in range(2)]
-    cals: dict = {}
-    assert MP._unscale_clip_problems(model, window, cals) == []
-    assert set(cals) == {"scaler grad_norm", "scaler clipped update"}
-    assert MP._scaler_skip_problems(model, g, torch.device("cpu")) == []
+    window = [random_batch(model.params, g, torch.device("cpu")) for _ in range(2)]
+    found = ClaimFindings()
+    unscale_clip_claim(model, window, found)
+    assert not found.entries and {c.label for c in found.calibrations} == {"scaler grad_norm", "scaler clipped update"}
+    scaler_skip_claim(model, g, torch.device("cpu"), found)
+    assert not found.entries, found.details
 
 
 # ---- long positions -----------------------------------------------------------------------------------------------
@@ -252,25 +262,27 @@ def _llama_3_2_rope_model(seed: int):
 
 @pytest.mark.parametrize("mutated", [False, True], ids=["ours", "angles-in-half"])
 def test_long_positions_near_8k_of_llama_3_2_rope_are_calibrated_against_float64(mutated):
-    model, cals, notes = _llama_3_2_rope_model(0), {}, []
+    model, found = _llama_3_2_rope_model(0), ClaimFindings()
     halves = [h for h, ok in ((torch.bfloat16, True), (torch.float16, CPU_FP16)) if ok]
     with (inject("mp_rope_angles_in_half") if mutated else contextlib.nullcontext()):
-        problems = MP._long_position_problems(model, halves, torch.Generator().manual_seed(0), torch.device("cpu"),
-                                              cals, notes)
-    assert set(cals) == {f"rope {MP.PRECISION_NAMES[h]}" for h in halves} and notes == []
+        long_position_claim(model, halves, torch.Generator().manual_seed(0), torch.device("cpu"), found)
+    cals = [c.comparison for c in found.calibrations]
+    assert [c.label for c in found.calibrations] == [f"rope {MP.PRECISION_NAMES[h]}" for h in halves]
+    problems = [f.message for f in found.of(Kind.FAILURE)]
+    assert len(found.entries) == len(problems)  # nothing noted
     if mutated:  # measured 26-41 (bf16) and 150-236 (fp16) over 40 models, against an allowed 2
         assert len(problems) == len(halves) and "positions 8160-8191" in problems[0], problems
-        assert all(c.ratio > 10 for c in cals.values()), cals
+        assert all(c.ratio > 10 for c in cals), cals
     else:
-        assert problems == [] and all(c.ratio <= MP.FACTORS["mixed_precision_rope"] for c in cals.values())
+        assert problems == [] and all(c.ratio <= MP.FACTORS["mixed_precision_rope"] for c in cals)
 
 
 def test_a_context_too_short_for_far_positions_is_noted_not_passed():
-    notes: list = []
-    problems = MP._long_position_problems(default_model(0, max_seq_len=64), [torch.bfloat16],
-                                          torch.Generator().manual_seed(0), torch.device("cpu"), {}, notes)
-    assert problems == [] and notes == ["long positions not checked: max_seq_len=64 has no position far from the "
-                                        "start"]
+    found = ClaimFindings()
+    long_position_claim(default_model(0, max_seq_len=64), [torch.bfloat16], torch.Generator().manual_seed(0),
+                        torch.device("cpu"), found)
+    assert not found.failed and [(f.kind, f.message) for f in found.entries] == [
+        (Kind.NOT_APPLICABLE, "long positions not checked: max_seq_len=64 has no position far from the start")]
 
 
 # ---- training tracks fp32 ---------------------------------------------------------------------------------------
@@ -279,11 +291,9 @@ def test_a_context_too_short_for_far_positions_is_noted_not_passed():
 def test_a_short_training_run_tracks_the_fp32_curve():
     model = default_model(3)
     model.kv_caching = False
-    cals: dict = {}
-    notes: list = []
-    g = torch.Generator().manual_seed(3)
-    assert MP._curve_problems(model, HALVES, 8, g, torch.device("cpu"), cals, notes) == []
-    assert set(cals) == {"curve bf16", "curve fp16"} and notes == []
+    found = ClaimFindings()
+    curve_claim(model, HALVES, 8, torch.Generator().manual_seed(3), torch.device("cpu"), found)
+    assert not found.entries and {c.label for c in found.calibrations} == {"curve bf16", "curve fp16"}
 
 
 # ---- the bug zoo ------------------------------------------------------------------------------------------------
@@ -329,5 +339,7 @@ def test_fail_fast_skips_the_claims_after_the_first_failing_one():
 
 def test_rmsnorm_mutant_is_caught_numerically_by_fp16_activations():
     with inject("mp_rmsnorm_no_upcast"):
-        problems = MP._upcast_problems(default_model(0), [torch.float16], torch.Generator().manual_seed(0))
-    assert len(problems) == 1 and "RMSNorm on float16 activations of ±512" in problems[0]
+        found = ClaimFindings()
+        upcast_claim(default_model(0), [torch.float16], torch.Generator().manual_seed(0), found)
+    problems = [f.message for f in found.of(Kind.FAILURE)]
+    assert len(found.entries) == len(problems) == 1 and "RMSNorm on float16 activations of ±512" in problems[0]
