@@ -3,6 +3,8 @@ table and ``--check``, the pytest plugin's tests, ``verify.testing`` and the mut
 against its property's protocols before the check runs."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import textwrap
 from typing import Optional, Protocol
@@ -103,6 +105,25 @@ def test_every_property_of_the_default_run_has_a_zoo_and_a_protocol():
         prop = PROPERTIES[name]
         assert len(prop.zoo) >= 6 and prop.protocols, name
         assert all(m.prop == name for m in prop.zoo)
+        assert "Args:" in inspect.getdoc(prop.check), f"{prop.check.__qualname__}: no Args:"
+
+
+def test_every_public_check_documents_each_parameter_under_args():
+    from pathlib import Path
+
+    import verify.checks
+    checks = []
+    for path in sorted(Path(verify.checks.__file__).parent.glob("[!_]*.py")):
+        module = importlib.import_module(f"verify.checks.{path.stem}")
+        checks += [f for n, f in vars(module).items()
+                   if n.startswith("check_") and inspect.isfunction(f) and f.__module__ == module.__name__]
+    assert len(checks) >= 8, [f.__qualname__ for f in checks]
+    for check in checks:
+        doc = inspect.getdoc(check) or ""
+        assert re.search(r"^Args:$", doc, re.M), f"{check.__module__}.{check.__qualname__}: no Args:"
+        args = doc.split("Args:", 1)[1]
+        missing = [n for n in inspect.signature(check).parameters if not re.search(rf"^    {n}:", args, re.M)]
+        assert not missing, f"{check.__module__}.{check.__qualname__}: Args: lacks {missing}"
 
 
 # ---- declared protocols, validated up front ----------------------------------------------------------------------

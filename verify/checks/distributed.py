@@ -217,8 +217,24 @@ def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype
 def check_distributed_many(model: Optional[Transformer], trainers: dict[str, type], *,
                            world_sizes: Sequence[int] = (2, 3), cases: Optional[Sequence[Case]] = None,
                            seed: int = 0) -> dict[str, CheckResult]:
-    """Property 6 for each trainer of ``trainers`` (label → a ``DistributedTrainer`` (sub)class), all in one spawn
-    per world size (spawning dominates the cost); label → its result."""
+    """Property 6 for each trainer of ``trainers``, all in one spawn per world size (spawning dominates the cost).
+
+    Args:
+        model: llama_ref's ``Transformer`` (copied, left untouched; None: the embedded default model). Not a target:
+            through :mod:`verify.properties` any other model is not applicable.
+        trainers: label → a ``DistributedTrainer`` (sub)class, each an implementation under test.
+        world_sizes: numbers of CPU ranks (gloo) to run every case on; by default 2 and 3 (no even split assumed).
+        cases: the :class:`Case` list (DDP or FSDP2 × full / LoRA × fp32 / bf16). Default: :func:`default_cases`,
+            every kind × (full, LoRA, full bf16). Below torch 2.7 FSDP2 cases are not run, a not-applicable note
+            saying so.
+        seed: seed of the sequences and the adapters' weights.
+
+    Returns:
+        Label → its result: ``max_abs`` the largest |distributed − single process in the same precision| over the
+        stepped gradients and the parameters after each step, on every rank; ``margin`` the worst calibrated ratio ÷
+        its factor (``CALIBRATION_FACTORS["grad_accum"]``, ``["distributed_bf16"]`` in bf16). A rank that raises or
+        dies fails its trainer's result with its error.
+    """
     if model is None:
         from llama_ref.default import default_model
         model = default_model()
@@ -265,7 +281,19 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
 def check_distributed(model: Optional[Transformer] = None, *, trainer_cls: type = DistributedTrainer,
                       world_sizes: Sequence[int] = (2, 3), cases: Optional[Sequence[Case]] = None,
                       seed: int = 0) -> CheckResult:
-    """Property 6 on llama_ref's ``model`` (default: the embedded default) with ``trainer_cls`` (a
-    ``DistributedTrainer`` subclass: the implementation under test)."""
+    """Property 6 on llama_ref's ``model`` with ``trainer_cls``: :func:`check_distributed_many` for one trainer.
+
+    Args:
+        model: llama_ref's ``Transformer`` (copied, left untouched; None: the embedded default model). Not a target:
+            through :mod:`verify.properties` any other model is not applicable.
+        trainer_cls: a ``DistributedTrainer`` (sub)class: the implementation under test.
+        world_sizes: numbers of CPU ranks (gloo) to run every case on.
+        cases: the :class:`Case` list; default :func:`default_cases` (FSDP2's are not run below torch 2.7, saying so).
+        seed: seed of the sequences and the adapters' weights.
+
+    Returns:
+        The result, as :func:`check_distributed_many` gives it: ``max_abs`` the largest |distributed − single
+        process| over gradients and parameters on every rank, ``margin`` the worst calibrated ratio ÷ its factor.
+    """
     return check_distributed_many(model, {"trainer": trainer_cls}, world_sizes=world_sizes, cases=cases,
                                   seed=seed)["trainer"]

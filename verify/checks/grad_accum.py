@@ -12,9 +12,8 @@ window. Compared:
 * ``StepResult``: the loss (the true window mean, never a scaled one), the token count, the pre-clip gradient norm
   and the learning rate;
 * every parameter after the step — SGD with momentum and AdamW with weight decay (taking turns over the scenarios),
-  clipping that binds (``clip="auto"``) except in the last of several scenarios, which runs unclipped (binding
-  clipping rescales the gradients to the max norm: a uniformly scaled loss would show nowhere else in a step that
-  reports no norm), a warm-up + cosine (or linear) schedule;
+  clipping that binds (``clip="auto"``) except in the last of several scenarios, which runs unclipped (under binding
+  clipping a uniformly scaled loss hides in a step that reports no norm), a warm-up + cosine (or linear) schedule;
 * for a full fine-tune and for a frozen base with LoRA on every target (dropout 0: micro-batching must not change
   dropout masks; ``B`` drawn non-zero so that ``A`` gets a gradient).
 
@@ -24,8 +23,8 @@ gradients, scale by ``min(1, max_norm / (norm + 1e-6))``); its learning rate is 
 param groups; it steps a torch optimizer of the same class and hyper-parameters on its own copy.
 
 Judging (DESIGN §4). Accumulating changes the order of the same sums, so the gradients differ from the large batch's
-at the rounding level — and for LoRA's ``A``/``B``, whose gradients are sums over tokens with much cancellation, that
-level is up to ~1e-5 of a tensor's largest element (measured): assert_close's fp32 elementwise rule fails there.
+at the rounding level — and for LoRA's ``A``/``B``, sums over tokens with much cancellation, that level fails
+assert_close's fp32 elementwise rule (measured: ``verify.tolerances``, ``CALIBRATION_FACTORS["grad_accum"]``).
 Gradients and parameters are therefore **calibrated**: the trainer's may be at most ``CALIBRATION_FACTOR`` times
 further (2-norm over all tensors) from a float64 run of the oracle, from the same state, than the oracle's own
 model-dtype run is. The reported norm may be off by that much too (|‖a‖ − ‖b‖| ≤ ‖a − b‖); the loss is compared
@@ -57,9 +56,9 @@ PROTOCOLS = (TrainingTarget,)  # what the check reads of a target
 CALIBRATION_FACTOR = CALIBRATION_FACTORS[NAME]  # measured and justified in verify/tolerances.py
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
-    # eps 1e-6 (RoBERTa's) rather than 1e-8: Adam's update lr·g/(|g| + eps) turns the rounding of gradients near
-    # zero into parameter noise of up to lr·δ/eps, which both the large batch and GA suffer; at 1e-8 it dominated
-    # the parameter error and made the calibrated ratio heavy-tailed (measured up to 3.5 with a median of 0.3).
+    # eps 1e-6 (RoBERTa's) rather than 1e-8: Adam's update lr·g/(|g| + eps) turns the rounding of near-zero gradients
+    # into parameter noise up to lr·δ/eps, in the large batch and GA alike; at 1e-8 it dominated the parameter error
+    # and made the calibrated ratio heavy-tailed (measured: verify.tolerances, [grad_accum: AdamW eps]).
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1, eps=1e-6)),
 }
 Batch = dict[str, torch.Tensor]
@@ -334,14 +333,30 @@ def check_grad_accumulation(model: Any, *, n_sequences: int = 6,
     which is left untouched, trained by ``train_step`` (the user's :class:`verify.targets.protocols.TrainStep`) or, where
     none is given, the target's own loop: llama_ref's ``Trainer`` (or ``trainer_cls``, a subclass under test).
 
-    Each split (micro-batch sizes summing to ``n_sequences``; default :func:`default_splits`) trains ``steps``
-    windows of fresh sequences with ``ga = len(split)``; with ``stream_ga`` = K, a stream of ``K·(steps-1) + r``
-    micro-batches of 1–3 sequences (0 < r < K) is grouped into windows of K, so that the last window is short.
-    ``optimizer``: "sgd", "adamw", or several taking turns over the scenarios; ``clip``: a max norm, None, or
-    "auto" (half the first window's pre-clip norm, so that clipping binds); ``schedule``: constant, linear or
-    cosine after ``warmup`` steps; ``lora``: the variants (False: full fine-tune, True: frozen base + LoRA; a model
-    that comes without LoRA layers skips it, saying so). ``fail_fast``: stop after the first scenario that fails
-    (the same verdict, sooner; the details are that scenario's only).
+    Args:
+        model: a target (:class:`verify.targets.protocols.TrainingTarget`) or a model ``as_target`` adapts; one missing
+            a member of ``PROTOCOLS`` is not applicable, naming it — as is one with no loop and no ``train_step``.
+        n_sequences: sequences per window (>= 1, else ValueError).
+        splits: micro-batch sizes, each split non-empty parts summing to ``n_sequences`` (else ValueError); each
+            trains ``steps`` windows of fresh sequences with ``ga = len(split)``. Default: :func:`default_splits`.
+        stream_ga: K (>= 2, else ValueError): a stream of ``K·(steps-1) + r`` micro-batches of 1–3 sequences
+            (0 < r < K) grouped into windows of K, the last one short. None: no stream.
+        optimizer: "sgd", "adamw" (:data:`OPTIMIZERS`), or several taking turns over the scenarios; another name
+            raises ValueError. AdamW is skipped on a pure fp16 model (it diverges there, large batch and GA alike).
+        clip: a positive max norm, None, or "auto" (half the first window's pre-clip norm: it binds); else ValueError.
+        steps: windows (optimizer steps) per scenario (>= 1, else ValueError).
+        schedule: "constant", "linear" or "cosine" after ``warmup`` steps; another raises ValueError.
+        warmup: warm-up steps of the schedule.
+        lora: the variants: False a full fine-tune, True a frozen base + LoRA (skipped, saying so, without LoRA).
+        max_len: the longest sequence in tokens (capped at the target's ``max_seq_len``).
+        seed: seed of the sequences, the random split, the stream's sizes and the adapters' weights.
+        trainer_cls: with llama_ref's model, a ``Trainer`` subclass under test (None: llama_ref's ``Trainer``).
+        train_step: the user's step, trained instead of the target's own loop (it reports no token count or norm).
+        fail_fast: stop after the first scenario that fails (the same verdict, sooner; its details only).
+
+    Returns:
+        The result: ``max_abs`` the largest |trainer − oracle in the model dtype| over gradients and parameters,
+        ``margin`` the worst calibrated ratio ÷ ``CALIBRATION_FACTOR`` (the ratio itself is in ``criterion``).
     """
     target = as_target(model, trainer_cls=trainer_cls)
     why = why_not(target, NAME, PROTOCOLS)

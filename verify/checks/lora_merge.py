@@ -88,10 +88,30 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
     """Check property 3 on a copy of ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts —
     which is left untouched.
 
-    With llama_ref's model, LoRA goes on ``targets`` (default: every Linear of every block) with ``rank``, ``alpha`` (default ``3·rank``, ≠ rank),
-    ``dropout`` and ``use_rslora``, its layers of class ``lora_layer_cls`` (a ``LoRALinear`` subclass: the layer
-    under test; llama_ref's own by default); a model that comes adapted is checked with its own adapters.
-    ``tokens`` (B, L) default to random ids drawn from ``seed``.
+    With llama_ref's model, LoRA goes on as the adapter arguments below say; a model that comes adapted is checked
+    with its own adapters.
+
+    Args:
+        model: llama_ref's ``Transformer``, a model with loralib-shaped LoRA layers, another model ``as_target``
+            adapts, or a target (:class:`verify.targets.protocols.LoRACapable`). A target missing a member of
+            ``PROTOCOLS`` gives a not-applicable result naming the member, as does one whose ``lora_target()``
+            returns an object short of a :class:`~verify.targets.protocols.LoRATarget` or ``LoRALayer`` member
+            (e.g. ``LoRALayer.alpha``), or one without LoRA layers.
+        tokens: token ids (B, L), moved to the target's device. Default: random ids drawn from ``seed``, B =
+            min(2, max_batch_size), L = min(16, max_seq_len).
+        targets: names of the projections adapted in every block (default: every Linear of every block).
+        rank: the adapters' rank r.
+        alpha: the adapters' alpha; default ``3·rank`` (≠ rank, so that alpha/r, r/alpha and alpha differ).
+        dropout: the adapters' dropout probability (inactive in eval mode, where logits are compared).
+        use_rslora: scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.
+        seed: seed of the tokens, the adapters' ``A`` and non-zero ``B``, and the gradient check's data.
+        lora_layer_cls: a ``LoRALinear`` subclass: the layer under test (None: llama_ref's own).
+
+    Returns:
+        The result: ``max_abs`` the largest difference of any comparison (fresh adapter vs base logits, merged or
+        unmerged weights vs ``W + (alpha/r)·B·A`` or ``W``, and max |merged − unmerged| logits), ``max_rel`` the
+        largest elementwise relative one, ``margin`` the worst of the elementwise margins and the logits'
+        calibrated ratio ÷ ``CALIBRATION_FACTORS["lora_merge"]`` (that ratio is in ``criterion``).
     """
     target = as_target(model)
     why = why_not(target, NAME, PROTOCOLS)
@@ -206,7 +226,8 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         # Merged may be at most `factor` times further from the exact answer than the larger of: the unmerged
         # path's own error, and the error of a right merge (formed here, run in the dtype) from its float64 self.
         # The second is what merging must cost: the logits of W + ΔW are worse conditioned when ΔW dominates W
-        # (alpha/r = 7 at r = 1 reached 22x the unmerged error), however right the merge.
+        # (small r, large alpha/r), however right the merge (measured: ``verify.tolerances``,
+        # ``CALIBRATION_FACTORS["lora_merge"]``).
         own = float((right.double() - right_exact.double()).norm())
         cal = compare_calibrated(merged, unmerged, reference, factor,
                                  floor=max(own, torch.finfo(merged.dtype).eps * float(reference.norm())))

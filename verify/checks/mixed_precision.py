@@ -100,6 +100,7 @@ def check_mixed_precision(model: Any, *, dtype: torch.dtype = torch.bfloat16, tr
 
     Args:
         model: llama_ref's ``Transformer``, another model :func:`verify.targets.spec.as_target` adapts, or a target.
+            A target missing a member of ``PROTOCOLS`` gives a not-applicable result naming the member.
         dtype: the autocast dtype, ``torch.bfloat16`` or ``torch.float16`` (else ValueError).
         train_step: the user's mixed-precision step (:class:`verify.targets.protocols.TrainStep`, with its own
             autocast and GradScaler), checked by :func:`verify.checks.mixed_precision_step.check_mixed_precision_step`.

@@ -80,10 +80,27 @@ def _reference_grads(target: Any, model: nn.Module, window: list[Batch], dtype: 
 def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool = True, lora: bool = True,
                                seed: int = 0, attempts: int = 4, label: str = "the user's step") -> CheckResult:
     """Check property 5 on the user's ``train_step`` (with its own autocast and GradScaler) over copies of
-    ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts — left untouched. ``full``: the
-    model with every parameter trainable; ``lora``: its LoRA variant (a frozen base, kept in the dtype the model
-    stores it in), where it has one. ``attempts``: how many windows GradScaler may skip
-    while it lowers its initial scale before a step is taken; ``label`` names the step in the case."""
+    ``model`` — a target or a model :func:`verify.targets.spec.as_target` adapts — left untouched.
+
+    Args:
+        model: a target or a model ``as_target`` adapts. A target missing a member of
+            :class:`verify.targets.protocols.TrainingCopies` (all the check reads of it) gives a not-applicable
+            result naming the member, as does one whose own ``not_applicable`` answer says so.
+        train_step: the user's step (:class:`verify.targets.protocols.TrainStep`), with its own autocast and, for
+            fp16, GradScaler; its half dtype is the one its first Linear matmul runs in (fp32 there: "not mixed").
+        full: check the model with every parameter trainable.
+        lora: check its LoRA variant (a frozen base, kept in the dtype the model stores it in), where it has one;
+            a model without LoRA layers skips it, saying so.
+        seed: seed of the windows and the adapters' ``B`` (drawn non-zero).
+        attempts: how many windows GradScaler may skip while it lowers its initial scale before a step is taken
+            (all skipped: a failure).
+        label: names the step in the result's case (e.g. "llama_ref's Trainer as a step").
+
+    Returns:
+        The result: ``max_abs`` the largest |stepped gradient − float64 reference|; ``max_rel`` and ``margin`` the
+        worst calibrated ratio ÷ its factor, over all gradients together (``CALIBRATION_FACTORS["mixed_precision"]``)
+        and each parameter's (``["mixed_precision_grad"]``). A step that raises fails with ``error`` set.
+    """
     target = as_target(model)
     why = why_not(target, NAME, (TrainingCopies,))  # a forward without autograd, say
     if why:
