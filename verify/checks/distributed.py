@@ -125,6 +125,8 @@ def _worker(rank: int, world: int, store: str, job_path: str, out_dir: str) -> N
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
         for label, trainer_cls in job["trainers"].items():
             for i, case in enumerate(job["cases"]):
+                if i not in job["runs"][label]:
+                    continue
                 model = _start_model(job, case)
                 half = torch.bfloat16 if case.precision == "bf16" else None
                 net = wrap(model, case.kind, device_type="cpu", mp=half if case.kind == "fsdp2" else None)
@@ -216,7 +218,8 @@ def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype
 
 def check_distributed_many(model: Optional[Transformer], trainers: dict[str, type], *,
                            world_sizes: Sequence[int] = (2, 3), cases: Optional[Sequence[Case]] = None,
-                           seed: int = 0) -> dict[str, CheckResult]:
+                           seed: int = 0, cases_of: Optional[dict[str, Sequence[Case]]] = None
+                           ) -> dict[str, CheckResult]:
     """Property 6 for each trainer of ``trainers``, all in one spawn per world size (spawning dominates the cost).
 
     Args:
@@ -228,6 +231,8 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
             every kind × (full, LoRA, full bf16). Below torch 2.7 FSDP2 cases are not run, a not-applicable note
             saying so.
         seed: seed of the sequences and the adapters' weights.
+        cases_of: label → the cases that trainer runs, where it runs fewer than ``cases`` (a zoo's mutants on the
+            cases that show them beside the correct trainer on every case, in the same spawn).
 
     Returns:
         Label → its result: ``max_abs`` the largest |distributed − single process in the same precision| over the
@@ -245,8 +250,11 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
         for f in found.values():
             f.not_applicable(f"FSDP2 cases not run: {na}")
     cases = [c for c in cases if not (na and c.kind == "fsdp2")]
+    runs = {label: [i for i, c in enumerate(cases) if cases_of is None or label not in cases_of
+                    or c in cases_of[label]] for label in trainers}  # label → the indices of its cases
     for world in world_sizes:
         job = _job(model, world, cases, trainers, seed)
+        job["runs"] = runs
         with tempfile.TemporaryDirectory() as tmp:
             job_path = os.path.join(tmp, "job.pt")
             torch.save(job, job_path)
@@ -258,7 +266,7 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
                 factor = CALIBRATION_FACTORS["distributed_bf16" if case.precision == "bf16" else "grad_accum"]
                 plain = _reference(job, case, job["windows"], torch.float32, case.precision)
                 exact = _reference(job, case, job["windows"], torch.float64, "off")
-                for label in trainers:
+                for label in (label for label in trainers if i in runs[label]):
                     for rank in range(world):
                         path = os.path.join(tmp, f"{label}-{i}-{rank}.pt")
                         where = f"W={world} {case.label} rank {rank}"
@@ -271,11 +279,13 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
                             continue
                         for step, (g_, p_, e_) in enumerate(zip(got, plain, exact)):
                             _judge(f"{where} step {step + 1}", g_, p_, e_, factor, dtype, found[label])
-    case_text = (f"W={'/'.join(map(str, world_sizes))}, {', '.join(c.label for c in cases)}; windows of 2 micro-batches "
-                 "per rank and a short last one; clipping binds")
+
+    def case_text(label: str) -> str:
+        return (f"W={'/'.join(map(str, world_sizes))}, {', '.join(cases[i].label for i in runs[label])}; windows of 2 "
+                "micro-batches per rank and a short last one; clipping binds")
     criterion = (f"calibrated <= {CALIBRATION_FACTORS['grad_accum']:g}x fp32, "
                  f"{CALIBRATION_FACTORS['distributed_bf16']:g}x bf16; every rank")
-    return {label: found[label].result(NAME, case_text, criterion=criterion) for label in trainers}
+    return {label: found[label].result(NAME, case_text(label), criterion=criterion) for label in trainers}
 
 
 def check_distributed(model: Optional[Transformer] = None, *, trainer_cls: type = DistributedTrainer,
@@ -290,6 +300,8 @@ def check_distributed(model: Optional[Transformer] = None, *, trainer_cls: type 
         world_sizes: numbers of CPU ranks (gloo) to run every case on.
         cases: the :class:`Case` list; default :func:`default_cases` (FSDP2's are not run below torch 2.7, saying so).
         seed: seed of the sequences and the adapters' weights.
+        cases_of: label → the cases that trainer runs, where it runs fewer than ``cases`` (a zoo's mutants on the
+            cases that show them beside the correct trainer on every case, in the same spawn).
 
     Returns:
         The result, as :func:`check_distributed_many` gives it: ``max_abs`` the largest |distributed − single

@@ -25,6 +25,31 @@ def test_every_mutant_targets_a_registered_check():
                                                                                "distributed"}
 
 
+# What the failure of each mutant must say: the claim that catches it (for the properties whose checks make several
+# claims). Each mutant runs once here, as llama-verify's kill matrix runs it (fail_fast: the first failing claim).
+REASONS = {
+    "mixed_precision": {
+        "mp_trainable_params_half": "trainable parameters not fp32",
+        "mp_clip_before_unscale": "grad_norm vs float64",
+        "mp_optimizer_step_bypasses_scaler": "changed parameters",
+        "mp_scaler_step_per_micro_batch": "clipped update vs float64",
+        "mp_autocast_wrong_device": "Linear matmuls not in bfloat16",
+        "mp_rmsnorm_no_upcast": "norm reductions (mean of squares) not upcast to fp32",
+        "mp_softmax_in_half": "_softmax(bfloat16)",
+        "mp_loss_on_half_logits": "token_loss_sum on bfloat16 logits",
+        "mp_frozen_base_kept_fp32": "frozen base not stored in bfloat16",
+        "mp_schedule_advances_on_skipped_step": "the LR schedule does not count optimizer steps actually taken",
+        "mp_rope_angles_in_half": "RoPE angles formed in bf16?",
+    },
+}
+REASON = {name: text for table in REASONS.values() for name, text in table.items()}
+
+
+@pytest.mark.parametrize("prop", sorted(REASONS))
+def test_every_mutant_of_a_property_with_reasons_has_one(prop):
+    assert {m.name for m in mutants_for(prop)} == set(REASONS[prop])
+
+
 @functools.lru_cache(maxsize=None)
 def _correct_code_passes(prop: str, overrides: tuple) -> bool:
     return get(prop)(default_model(DEFAULT_SEED, **dict(overrides)), Inputs(seed=1)).ok
@@ -42,6 +67,8 @@ def test_mutant_is_caught_by_its_propertys_check(name):
     with inject(name):  # fail_fast: the verdict, without running the cases after the first failing one
         result = check(model, Inputs(seed=1, fail_fast=True), **m.components)
     assert not result.ok, f"mutant {name} ({m.description}) was not caught: {result}"
+    if name in REASON:
+        assert any(REASON[name] in line for line in result.details), str(result)
 
 
 def test_inject_restores_the_correct_code_even_on_error():
@@ -82,7 +109,7 @@ def test_cli_exits_1_when_a_check_fails(capsys):
     from verify.__main__ import main
 
     with inject("rope_not_offset"):
-        code = main(["--dtype", "float32", "--attn-impl", "math"])
+        code = main(["--dtype", "float32", "--attn-impl", "math", "--check", "kv_cache"])
     assert code == 1 and "FAIL" in capsys.readouterr().out
 
 
