@@ -72,6 +72,16 @@ def test_a_toy_property_is_one_record_and_found_everywhere(toy, capsys):
     assert re.search(r"^toy_wrong_part +toy +FAILS +caught$", capsys.readouterr().out, re.M)
 
 
+def test_the_kill_matrix_gives_a_mutants_parts_only_to_the_checks_that_take_them(toy):
+    from verify.runner import kill_matrix, uncaught
+    kv = mutants_for("kv_cache")[0]
+    mutants = [_ToyZoo.ZOO[0], kv]
+    matrix = kill_matrix(lambda **over: _llama_ref(), Inputs(), mutants, checks=["toy", "kv_cache"])
+    assert not matrix["toy_wrong_part"]["toy"].ok and matrix["toy_wrong_part"]["kv_cache"].ok
+    assert matrix[kv.name]["toy"].ok and not matrix[kv.name]["kv_cache"].ok
+    assert uncaught(matrix, mutants) == []
+
+
 def test_without_the_record_it_is_nowhere(capsys):
     from verify import testing
     from verify.__main__ import main

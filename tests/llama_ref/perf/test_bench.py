@@ -79,6 +79,7 @@ def test_sixteen_cells_on_tiny_write_valid_files(tmp_path):
 
 
 @needs_memtracker
+@pytest.mark.slow  # a cell process of its own beside one in this process (llama-bench's default path)
 def test_an_isolated_cell_is_the_in_process_cell(tmp_path):
     # The default path: the cell runs in a child process (its record carries the address space only a process of
     # its own can report) and trains exactly as it would in this process.
