@@ -121,19 +121,22 @@ class LlamaRefTarget(Target):
 
     # ---- property 4 ----------------------------------------------------------------------------------------------
 
-    def fresh_model(self, share_weights: bool = False) -> Transformer:
-        """A copy (``share_weights``: its parameters on the original's storage, for a base that is only read)."""
-        model = copy_sharing_weights(self.model) if share_weights else copy.deepcopy(self.model)
-        model.kv_caching = False
-        if self.block_runner is not None:
-            model.block_runner = self.block_runner
-        return model
+    def fresh_model(self) -> Transformer:
+        """A copy for one run: cache off, the block runner under test in place (TrainingCopies.fresh_model)."""
+        return self._copy(copy.deepcopy(self.model))
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> Transformer:
-        model = self.fresh_model(share_weights=True)  # the base is frozen: read, never written
+        # The base is frozen by the adapters: read, never written, so the copy's parameters share its storage.
+        model = self._copy(copy_sharing_weights(self.model))
         apply_lora_to_llama(model, rank, alpha, dropout, ALL_TARGETS if targets is None else targets,
                             generator=generator)
+        return model
+
+    def _copy(self, model: Transformer) -> Transformer:
+        model.kv_caching = False
+        if self.block_runner is not None:
+            model.block_runner = self.block_runner
         return model
 
     def blocks(self, model: Transformer) -> Sequence[torch.nn.Module]:
