@@ -190,14 +190,13 @@ class HFTarget(Target):
 
     # ---- property 4 (and the training copies of 2 and 5) ---------------------------------------------------------
 
-    def fresh_model(self, share_frozen: bool = False) -> nn.Module:
-        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
-        return copy_sharing_weights(self.model, frozen) if share_frozen else copy.deepcopy(self.model)
+    def fresh_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> nn.Module:
-        if is_peft_model(self.model):
-            return self.fresh_model(share_frozen=True)
+        if is_peft_model(self.model):  # its own adapters; the frozen base shared, only read
+            return copy_sharing_weights(self.model, {id(p) for p in self.model.parameters() if not p.requires_grad})
         return apply_peft_lora(copy_sharing_weights(self.model), targets, rank, alpha, dropout, generator=generator)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:

@@ -240,19 +240,22 @@ class MetaStyleTarget(Target):
     def policies(self) -> Optional[tuple[str, ...]]:
         return None if self._gc_switch is not None else ("seed",)
 
-    def fresh_model(self, share_frozen: bool = False) -> nn.Module:
+    def fresh_model(self) -> nn.Module:
         """A copy for training: its cache switched off where there is a switch (as a training loop does: the
-        micro-batches may hold more rows than the cache); ``share_frozen``: its frozen parameters on the original's
-        storage (a LoRA base, only read)."""
-        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
-        model = copy_sharing_weights(self.model, frozen) if share_frozen else copy.deepcopy(self.model)
-        if self._switch_problem() is None:
-            self._set_kv_caching(False, model)
-        return model
+        micro-batches may hold more rows than the cache)."""
+        return self._uncached_copy(copy.deepcopy(self.model))
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> Optional[nn.Module]:
-        return self.fresh_model(share_frozen=True) if loralib_layers(self.model) else None
+        if not loralib_layers(self.model):
+            return None
+        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}  # the LoRA base, only read
+        return self._uncached_copy(copy_sharing_weights(self.model, frozen))
+
+    def _uncached_copy(self, model: nn.Module) -> nn.Module:
+        if self._switch_problem() is None:
+            self._set_kv_caching(False, model)
+        return model
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         attention = {id(m) for m in cache_modules(model)}
