@@ -77,6 +77,24 @@ class _BypassScaler(Trainer):
         return self.scaler.get_scale() < scale
 
 
+@mutant("mp_scaler_skips_inf_only", "a hand-written overflow check that skips steps with inf gradients and takes "
+        "steps with NaN ones", "overflow checks written as `isinf(g).any()` (an fp16 overflow is inf, but "
+        "inf - inf and 0 * inf are NaN); cf. OneTrainer#1154, whose NaN check on the loss lets NaN gradients "
+        "through to the optimizer", component="trainer_cls")
+class _SkipsInfOnly(Trainer):
+    def apply_update(self) -> bool:
+        if self.scaler is None:
+            return super().apply_update()
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scale = self.scaler.get_scale()
+        # NaN is not inf: that step is taken. With clipping, the inf step is one too: clip_grad_norm_ scales every
+        # gradient by max_norm / inf = 0, and inf·0 is NaN.
+        if not any(bool(torch.isinf(g).any()) for g in grads):
+            self.optimizer.step()
+        self.scaler.update()  # its own inf/NaN record (from unscale_) still lowers the scale
+        return self.scaler.get_scale() < scale
+
+
 @mutant("mp_scaler_step_per_micro_batch", "scaler.step + scaler.update run for every micro-batch of a window",
         "the AMP recipe pasted inside a gradient-accumulation loop (torch AMP docs: update once per effective batch)",
         component="trainer_cls")

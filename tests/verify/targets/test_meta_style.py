@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llama_ref.default import default_model
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing
 from verify.checks.kv_cache import check_kv_cache
 from verify.targets.decode import greedy_generate
 from verify.targets.llama_ref import LlamaRefTarget
@@ -88,6 +89,18 @@ def test_gradient_properties_are_not_applicable_under_inference_mode(fixed):
     target = as_target(fixed)
     for prop in ("grad_accum", "mixed_precision", "gradient_checkpointing"):
         assert "torch.inference_mode()" in target.not_applicable(prop)
+
+
+def test_a_forward_under_no_grad_is_not_applicable_too_never_a_crash():
+    # torch.no_grad(), not inference_mode: the forward's output has no gradient path either.
+    import types
+    model = seed_style.make_lora()
+    model.forward = types.MethodType(torch.no_grad()(seed_style.Transformer.forward.__wrapped__), model)
+    target = as_target(model)
+    for prop in ("grad_accum", "mixed_precision", "gradient_checkpointing"):
+        assert "without autograd" in target.not_applicable(prop), prop
+    result = check_gradient_checkpointing(model)
+    assert result.not_applicable and "without autograd" in result.not_applicable and result.error is None
 
 
 def test_the_check_decode_loop_generates_what_llama_refs_generate_does():

@@ -1,0 +1,21 @@
+"""``llama-verify``'s defaults are what its help promises: a run with no --dtype, --attn-impl or --check covers
+float32 and bfloat16, the math and SDPA attention paths and every property of the default run (a default that
+silently dropped one would pass every other test)."""
+from __future__ import annotations
+
+import verify.__main__ as cli
+from verify.properties import default_names
+
+
+def test_no_flags_run_every_property_in_both_dtypes_and_both_attention_paths(monkeypatch, capsys):
+    asked = {}
+
+    def recording(factory, inputs, *, checks, dtypes, attn_impls, device):
+        asked.update(checks=list(checks), dtypes=list(dtypes), attn_impls=list(attn_impls), device=device)
+        return []
+    monkeypatch.setattr(cli, "run_checks", recording)
+    assert cli.main([]) == 0
+    assert asked == {"checks": default_names(), "dtypes": ["float32", "bfloat16"], "attn_impls": ["math", "sdpa"],
+                     "device": "cpu"}
+    help_text = " ".join(cli._parser().format_help().split())  # argparse wraps lines
+    assert "default: float32 and bfloat16" in help_text and "default: both" in help_text
