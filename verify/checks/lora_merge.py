@@ -167,6 +167,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         # Merged vs unmerged, on the weights and on outputs. Memory: the copy, its target weights once more (w0), and
         # at the end the copy itself in float64 (no second copy): about 3x the model at the peak.
         modes = {n: layer.merges_on_eval for n, layer in layers.items()}
+        case += f" eval-merge {sum(bool(m) for m in modes.values())}/{len(modes)}"  # how many the eval() claims see
         for layer in layers.values():
             layer.set_merges_on_eval(False)
         lora.train(False)

@@ -101,3 +101,29 @@ def test_random_chunking_splits_the_length(length, seed):
 
 def test_describe_chunking():
     assert describe_chunking([1, 1, 1, 4, 4, 2]) == "1x3+4x2+2"
+
+
+class _CountingCache(KVCache):
+    """llama_ref's cache, counting its updates (class-wide: every layer's)."""
+
+    updates = 0
+
+    def update(self, xk, xv, start_pos):
+        type(self).updates += 1
+        return super().update(xk, xv, start_pos)
+
+
+def test_llama_refs_uncached_path_never_touches_the_cache():
+    # The reference side of every comparison: were it to read or write the cache, both sides would share every
+    # cache bug. Poisoned cache rows change nothing, and not one update is made while uncached.
+    from verify.targets.llama_ref import LlamaRefTarget
+    model = init_weights(Transformer(ModelArgs.preset("tiny", max_batch_size=2, max_seq_len=32)), 0)
+    target = LlamaRefTarget(model, cache_cls=_CountingCache)
+    tokens = torch.randint(0, model.params.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with target.kv_session():
+        clean = target.logits(tokens, 0, kv_caching=False)
+        target.logits(torch.randint(0, model.params.vocab_size, (2, 20)), 0, kv_caching=True)  # the poison
+        _CountingCache.updates = 0
+        assert torch.equal(target.logits(tokens, 0, kv_caching=False), clean)
+        generated = target.generate([[1, 5, 9], [1, 7]], 4, kv_caching=False)
+    assert _CountingCache.updates == 0 and len(generated[0][0]) == 4

@@ -46,3 +46,11 @@ def test_check_covers_non_square_gqa_targets_and_leaves_the_model_untouched():
     assert check_lora_merge(model, targets=("wk", "wv", "w2"), seed=3).ok
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert not any(True for _ in lora_layers(model))
+
+
+def test_the_eval_merge_claims_examine_every_layer_that_merges_on_eval():
+    # llama_ref's LoRALinear merges on eval() (loralib's merge_weights): a copy built without it would skip the eval()
+    # and train() claims and still pass. The case says how many layers those claims saw.
+    result = check_lora_merge(default_model(0), targets=("wq", "w2"))
+    n_layers = default_model(0).params.n_layers
+    assert result.ok and result.case.endswith(f"eval-merge {2 * n_layers}/{2 * n_layers}"), result.case

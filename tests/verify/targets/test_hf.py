@@ -158,3 +158,21 @@ def test_a_peft_model_from_a_factory_is_checked_with_its_own_adapters(hf_model):
         assert all("use_reentrant=True" in d and "does not require grad" in d for d in failing), _explain(gc)
     else:
         assert gc.ok, _explain(gc)
+
+
+def test_the_uncached_path_never_touches_a_cache(hf_model, monkeypatch):
+    # The reference side of the KV comparison: no transformers cache is written while uncached (logits and generate),
+    # else both sides would share every cache bug.
+    from transformers.cache_utils import DynamicCache
+    updates = []
+    real = DynamicCache.update
+    monkeypatch.setattr(DynamicCache, "update", lambda self, *a, **k: updates.append(1) or real(self, *a, **k))
+    target = HFTarget(hf_model)
+    tokens = torch.randint(0, target.limits.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with target.kv_session():
+        target.logits(tokens, 0, kv_caching=True)
+        assert updates, "the counter must see the cached path's updates"
+        updates.clear()
+        target.logits(tokens, 0, kv_caching=False)
+        target.generate([[1, 5, 9], [1, 7]], 3, kv_caching=False)
+    assert updates == []

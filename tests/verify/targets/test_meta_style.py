@@ -176,3 +176,15 @@ def test_cli_bad_target_is_exit_2_with_one_line(capsys, tmp_path):
     assert main(["--target", f"{factory}:make"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llama-verify: error: Linear is not a model verify can adapt") and err.count("\n") == 1
+
+
+def test_the_uncached_path_reads_no_cache(fixed):
+    # Poisoned cache buffers change nothing uncached (the adapter itself refuses a forward that writes them: above).
+    target = as_target(fixed)
+    tokens = torch.randint(0, target.limits.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with target.kv_session():
+        clean = target.logits(tokens, 0, kv_caching=False)
+        for m in target.attention:
+            m.cache_k.normal_(0, 1e3)
+            m.cache_v.normal_(0, 1e3)
+        assert torch.equal(target.logits(tokens, 0, kv_caching=False), clean)
