@@ -211,3 +211,20 @@ def test_fail_fast_stops_at_the_first_failing_scenario_with_the_same_verdict(qui
     assert not full.ok and not fast.ok
     assert len(scenarios[1]) == 1 < len(scenarios[0]) and scenarios[1] <= scenarios[0]
     assert check_grad_accumulation(quick_model, seed=1, **QUICK, fail_fast=True).ok
+
+
+def test_in_bf16_the_calibration_factor_and_the_margin_have_teeth():
+    # In bf16 a mean of micro-batch means sits only ~85x above the plain path's own error (measured: 85.4x on this
+    # 1-layer model, seed 0; 80-91x on the tiny preset), not the 1e5-1e6 of fp32: a calibration factor 11x looser
+    # would let the gradient claim pass it, and this test fail. The margin the table prints is that ratio divided by
+    # the factor, not the ratio itself.
+    from verify.tolerances import CALIBRATION_FACTORS
+    with inject("ga_mean_of_micro_means") as m:
+        result = check_grad_accumulation(_model(0).to(torch.bfloat16), seed=0, lora=(False,), fail_fast=True,
+                                         **m.components)
+    too_far = [d for d in result.details if " grads: TOO FAR" in d]
+    assert not result.ok and too_far, result.details[:3]
+    ratio = float(too_far[0].split(" is ")[1].split("x ")[0])
+    assert CALIBRATION_FACTORS["grad_accum"] < ratio < 20 * CALIBRATION_FACTORS["grad_accum"], too_far[0]
+    worst = max(float(d.split(" is ")[1].split("x ")[0]) for d in result.details if ": TOO FAR: " in d)
+    assert result.margin == pytest.approx(worst / CALIBRATION_FACTORS["grad_accum"], rel=1e-3)  # ratios print 2 places
