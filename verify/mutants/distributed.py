@@ -110,3 +110,21 @@ class _LocalLoss(DistributedTrainer):
     def window_loss(self, sums: Sequence[torch.Tensor], window: Sequence[Batch], window_tokens: int) -> float:
         local = sum(self.count_targets(b["labels"]) for b in window)
         return float(sum(float(s) for s in sums)) / max(local, 1)
+
+
+@mutant("dist_clip_on_rank0_only",
+        "gradients clipped on rank 0 only: the other ranks step unclipped and drift from rank 0, which under DDP "
+        "stays right for the whole first window (it sees the drift only through the next window's shared gradients: "
+        "a check of rank 0 alone misses it in a one-window run)",
+        "a training step inside an `if rank == 0:` block meant for logging; per-rank divergence that no rank-0 "
+        "metric shows: karpathy/nanochat#857 (the learning rate diverging between ranks)", component="trainer_cls")
+class _ClipOnRank0(DistributedTrainer):
+    def clip_gradients(self) -> float:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        kept = None if dist.get_rank() == 0 else [g.detach().clone() for g in grads]
+        norm = super().clip_gradients()  # every rank takes part in the norm's collective: nobody waits
+        if kept is not None:
+            with torch.no_grad():
+                for g, k in zip(grads, kept):
+                    g.copy_(k)
+        return norm
