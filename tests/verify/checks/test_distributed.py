@@ -101,3 +101,16 @@ def test_llama_verify_distributed_runs_property_6_and_its_zoo(capsys):
     n_na = sum(any(name in line and "not applicable: only FSDP2 shows it" in line for line in out.splitlines())
                for name in FSDP2_ONLY)
     assert n_na == (len(FSDP2_ONLY) if fsdp2_unavailable() else 0), out[-2000:]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_last_window_is_short_and_splits_unevenly_across_the_ranks(world):
+    # What the check says it covers ("a short last one"): two micro-batches per rank, then fewer than that, which no
+    # even split serves; each rank's share is what DistributedTrainer.local_window hands it.
+    from llama_ref.default import default_model
+    from verify.checks.distributed import _job
+    job = _job(default_model(), world, [Case("ddp", "full")], {"correct": DistributedTrainer}, seed=0)
+    sizes = [len(w) for w in job["windows"]]
+    assert sizes == [2 * world, world + 1]
+    shares = [len(split_window(job["windows"][-1], r, world)) for r in range(world)]
+    assert sum(shares) == world + 1 and max(shares) > min(shares)
