@@ -99,9 +99,22 @@ def _optimizer(case: Case, params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, eps=1e-6)  # eps: see the GA check's OPTIMIZERS
 
 
+def _sync_on(net: torch.nn.Module) -> Optional[bool]:
+    """Whether the backward of the forward about to run synchronises gradients: DDP's flag (``no_sync`` clears it),
+    FSDP2's parameter groups' ``reduce_grads`` (``set_requires_gradient_sync``); None where neither can be read."""
+    if hasattr(net, "require_backward_grad_sync"):
+        return bool(net.require_backward_grad_sync)
+    state = net._get_fsdp_state() if hasattr(net, "_get_fsdp_state") else None
+    groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+    flags = [g.reduce_grads for g in groups if g is not None and hasattr(g, "reduce_grads")]
+    return all(flags) if flags else None
+
+
 def _train(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           windows: Sequence[Sequence[dict]]) -> list[dict]:
-    """Every window through ``trainer``; per step what the optimizer stepped with and what came of it."""
+           windows: Sequence[Sequence[dict]], syncs: Optional[list] = None) -> list[dict]:
+    """Every window through ``trainer``; per step what the optimizer stepped with and what came of it, and (with
+    ``syncs``, the flags a forward pre-hook on the data-parallel module appends) how many of the window's
+    micro-batches synchronised their gradients."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     seen: list[dict] = []
@@ -110,9 +123,12 @@ def _train(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Opti
     steps = []
     for window in windows:
         seen.clear()
+        if syncs is not None:
+            syncs.clear()
         r = trainer.step(window)
+        n_syncs = None if syncs is None or None in syncs else sum(syncs)
         steps.append({"grads": seen[-1] if len(seen) == 1 else None, "n_stepped": len(seen), "loss": r.loss,
-                      "norm": r.grad_norm,
+                      "norm": r.grad_norm, "syncs": n_syncs,
                       "params": {names[id(p)]: full(p.detach()).clone() for p in params}})
     return steps
 
@@ -130,11 +146,13 @@ def _worker(rank: int, world: int, store: str, job_path: str, out_dir: str) -> N
                 model = _start_model(job, case)
                 half = torch.bfloat16 if case.precision == "bf16" else None
                 net = wrap(model, case.kind, device_type="cpu", mp=half if case.kind == "fsdp2" else None)
+                syncs: list = []
+                net.register_forward_pre_hook(lambda m, args: syncs.append(_sync_on(m)))
                 opt = _optimizer(case, [p for p in net.parameters() if p.requires_grad])
                 autocast = "bf16" if half is not None and case.kind == "ddp" else "off"
                 try:
                     trainer = trainer_cls(net, opt, precision=autocast, clip=job["clip"][case.variant])
-                    result: Any = _train(trainer, model, opt, job["windows"])
+                    result: Any = _train(trainer, model, opt, job["windows"], syncs)
                 except Exception as e:  # this case failed on this rank: said, and the next case runs
                     result = f"{type(e).__name__}: {e}"
                     dist.barrier()
@@ -191,6 +209,8 @@ def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype
     if got["n_stepped"] != 1:
         found.fail(f"{where}: optimizer.step ran {got['n_stepped']} times in one window")
         return
+    if got.get("syncs") not in (None, 1):  # accumulation's point: one synchronisation per window, on its last
+        found.fail(f"{where}: gradients synchronised on {got['syncs']} of the window's micro-batches, not once")
     loss_ok = compare(torch.tensor(got["loss"], dtype=torch.float64), torch.tensor(exact["loss"], dtype=torch.float64),
                       tolerance(dtype)).ok
     if not loss_ok:
@@ -250,6 +270,7 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
         for f in found.values():
             f.not_applicable(f"FSDP2 cases not run: {na}")
     cases = [c for c in cases if not (na and c.kind == "fsdp2")]
+    uncounted: dict[str, set[str]] = {}  # label → cases whose synchronisations could not be read
     runs = {label: [i for i, c in enumerate(cases) if cases_of is None or label not in cases_of
                     or c in cases_of[label]] for label in trainers}  # label → the indices of its cases
     for world in world_sizes:
@@ -281,6 +302,12 @@ def check_distributed_many(model: Optional[Transformer], trainers: dict[str, typ
                             found[label].fail(f"{where}: {len(got)} optimizer steps for the {len(exact)} windows")
                         for step, (g_, p_, e_) in enumerate(zip(got, plain, exact)):
                             _judge(f"{where} step {step + 1}", g_, p_, e_, factor, dtype, found[label])
+                        if any(g_.get("syncs") is None for g_ in got):
+                            uncounted.setdefault(label, set()).add(case.label)
+
+    for label, which in uncounted.items():
+        found[label].not_applicable(f"gradient synchronisations per window not counted in {', '.join(sorted(which))}: "
+                                    "this torch's data-parallel module does not say whether a backward syncs")
 
     def case_text(label: str) -> str:
         return (f"W={'/'.join(map(str, world_sizes))}, {', '.join(cases[i].label for i in runs[label])}; windows of 2 "

@@ -78,6 +78,16 @@ class _SyncOffByOne(DistributedTrainer):
         return self._sync(index != count - 1)
 
 
+@mutant("dist_sync_every_micro_batch",
+        "gradients synchronised on every micro-batch of a window (no no_sync / set_requires_gradient_sync): the same "
+        "numbers, K times the communication",
+        "karpathy/nanochat#33 and huggingface/accelerate#106 (DDP without no_sync); NVIDIA/cosmos-framework#161 "
+        "(FSDP2: a DDP-only no_sync helper made every micro-step reduce, 4x the step time)", component="trainer_cls")
+class _SyncEveryMicroBatch(DistributedTrainer):
+    def gradient_sync(self, index: int, count: int):
+        return self._sync(True)
+
+
 @mutant("dist_clip_local_shard_norm",
         "clipping by the norm of the rank's own gradient shard (FSDP2) instead of the global norm",
         "clip_grad_norm_ applied to local shards; FSDP's documented reason for FullyShardedDataParallel.clip_grad_norm_",

@@ -17,6 +17,7 @@ REASONS = {
     "dist_grads_not_averaged": "pre-clip norm",
     "dist_divided_twice": "pre-clip norm",
     "dist_sync_off_by_one": "grads: TOO FAR",
+    "dist_sync_every_micro_batch": "gradients synchronised on 2 of the window's micro-batches",
     "dist_clip_local_shard_norm": "fsdp2 full rank",
     "dist_same_data_every_rank": "grads: TOO FAR",
     "dist_loss_from_rank0": ": loss ",
