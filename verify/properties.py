@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from llama_ref.model import Transformer
+
 from .checks.distributed import check_distributed
 from .checks.gradient_checkpointing import check_gradient_checkpointing
 from .checks.grad_accum import check_grad_accumulation
@@ -123,7 +125,7 @@ def _gradient_checkpointing(model: Any, inputs: Inputs, **parts: Any) -> CheckRe
 
 def _distributed(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
     model = model if isinstance(model, torch.nn.Module) else model.model
-    if type(model).__module__ != "llama_ref.model":
+    if not isinstance(model, Transformer):
         return CheckResult.na("distributed", f"{type(model).__qualname__} is not llama_ref's Transformer, the only "
                                              "model DistributedTrainer trains", type(model).__qualname__)
     return check_distributed(model, seed=inputs.seed, **parts)
