@@ -68,9 +68,9 @@ def run_target_checks(factory: Callable[[], Any], inputs: Inputs, *, checks: Opt
             if isinstance(model, torch.nn.Module) and (device or dtype):
                 model = model.to(device=device, dtype=DTYPES[dtype] if dtype else None)
             target = as_target(model)
-            if asked:
-                require(target, [name])
             why = why_not(target, name, prop.protocols)
+            if why and asked:
+                require(target, [name])  # a member missing: a usage error naming it (else the target's own why)
             results.append(CheckResult.na(name, why, str(target)) if why else prop(target, inputs))
     return results
 

@@ -5,8 +5,10 @@ class. The adapters: :mod:`verify.targets.llama_ref` (this project's ``Transform
 checks reach ``llama_ref`` through) and :mod:`verify.targets.meta_style` (any ``nn.Module`` with Meta's
 ``forward(tokens, start_pos)`` and per-layer ``cache_k``/``cache_v``).
 
-A target that cannot be asked a property says why (:meth:`Target.not_applicable`); the check then reports
-"not applicable" with that reason, never PASS.
+What each property reads of a target is declared in :mod:`verify.targets.protocols`; :class:`Target` gives every
+optional member a default, and :func:`why_not` is asked before a check runs. A target that cannot be asked a
+property says why (a member it lacks, or :meth:`Target.not_applicable`); the check then reports "not applicable"
+with that reason, never PASS.
 """
 from __future__ import annotations
 
@@ -15,8 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .protocols import (Batch, LoRALayer, LoRATarget, Limits, Reported, StepDriver, TrainStep,  # noqa: F401
-                        missing_members)
+from .protocols import LoRALayer, StepDriver, TrainStep, missing_members
 
 
 def copy_sharing_weights(module: torch.nn.Module, which: Optional[set[int]] = None) -> torch.nn.Module:

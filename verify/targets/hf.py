@@ -26,7 +26,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import Limits, Target, copy_sharing_weights
+from .base import Target, copy_sharing_weights
+from .protocols import Limits
 from .peft import PeftLoRALayerView, PeftLoRATarget, is_peft_model, apply_peft_lora, peft_layers
 
 GC_MODES = ("use_reentrant=False", "use_reentrant=True")

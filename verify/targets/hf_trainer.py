@@ -21,7 +21,7 @@ from unittest import mock
 
 import torch
 
-from .base import Batch, Reported
+from .protocols import Batch, Reported
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -22,7 +22,8 @@ from llama_ref.model import BlockRunner, Transformer
 from llama_ref.train.optim import make_scheduler
 from llama_ref.train.trainer import Trainer
 
-from .base import Batch, Limits, Reported, Target, copy_sharing_weights
+from .base import Target, copy_sharing_weights
+from .protocols import Batch, Limits, Reported
 from .lora import LoralibTarget
 
 

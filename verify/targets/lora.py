@@ -68,11 +68,6 @@ class LoRALayerView:
         return bool(getattr(self.module, "use_rslora", False))
 
     @property
-    def scaling(self) -> float:
-        """The definition (alpha/r; alpha/sqrt(r) with rsLoRA), from the hyper-parameters, not the layer's."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    @property
     def dropout(self) -> float:
         """The probability of the dropout on the adapter's input (``lora_dropout.p``; 0 without one)."""
         return float(getattr(getattr(self.module, "lora_dropout", None), "p", 0.0))

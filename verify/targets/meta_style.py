@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..oracles import policy_layers
-from .base import Limits, Target, copy_sharing_weights
+from .base import Target, copy_sharing_weights
+from .protocols import Limits
 from .decode import greedy_generate
 from .lora import LoralibTarget, loralib_layers
 

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .base import Batch, Reported, TrainStep
+from .protocols import Batch, Reported, TrainStep
 from .spec import load_factory
 
 
