@@ -1,8 +1,11 @@
 """Tensor and gradient comparisons with ``torch.testing.assert_close`` semantics that say where they differ."""
 from __future__ import annotations
 
+import contextlib
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 
@@ -44,10 +47,13 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: 
     e = expected.detach().to("cpu", torch.float64)
     if a.numel() == 0:
         return Comparison(True, 0.0, 0.0, None, 0, 0, tol)
-    same_inf = (a == e) & torch.isinf(e)  # inf == inf passes, as in assert_close; NaN never does
-    diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
     magnitude = e.abs() if scale is None else torch.maximum(e.abs(), scale.detach().to("cpu", torch.float64))
     allowed = tol.atol + tol.rtol * magnitude
+    probe = _probe_for(name)
+    if probe is not None:
+        a = probe.inject_elementwise(name, a, e, allowed, magnitude.expand_as(e))
+    same_inf = (a == e) & torch.isinf(e)  # inf == inf passes, as in assert_close; NaN never does
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - e).abs())
     bad = ~(diff <= allowed)  # True wherever a NaN is involved
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)  # report NaN as inf
     ratio = torch.where(diff == 0, torch.zeros_like(diff), diff / allowed)  # 0/0 (atol 0, exact) is no error
@@ -105,7 +111,7 @@ def compare_grads(actual: Mapping[str, Optional[torch.Tensor]], expected: Mappin
             problems.append(f"{name}: gradient is None in {'actual' if a is None else 'expected'}, "
                             f"a tensor in the other")
             continue
-        c = compare(a, e, tol, name)
+        c = compare(a, e, tol, f"grad {name}")
         per_param[name] = c
         if not c.ok:
             problems.append(f"{name}: {c}")
@@ -144,14 +150,18 @@ class CalibratedComparison:
 
 
 def compare_calibrated(test: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor, factor: float,
-                       floor: Optional[float] = None) -> CalibratedComparison:
-    """Calibrated closeness (DESIGN §4); ``floor`` defaults to eps(test dtype)·||reference||."""
+                       floor: Optional[float] = None, name: str = "tensor") -> CalibratedComparison:
+    """Calibrated closeness (DESIGN §4); ``floor`` defaults to eps(test dtype)·||reference||; ``name`` says what
+    is compared (a :class:`Probe` selects comparisons by it)."""
     ref = reference.detach().to("cpu", torch.float64)
     t = test.detach().to("cpu", torch.float64)
-    err = float((t - ref).norm())
     plain_err = float((plain.detach().to("cpu", torch.float64) - ref).norm())
     if floor is None:
         floor = torch.finfo(test.dtype).eps * float(ref.norm()) if test.dtype.is_floating_point else 0.0
+    probe = _probe_for(name)
+    if probe is not None:
+        t = probe.inject_calibrated(name, t, ref, factor * max(plain_err, floor))
+    err = float((t - ref).norm())
     ok = bool(torch.isfinite(t).all()) and err <= factor * max(plain_err, floor)
     return CalibratedComparison(ok, err, plain_err, factor, floor, float((t - ref).abs().max()))
 
@@ -167,3 +177,99 @@ def scale_factor(test: torch.Tensor, reference: torch.Tensor) -> Optional[float]
     t, r = test.detach().double().flatten(), reference.detach().double().flatten()
     c = float(t @ r) / max(float(r @ r), 1e-300)
     return c if float((t - c * r).norm()) <= 1e-2 * float(t.norm()) else None
+
+
+# ---- errors of a controlled size: what a check detects ----------------------------------------------------------
+
+@dataclass
+class Probe:
+    """Records every comparison whose ``name`` fully matches ``claim`` (a regular expression) and, where
+    ``multiple`` is set, puts an error of ``multiple`` times the comparison's allowance at one ``place`` of its
+    actual side before it is judged: how a check's detection threshold is measured (``verify.thresholds``).
+
+    - elementwise (:func:`compare`): the element at ``place`` becomes expected + multiple·(atol + rtol·magnitude),
+      every other element left as computed;
+    - calibrated (:func:`compare_calibrated`): the test side is moved along the element at ``place`` until
+      ||test − reference|| = multiple·factor·max(||plain − reference||, floor).
+
+    ``place`` indexes the compared tensor (negative indices count from the end; None: the element of largest
+    |expected|). ``hits`` holds one :class:`ProbeHit` per comparison seen; ``missed`` names, with the reason, each
+    one the error could not be put into (no element at ``place``; the rest of the error already beyond it).
+    """
+
+    claim: str
+    multiple: Optional[float] = None
+    place: Optional[tuple[int, ...]] = None
+    hits: list["ProbeHit"] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+
+    def _index(self, name: str, e: torch.Tensor) -> Optional[tuple[int, ...]]:
+        if self.place is None:
+            flat = int(e.abs().nan_to_num(0.0).flatten().argmax())
+            return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), e.shape))
+        if len(self.place) != e.dim() or not all(-n <= i < n for i, n in zip(self.place, e.shape)):
+            self.missed.append(f"{name}: no element at {self.place} of a tensor of shape {tuple(e.shape)}")
+            return None
+        return tuple(i % n for i, n in zip(self.place, e.shape))
+
+    def inject_elementwise(self, name: str, a: torch.Tensor, e: torch.Tensor, allowed: torch.Tensor,
+                           magnitude: torch.Tensor) -> torch.Tensor:
+        if self.multiple is None:
+            self.hits.append(ProbeHit(name, tuple(a.shape)))
+            return a
+        at = self._index(name, e)
+        if at is None:
+            return a
+        a = a.clone()
+        a[at] = e[at] + self.multiple * allowed[at]
+        self.hits.append(ProbeHit(name, tuple(a.shape), at, float(self.multiple * allowed[at]), float(magnitude[at])))
+        return a
+
+    def inject_calibrated(self, name: str, t: torch.Tensor, ref: torch.Tensor, allowed: float) -> torch.Tensor:
+        if self.multiple is None:
+            self.hits.append(ProbeHit(name, tuple(t.shape)))
+            return t
+        at = self._index(name, ref)
+        if at is None:
+            return t
+        target = self.multiple * allowed  # the error norm wanted
+        d = t - ref
+        rest = float(d.square().sum() - d[at].square())
+        if not target ** 2 > rest:
+            self.missed.append(f"{name}: the error elsewhere ({math.sqrt(rest):.3e}) already exceeds {target:.3e}")
+            return t
+        t = t.clone()
+        t[at] = ref[at] + math.sqrt(target ** 2 - rest)
+        self.hits.append(ProbeHit(name, tuple(t.shape), at, target, float(ref.norm())))
+        return t
+
+
+@dataclass(frozen=True)
+class ProbeHit:
+    """One comparison a :class:`Probe` saw: its name and shape; where it put an error, how large (|error| at the
+    element, or the error's 2-norm for a calibrated comparison) and the magnitude beside it (the magnitude the
+    relative tolerance is taken on there, or ||reference||)."""
+
+    name: str
+    shape: tuple[int, ...]
+    at: Optional[tuple[int, ...]] = None
+    error: float = 0.0
+    magnitude: float = 0.0
+
+
+_PROBES: list[Probe] = []
+
+
+@contextlib.contextmanager
+def probing(*probes: Probe) -> Iterator[tuple[Probe, ...]]:
+    """Apply ``probes`` to every comparison made in the block (the first whose claim matches a name wins)."""
+    _PROBES.extend(probes)
+    try:
+        yield probes
+    finally:
+        for p in probes:
+            _PROBES.remove(p)
+
+
+def _probe_for(name: str) -> Optional[Probe]:
+    return next((p for p in _PROBES if re.fullmatch(p.claim, name)), None)

@@ -212,7 +212,7 @@ def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype
     if got.get("syncs") not in (None, 1):  # accumulation's point: one synchronisation per window, on its last
         found.fail(f"{where}: gradients synchronised on {got['syncs']} of the window's micro-batches, not once")
     loss_ok = compare(torch.tensor(got["loss"], dtype=torch.float64), torch.tensor(exact["loss"], dtype=torch.float64),
-                      tolerance(dtype)).ok
+                      tolerance(dtype), "loss").ok
     if not loss_ok:
         found.fail(f"{where}: loss {got['loss']:.7g} != the single process's {plain['loss']:.7g} (float64: "
                        f"{exact['loss']:.7g}; {got['loss'] / exact['loss']:.4g}x it)")
@@ -223,17 +223,19 @@ def _judge(where: str, got: dict, plain: dict, exact: dict, factor: float, dtype
             continue
         flat = [torch.cat([d[what][n].flatten().double() for n in names]) for d in (got, plain, exact)]
         cal = compare_calibrated(flat[0], flat[1], flat[2], factor,
-                                 floor=torch.finfo(dtype).eps * float(flat[2].norm()))
+                                 floor=torch.finfo(dtype).eps * float(flat[2].norm()), name=what)
         found.measure(float((flat[0] - flat[1]).abs().max()), margin=cal.margin)
         if not cal.ok:
             found.fail(f"{where} {what}: {cal}")
     if (got["norm"] is None) != (exact["norm"] is None):
         found.fail(f"{where}: grad norm {got['norm']} vs {exact['norm']}")
     elif exact["norm"] is not None:
-        allowed = factor * max(abs(plain["norm"] - exact["norm"]), torch.finfo(dtype).eps * exact["norm"])
-        if not abs(got["norm"] - exact["norm"]) <= allowed:
+        cal = compare_calibrated(*(torch.tensor(d["norm"], dtype=torch.float64) for d in (got, plain, exact)), factor,
+                                 floor=torch.finfo(dtype).eps * exact["norm"], name="grad_norm")
+        if not cal.ok:
+            allowed = factor * max(abs(plain["norm"] - exact["norm"]), torch.finfo(dtype).eps * exact["norm"])
             found.fail(f"{where}: pre-clip norm {got['norm']:.7g} vs the single process's {exact['norm']:.7g} "
-                           f"(off by {abs(got['norm'] - exact['norm']):.2e} > {allowed:.2e})")
+                           f"(off by {cal.error:.2e} > {allowed:.2e})")
 
 
 def check_distributed_many(model: Optional[Transformer], trainers: dict[str, type], *,

@@ -148,10 +148,10 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         with torch.no_grad():
             lora.train(False)
             found.compared("fresh adapter, eval (merged where eval() merges), vs base",
-                   compare(lora.logits(tokens), base_logits, tol, "logits", scale=row_scale(base_logits)))
+                   compare(lora.logits(tokens), base_logits, tol, "fresh logits", scale=row_scale(base_logits)))
             lora.train(True)
             found.compared("fresh adapter, train mode (unmerged), vs base",
-                   compare(lora.logits(tokens), base_logits, tol, "logits", scale=row_scale(base_logits)))
+                   compare(lora.logits(tokens), base_logits, tol, "fresh logits", scale=row_scale(base_logits)))
         still = [n for n, layer in layers.items() if layer.merged]
         if still:
             found.fail("train() left layers merged: " + _names(still))
@@ -186,11 +186,11 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         def check_merged(label: str) -> None:
             for n, layer in layers.items():
                 want, scale = expected(n, layer)
-                found.compared(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, n, scale=scale))
+                found.compared(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, f"{n} merged", scale=scale))
 
         check_merged("merged weight")
         if lora.unloaded_logits is not None:  # PEFT's merge_and_unload(): the plain model it hands back
-            found.compared("merge_and_unload() logits vs merged", compare(lora.unloaded_logits(tokens), merged, tol, "logits",
+            found.compared("merge_and_unload() logits vs merged", compare(lora.unloaded_logits(tokens), merged, tol, "unloaded logits",
                                                                   scale=row_scale(merged)))
         lora.merge()
         for n, layer in layers.items():
@@ -206,7 +206,7 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             for n, layer in layers.items():
                 if label == "unmerge" or modes[n]:
                     scale = expected(n, layer)[1]
-                    found.compared(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, n, scale=scale))
+                    found.compared(f"{n} after {label} vs W", compare(layer.weight, w0[n], w_tol, f"{n} restored", scale=scale))
             lora.train(False)
             for n, layer in layers.items():  # merged again for the next round
                 if not modes[n]:
@@ -231,7 +231,8 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
         # ``CALIBRATION_FACTORS["lora_merge"]``).
         own = float((right.double() - right_exact.double()).norm())
         cal = compare_calibrated(merged, unmerged, reference, factor,
-                                 floor=max(own, torch.finfo(merged.dtype).eps * float(reference.norm())))
+                                 floor=max(own, torch.finfo(merged.dtype).eps * float(reference.norm())),
+                                 name="merged logits")
         # shown: max |merged - unmerged|; judged: the calibrated ratio
         found.measure(float((merged.double() - unmerged.double()).abs().max()), margin=cal.margin)
         if not cal.ok:

@@ -47,13 +47,15 @@ def autocast_claim(model: Transformer, window: list[Batch], half: torch.dtype, f
     ref_loss, ref_grads, ref_logits = float64_window(model, window)
     plain_loss, plain_grads, plain_logits = plain_window(model, window, half)
     loss_floor = torch.finfo(half).eps * abs(ref_loss)
-    checks = {"logits": compare_calibrated(logits[-1], plain_logits, ref_logits, factor),
+    checks = {"logits": compare_calibrated(logits[-1], plain_logits, ref_logits, factor, name="logits"),
               "loss": compare_calibrated(torch.tensor(result.loss), torch.tensor(plain_loss),
-                                         torch.tensor(ref_loss, dtype=torch.float64), factor, floor=loss_floor)}
+                                         torch.tensor(ref_loss, dtype=torch.float64), factor, floor=loss_floor,
+                                         name="loss")}
     for key, c in checks.items():
         if not found.calibrated(NAME, f"{label} {key}", c):
             found.fail(f"{key} vs float64: {c}")
-    per_param = {n: compare_calibrated(grads[n], plain_grads[n], ref_grads[n], FACTORS["mixed_precision_grad"])
+    per_param = {n: compare_calibrated(grads[n], plain_grads[n], ref_grads[n], FACTORS["mixed_precision_grad"],
+                                       name=f"grad {n}")
                  for n in trainable if grads.get(n) is not None}
     for n, c in per_param.items():
         found.calibrated("mixed_precision_grad", f"{label} grad {n}", c)

@@ -34,7 +34,7 @@ def curve_claim(model: Transformer, halves: Sequence[torch.dtype], steps: int, g
                 p.copy_(p.to(half).to(p.dtype))
         perturbed, _ = _train(rounded, windows, "off", skip=skipped, trainer_cls=trainer_cls)
         c = compare_calibrated(mixed, perturbed, fp32, FACTORS["mixed_precision_curve"],
-                               floor=CURVE_FLOOR * torch.finfo(half).eps * float(fp32.norm()))
+                               floor=CURVE_FLOOR * torch.finfo(half).eps * float(fp32.norm()), name="curve")
         if not found.calibrated("mixed_precision_curve", f"curve {name}", c):
             found.fail(f"{name} loss curve vs fp32 (vs fp32 from {name}-rounded weights; steps {skipped} skipped "
                        f"by GradScaler, and in fp32): {c}; fp32 {_curve(fp32)}, {name} {_curve(mixed)}")

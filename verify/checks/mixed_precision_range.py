@@ -68,7 +68,7 @@ def long_position_claim(model: Transformer, halves: Sequence[torch.dtype], g: to
         with torch.no_grad():
             near, end = test(tokens, 0), test(tokens, far)
         # The baseline: the error at positions 0 on, moved onto the reference at the far positions (both float64).
-        c = compare_calibrated(end, near.double() - ref[0] + ref[far], ref[far], factor)
+        c = compare_calibrated(end, near.double() - ref[0] + ref[far], ref[far], factor, name="rope")
         if not found.calibrated("mixed_precision_rope", f"rope {PRECISION_NAMES[half]}", c):
             found.fail(f"{PRECISION_NAMES[half]} weights, positions {far}-{far + chunk - 1} vs float64: {c} "
                        f"(the error at positions 0-{chunk - 1} is the baseline; RoPE angles formed in "

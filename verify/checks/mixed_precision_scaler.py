@@ -129,9 +129,9 @@ def unscale_clip_claim(model: Transformer, window: list[Batch], found: ClaimFind
     checks = {
         "grad_norm": compare_calibrated(torch.tensor(float(result.grad_norm or 0.0), dtype=torch.float64),
                                         torch.tensor(plain_norm), torch.tensor(ref_norm), factor,
-                                        floor=torch.finfo(torch.float16).eps * ref_norm),
+                                        floor=torch.finfo(torch.float16).eps * ref_norm, name="grad_norm"),
         "clipped update": compare_calibrated(test_update, update(plain_grads, plain_norm),
-                                             update(ref_grads, ref_norm), factor),
+                                             update(ref_grads, ref_norm), factor, name="clipped update"),
     }
     if result.grad_norm is None:
         found.fail("StepResult.grad_norm is None with clipping on")

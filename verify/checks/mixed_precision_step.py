@@ -171,14 +171,14 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             plain = _reference_grads(target, net, window, half)
             names = [n for n in exact if grads.get(n) is not None and n in plain]
             flat = [torch.cat([d[n].flatten().double() for n in names]) for d in (grads, plain, exact)]
-            cal = compare_calibrated(flat[0], flat[1], flat[2], factor)
+            cal = compare_calibrated(flat[0], flat[1], flat[2], factor, name="gradients")
             found.measure(float((flat[0] - flat[2]).abs().max()), cal.margin, cal.margin)
             if not cal.ok:
                 c = scale_factor(flat[0], flat[2])
                 scaled = (f"; they are {c:.4g}x the reference's: scaled (a window loss that is not the token mean, "
                           "or clipping applied while they were still scaled)") if c and abs(c - 1) > 1e-2 else ""
                 found.fail(f"{variant} gradients vs float64: {cal}{scaled}")
-            per = {n: compare_calibrated(grads[n], plain[n], exact[n], grad_factor) for n in names}
+            per = {n: compare_calibrated(grads[n], plain[n], exact[n], grad_factor, name=f"grad {n}") for n in names}
             for c in per.values():
                 found.measure(max_rel=c.margin, margin=c.margin)
             far = sorted((n for n, c in per.items() if not c.ok), key=lambda n: -per[n].ratio)

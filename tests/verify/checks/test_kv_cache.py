@@ -127,3 +127,24 @@ def test_llama_refs_uncached_path_never_touches_the_cache():
         assert torch.equal(target.logits(tokens, 0, kv_caching=False), clean)
         generated = target.generate([[1, 5, 9], [1, 7]], 4, kv_caching=False)
     assert _CountingCache.updates == 0 and len(generated[0][0]) == 4
+
+
+def test_a_mask_lost_inside_a_cached_chunk_is_caught_where_only_its_earlier_positions_are_wrong():
+    # One layer: a chunk at start_pos > 0 attended without its causal mask is wrong at every position but its last
+    # (the last token may see the whole chunk); nothing carries the error to the last position. A check comparing
+    # each chunk's last (next-token) logits only would pass it.
+    from llama_ref.default import default_model
+    from verify.mutants import inject
+    model = default_model(0, n_layers=1).eval()
+    tokens = torch.randint(0, model.params.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with inject("mask_dropped_with_cache") as m, torch.no_grad():
+        model.kv_caching = False
+        whole = model(tokens, 0)
+        model.kv_caching = True
+        model(tokens[:, :4], 0)
+        chunk = model(tokens[:, 4:8], 4)  # positions 4-7, cached, no mask
+        model.kv_caching = False
+        assert torch.allclose(chunk[0, -1], whole[0, 7], atol=1e-5)  # the premise: the last position is right
+        assert not torch.allclose(chunk[0, :-1], whole[0, 4:7], atol=1e-2)  # and the earlier ones are not
+        result = check_kv_cache(model, tokens, chunkings=[[4, 4, 4]], batch_sizes=[1], **m.components)
+    assert not result.ok and "chunks=4x3" in result.details[0], str(result)

@@ -1,0 +1,103 @@
+"""A check never examines less than it says: what each check compared (recorded by a probe on every comparison,
+verify.compare.Probe) is what its case states — positions, batch sizes, chunkings, scenarios, policies, parameters,
+eval-merge on/off — so that a check made to compare fewer positions, rows, layers or steps fails here."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from llama_ref.default import default_model
+from verify.checks.grad_accum import check_grad_accumulation
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing
+from verify.checks.kv_cache import check_kv_cache
+from verify.checks.lora_merge import check_lora_merge
+from verify.checks.mixed_precision import check_mixed_precision
+from verify.compare import Probe, probing
+from verify.targets.spec import as_target
+
+
+def _recorded(run):
+    with probing(Probe(".*")) as (p,):
+        result = run()
+    assert result.ok, str(result)
+    return result, p.hits
+
+
+@pytest.fixture(scope="module")
+def model():
+    return default_model()
+
+
+def test_kv_cache_compares_every_position_of_every_batch_size_chunking_and_generated_token(model):
+    target = as_target(model)
+    calls = []
+    logits = target.logits
+
+    def spy(tokens, start_pos, *, kv_caching):
+        calls.append((tokens.shape[0], start_pos, tokens.shape[1], kv_caching))
+        return logits(tokens, start_pos, kv_caching=kv_caching)
+    target.logits = spy
+    result, hits = _recorded(lambda: check_kv_cache(target))
+    m = re.search(r"B=(\d+) L=(\d+) chunkings=(\d+) batch_sizes=\[([\d, ]+)\]", result.case)
+    bsz, length, n_chunkings = int(m[1]), int(m[2]), int(m[3])
+    batch_sizes = [int(b) for b in m[4].split(",")]
+    vocab = model.params.vocab_size
+    teacher = [h.shape for h in hits if h.name == "logits"]
+    assert teacher == [(b, length, vocab) for b in batch_sizes for _ in range(n_chunkings)]  # every position
+    assert (bsz, batch_sizes) == (3, [3, 1])  # a smaller batch after a larger one on the same instance
+    for b in batch_sizes:  # each batch size: one chunk, one token at a time, and multi-token chunks at start_pos > 0
+        cached = [(s, n) for rows, s, n, kv in calls if kv and rows == b]
+        assert (0, length) in cached and sum(n == 1 for _, n in cached) >= length
+        assert any(s > 0 and n > 1 for s, n in cached), cached
+    generated = [h.shape for h in hits if h.name == "logprobs"]
+    assert len(generated) == bsz and all(n[0] >= 6 for n in generated), generated  # every row, several tokens
+
+
+def test_grad_accum_judges_every_scenario_step_and_parameter(model):
+    result, hits = _recorded(lambda: check_grad_accumulation(model))
+    m = re.search(r"splits=(\d+) stream_ga=\d+ steps=(\d+) .* (full\+lora)", result.case)
+    scenarios = (int(m[1]) + 1) * int(m[2]) * 2  # splits and the stream, each step, full and LoRA
+    counts = Counter(h.name for h in hits)
+    assert counts["grads"] == counts["params"] == scenarios, counts
+    assert counts["loss"] == scenarios and counts["lr"] == 2 * scenarios, counts  # lr reported and stepped with
+    clipped = re.search(r"bound in (\d+)/(\d+) steps, (\d+) unclipped", result.case)
+    assert counts["grad_norm"] == int(clipped[2]) == scenarios - int(clipped[3]), counts  # each clipped step's norm
+    n_params = sum(p.numel() for p in model.parameters())
+    sizes = Counter(h.shape[0] for h in hits if h.name == "grads")
+    assert sizes[n_params] == scenarios // 2, sizes  # full fine-tune: every parameter's gradient, flattened
+
+
+def test_gradient_checkpointing_compares_every_policy_mode_precision_and_gradient(model):
+    result, hits = _recorded(lambda: check_gradient_checkpointing(model))
+    assert "policies=all,seed,every:2" in result.case and "full fine-tune policy=all (train, eval)" in result.case
+    assert "float32 + bfloat16 autocast" in result.case
+    runs = 2 * (3 + 2)  # two precisions x (three LoRA policies + the full fine-tune in train and eval mode)
+    counts = Counter(h.name for h in hits)
+    assert counts["loss"] == counts["logits"] == runs, counts
+    per_run_lora = 3 * 2 * 2  # wq, wv, w2 in 2 layers, A and B
+    n_full = len(list(model.parameters()))
+    assert sum(n.startswith("grad ") for n in counts.elements()) == 2 * (3 * per_run_lora + 2 * n_full)
+
+
+def test_lora_merge_compares_every_layer_merged_twice_restored_and_eval_merged(model):
+    result, hits = _recorded(lambda: check_lora_merge(model))
+    m = re.search(r"targets=([\w,]+) .* eval-merge (\d+)/(\d+)", result.case)
+    n_layers = len(m[1].split(",")) * model.params.n_layers
+    assert int(m[3]) == n_layers and int(m[2]) == n_layers  # llama_ref's layers merge on eval()
+    counts = Counter(h.name.split(" ")[-1] for h in hits)
+    assert counts["merged"] == 2 * n_layers  # after merge(), and after merging twice / eval() twice
+    assert counts["restored"] == n_layers + int(m[2])  # after unmerge(), and after train() for each eval-merger
+    assert counts["logits"] == 3  # the fresh adapter in eval and train mode, and merged vs unmerged
+
+
+def test_mixed_precision_judges_every_claim_in_both_half_dtypes(model):
+    result, hits = _recorded(lambda: check_mixed_precision(model))
+    assert result.case.startswith("bf16 lora=wq,wv,w2 steps=8") and "(no fp16)" not in result.case
+    counts = Counter(h.name for h in hits)
+    assert counts["logits"] == counts["loss"] == 2  # full and LoRA
+    assert counts["rope"] == counts["RMSNorm"] == counts["curve"] == 2  # bf16 and fp16
+    assert counts["grad_norm"] == counts["clipped update"] == 1  # GradScaler, fp16
+    n_grads = len(list(model.parameters())) + 3 * 2 * model.params.n_layers
+    assert sum(n.startswith("grad ") for n in counts.elements()) == n_grads  # every trainable parameter, both runs
