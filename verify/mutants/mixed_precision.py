@@ -82,14 +82,21 @@ class _BypassScaler(Trainer):
         "inf - inf and 0 * inf are NaN); cf. OneTrainer#1154, whose NaN check on the loss lets NaN gradients "
         "through to the optimizer", component="trainer_cls")
 class _SkipsInfOnly(Trainer):
+    # The check is made where such code makes it: on the unscaled gradients, before clipping (after clipping, an inf
+    # step is all NaN — clip_grad_norm_ scales by max_norm / inf = 0 — and would be taken and caught like an inf step).
+    def _inf_in_gradients(self) -> bool:
+        return any(bool(torch.isinf(p.grad).any()) for p in self.params if p.grad is not None)
+
+    def clip_gradients(self) -> float:
+        self._has_inf = self._inf_in_gradients()
+        return super().clip_gradients()
+
     def apply_update(self) -> bool:
         if self.scaler is None:
             return super().apply_update()
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        has_inf = self.__dict__.pop("_has_inf", None)
         scale = self.scaler.get_scale()
-        # NaN is not inf: that step is taken. With clipping, the inf step is one too: clip_grad_norm_ scales every
-        # gradient by max_norm / inf = 0, and inf·0 is NaN.
-        if not any(bool(torch.isinf(g).any()) for g in grads):
+        if not (self._inf_in_gradients() if has_inf is None else has_inf):  # NaN is not inf: that step is taken
             self.optimizer.step()
         self.scaler.update()  # its own inf/NaN record (from unscale_) still lowers the scale
         return self.scaler.get_scale() < scale
