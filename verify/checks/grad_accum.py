@@ -240,9 +240,9 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, m
                             ("the lr optimizer.step ran with", got.stepped_lr, want.lr, tolerance(torch.float64))):
         if a is not None and not compare(torch.tensor(a, dtype=torch.float64), torch.tensor(e, dtype=torch.float64),
                                          tol, "loss" if what == loss_label else "lr").ok:
-            why = (f"; {a / e:.4g}x it): the logged loss is not the window's token mean"
-                   if what == loss_label and e and abs(a / e - 1) > 1e-3 else ")")  # a rounding is not a scaling
-            found.fail(f"{where}: {what} {a:.7g} != oracle {e:.7g} ({tol}{why}")
+            scaled = what == loss_label and e and abs(a / e - 1) > 1e-3  # a rounding is not a scaling
+            found.fail(f"{where}: {what} {a:.7g} != oracle {e:.7g} ({tol}"
+                       + (f"; {a / e:.4g}x it): the logged loss is not the window's token mean" if scaled else ")"))
     for what in ("grads", "params"):
         a, e, t = getattr(got, what), getattr(want, what), getattr(truth, what)
         if sorted(a) != sorted(t) or any((a[n] is None) != (t[n] is None) for n in t):
@@ -275,16 +275,12 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, m
     elif want.norm is not None:
         names = [n for n, g in truth.pre_clip.items() if g is not None]
         plain = math.sqrt(sum(float((want.pre_clip[n].double() - truth.pre_clip[n]).pow(2).sum()) for n in names))
-        # The large batch's error in the norm is bounded by its gradients' error (``plain``): that is the baseline.
-        cal = compare_calibrated(torch.tensor(got.norm, dtype=torch.float64),
-                                 torch.tensor(truth.norm + plain, dtype=torch.float64),
-                                 torch.tensor(truth.norm, dtype=torch.float64), CALIBRATION_FACTOR,
-                                 floor=torch.finfo(dtype).eps * truth.norm, name="grad_norm")
+        norms = [torch.tensor(x, dtype=torch.float64) for x in (got.norm, truth.norm + plain, truth.norm)]  # plain: a bound
+        cal = compare_calibrated(*norms, CALIBRATION_FACTOR, torch.finfo(dtype).eps * truth.norm, "grad_norm")
         if not cal.ok:
-            allowed = CALIBRATION_FACTOR * max(plain, torch.finfo(dtype).eps * truth.norm)
-            found.fail(f"{where}: StepResult.grad_norm {got.norm:.7g} vs the float64 pre-clip norm "
-                           f"{truth.norm:.7g}: off by {cal.error:.2e} > {allowed:.2e} "
-                           f"({CALIBRATION_FACTOR:g}x the large batch's gradient error)")
+            found.fail(f"{where}: StepResult.grad_norm {got.norm:.7g} vs the float64 pre-clip norm {truth.norm:.7g}: "
+                       f"off by {cal.error:.2e} > {cal.factor * max(cal.plain_error, cal.floor):.2e} "
+                       f"({CALIBRATION_FACTOR:g}x the large batch's gradient error)")
 
 
 def _diagnosis(got: torch.Tensor, truth: torch.Tensor) -> str:
