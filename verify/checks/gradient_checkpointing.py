@@ -46,7 +46,7 @@ from ..compare import compare, compare_grads
 from ..findings import Findings
 from ..oracles import policy_layers
 from ..result import CheckResult, describe_exception, name_list
-from ..targets.base import why_not
+from ..targets.base import canonical_name, parameter_names, why_not
 from ..targets.lora import describe_layers, draw_nonzero_b, loralib_layers
 from ..targets.protocols import CheckpointingTarget
 from ..targets.spec import as_target
@@ -103,6 +103,7 @@ def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str]
     ``logits · weights``, so every logit is weighted (a mean over logits would hide permuted ones)."""
     model = template
     model.zero_grad(set_to_none=True)  # the previous run's gradients stay with its _Run
+    names = parameter_names(model)  # by identity: a switch that wraps blocks renames their parameters
     target.set_checkpointing(model, policy, mode)
     device_type = tokens.device.type
     counted = target.recompute_probes(model)  # where a block's call is counted (the block, by default)
@@ -114,7 +115,8 @@ def _run(target: CheckpointingTarget, template: nn.Module, policy: Optional[str]
             logits = target.train_logits(model, tokens)  # (B, T, V)
         loss = (logits * weights.to(logits.dtype)).sum() / (tokens.shape[0] * tokens.shape[1])
         loss.backward()
-    run = _Run(loss.detach(), logits.detach(), {n: p.grad for n, p in model.named_parameters()}, forwards,
+    grads = {names.get(id(p), canonical_name(n)): p.grad for n, p in model.named_parameters()}
+    run = _Run(loss.detach(), logits.detach(), grads, forwards,
                target.checkpointed_blocks(model), [str(w.message) for w in caught])
     target.set_checkpointing(model, None, mode)
     model.zero_grad(set_to_none=True)
@@ -256,8 +258,8 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                         plain = _run(target, template, None, tokens, weights, precision, seed)  # if it raises: none
                         if plain.forwards != [1] * n_layers:
                             found.fail(f"{where} plain run: forwards per block {plain.forwards}, expected 1 each")
-                        missing = [n for n, q in template.named_parameters()
-                                   if q.requires_grad and plain.grads[n] is None]
+                        missing = [canonical_name(n) for n, q in template.named_parameters()
+                                   if q.requires_grad and plain.grads.get(canonical_name(n)) is None]
                         if missing:
                             found.fail(f"{where} plain run: no gradient on trainable {_names(missing)}")
                         for policy in case_policies:

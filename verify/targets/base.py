@@ -20,6 +20,33 @@ import torch
 from .protocols import LoRALayer, StepDriver, TrainStep, missing_members
 
 
+# The attributes through which torch's wrappers hold the module they wrap: CheckpointWrapper (torchtune's
+# set_activation_checkpointing, Lightning's), torch.compile's OptimizedModule, FSDP1's FullyShardedDataParallel.
+# Each renames every parameter below it (``layers.0._checkpoint_wrapped_module.attention.wq.weight``).
+WRAPPER_ATTRS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that really runs inside any torch wrappers around ``module`` (``module`` itself if none)."""
+    while True:
+        inner = next((getattr(module, a) for a in WRAPPER_ATTRS if isinstance(getattr(module, a, None),
+                                                                               torch.nn.Module)), None)
+        if inner is None:
+            return module
+        module = inner
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the wrappers' segments: the same parameter wrapped or not has one name."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_ATTRS)
+
+
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """Each parameter of ``model`` by identity → its :func:`canonical_name`: taken before a switch wraps or
+    unwraps blocks, it names the same parameter the same way on both sides of a comparison."""
+    return {id(p): canonical_name(n) for n, p in model.named_parameters()}
+
+
 def copy_sharing_weights(module: torch.nn.Module, which: Optional[set[int]] = None) -> torch.nn.Module:
     """A deep copy of ``module`` whose parameters (those whose ``id`` is in ``which``; all when None) are new
     ``Parameter`` objects on the *same storage*: their flags are the copy's own, their values cost no memory. For a
@@ -54,8 +81,9 @@ class Target:
         return layer_views(model)
 
     def recompute_probes(self, model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-        """CheckpointingTarget: a block's forwards are counted on the block itself."""
-        return self.blocks(model)  # type: ignore[attr-defined]
+        """CheckpointingTarget: a block's forwards are counted on the block itself — on the module it wraps, where a
+        switch wrapped it (torch's ``CheckpointWrapper`` is called once; what it wraps, again on recomputation)."""
+        return [unwrapped(b) for b in self.blocks(model)]  # type: ignore[attr-defined]
 
     def step_driver(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clip: Optional[float],
                     schedule: str, total_steps: int, warmup: int) -> Optional[StepDriver]:
