@@ -42,6 +42,7 @@ class _NoStops:
 class LlamaRefTarget(Target):
     policies = None  # any: set_gradient_checkpointing parses the policy itself
     own_train_loop = True  # llama_ref.train.trainer.Trainer
+    checkpoints_in_eval = True  # set_gradient_checkpointing does not depend on the module mode: checked in eval too
 
     def __init__(self, model: Transformer, *, cache_cls: Optional[type[KVCache]] = None,
                  generator_cls: Optional[type[Llama]] = None, block_runner: Optional[BlockRunner] = None,

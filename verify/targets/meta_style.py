@@ -66,7 +66,8 @@ def meta_style_problems(obj: Any) -> list[str]:
 class MetaStyleTarget(Target):
     own_train_loop = False  # the GA check needs the user's training step
     def __init__(self, model: nn.Module, *, kv_switch: Optional[KVSwitch] = None,
-                 gc_switch: Optional[GCSwitch] = None, vocab_size: Optional[int] = None):
+                 gc_switch: Optional[GCSwitch] = None, vocab_size: Optional[int] = None,
+                 checkpoints_in_eval: Optional[bool] = None):
         problems = meta_style_problems(model)
         if problems:
             raise TypeError(f"{type(model).__qualname__} is not a Meta-style model: it lacks {'; '.join(problems)}")
@@ -75,6 +76,7 @@ class MetaStyleTarget(Target):
         self._kv_switch = kv_switch
         self._gc_switch = gc_switch
         self._vocab_size = vocab_size
+        self.checkpoints_in_eval = checkpoints_in_eval  # None: not declared (recomputing in train mode only: a note)
         self.description = f"Meta-style {type(model).__qualname__} ({len(self.attention)} cached attention modules)"
 
     # ---- what it offers ------------------------------------------------------------------------------------------

@@ -206,7 +206,9 @@ class CheckpointingTarget(TrainingCopies, Protocol):
 
     policies: Optional[tuple[str, ...]]  # the checkpointing policies its switch offers; None: any
     gc_modes: tuple[Optional[str], ...]  # the switch's variants, each checked (transformers' use_reentrant); (None,)
-    checkpoints_in_eval: bool  # False: checkpointing applies in train mode only (transformers), by design
+    # True: checkpointing applies in train and eval mode alike (checked in both); False: in train mode only, by design
+    # (transformers); None, not declared: a model recomputing in train mode only gets a note, never a FAIL.
+    checkpoints_in_eval: Optional[bool]
 
     def blocks(self, model: torch.nn.Module) -> Sequence[torch.nn.Module]:
         """The transformer blocks of ``model``, in order: what a policy selects."""

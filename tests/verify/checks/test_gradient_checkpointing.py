@@ -211,3 +211,20 @@ def test_each_case_of_the_check_is_needed_by_some_mutant(name, needs):
     with inject(name) as m:
         assert check_gradient_checkpointing(model, **needs, **m.components).ok, f"{name} is caught without its case"
         assert not check_gradient_checkpointing(model, **m.components).ok
+
+
+def test_train_mode_only_checkpointing_is_a_note_where_the_target_does_not_declare_otherwise():
+    # llama_ref declares that its checkpointing does not depend on the module mode, so there recomputing in train mode
+    # only is a bug (gc_only_in_training, caught above); a target that declares nothing may do it by design
+    # (transformers, many nanoGPT forks): a note, not a FAIL, and never silently.
+    from verify.targets.llama_ref import LlamaRefTarget
+
+    class Undeclared(LlamaRefTarget):
+        checkpoints_in_eval = None
+
+    with inject("gc_only_in_training") as m:
+        target = Undeclared(default_model(0), **m.components)
+        result = check_gradient_checkpointing(target, autocast_dtype=None, lora=False)
+    assert result.ok, str(result)
+    assert any("no block was recomputed in eval mode: the target checkpoints in train mode only" in d
+               for d in result.details), result.details

@@ -24,11 +24,11 @@ def _non_reentrant(layer, h, start_pos, table, mask, checkpointed):
                                                                                                        table, mask)
 
 
-def _target(runner=None, lora=True) -> MetaStyleTarget:
+def _target(runner=None, lora=True, checkpoints_in_eval=None) -> MetaStyleTarget:
     model = seed_style.trainable(seed_style.make_lora() if lora else seed_style.make_fixed())
     if runner is not None:
         model.block_runner = runner
-    return MetaStyleTarget(model, gc_switch=_switch)
+    return MetaStyleTarget(model, gc_switch=_switch, checkpoints_in_eval=checkpoints_in_eval)
 
 
 @pytest.mark.filterwarnings("ignore:torch.utils.checkpoint. the use_reentrant parameter")
@@ -62,8 +62,15 @@ def test_a_non_reentrant_runner_passes_every_policy():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("mutant", RUNNER_MUTANTS, ids=[m.name for m in RUNNER_MUTANTS])
 def test_every_runner_mutant_is_caught_on_the_meta_style_model(mutant):
-    result = check_gradient_checkpointing(_target(mutant.components["block_runner"]))
+    # declared mode-independent, as llama_ref's: recomputing in train mode only is then a bug (gc_only_in_training)
+    result = check_gradient_checkpointing(_target(mutant.components["block_runner"], checkpoints_in_eval=True))
     assert not result.ok, f"{mutant.name} not caught on the Meta-style model: {result}"
+
+
+def test_undeclared_train_mode_only_checkpointing_is_a_note_on_the_meta_style_model():
+    from verify.mutants import MUTANTS
+    result = check_gradient_checkpointing(_target(MUTANTS["gc_only_in_training"].components["block_runner"]))
+    assert result.ok and any("the target checkpoints in train mode only" in d for d in result.details), str(result)
 
 
 def test_without_a_switch_or_a_gradient_it_is_not_applicable_and_says_why():
