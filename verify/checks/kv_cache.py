@@ -31,6 +31,10 @@ from ..tolerances import Tolerance, tolerance
 
 NAME = "kv_cache"
 PROTOCOLS = (KVCacheTarget,)  # what the check reads of a target
+# The least the check runs before it may say PASS: so many positions, a several-token chunk at start_pos > 0, and a
+# generated token. Below it the target is too small to check (N/A, saying so): a cache read with its heads axis for
+# its positions axis held 2 "positions", and a check that ran on those printed PASS.
+MIN_POSITIONS = 8
 
 
 def random_chunking(length: int, generator: torch.Generator, max_chunk: int = 5) -> list[int]:
@@ -40,7 +44,20 @@ def random_chunking(length: int, generator: torch.Generator, max_chunk: int = 5)
         size = min(left, int(torch.randint(1, max_chunk + 1, (1,), generator=generator)))
         sizes.append(size)
         left -= size
+    if length > 2 and not any(s > 1 for s in sizes[1:]):  # no several-token chunk after the first: make one
+        sizes = [1, length - 1]
     return sizes
+
+
+def _too_small(length: int, chunkings: Sequence[Sequence[int]], max_gen_len: int) -> Optional[str]:
+    """Why this run would examine less than property 1 says (None: it examines enough)."""
+    if length < MIN_POSITIONS:
+        return f"{length} positions to compare, fewer than the {MIN_POSITIONS} the check needs"
+    if not any(size > 1 and sum(c[:i]) > 0 for c in chunkings for i, size in enumerate(c)):
+        return "no chunking has a several-token chunk at start_pos > 0"
+    if max_gen_len < 1:
+        return "no room to generate a token after the longest prompt"
+    return None
 
 
 def describe_chunking(chunking: Sequence[int]) -> str:
@@ -124,6 +141,13 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
 
     found = Findings()
     case = f"B={bsz} L={length} chunkings={len(chunkings)} batch_sizes={batch_sizes} {str(lim.dtype).replace('torch.', '')}"
+    small = _too_small(length, chunkings, max_gen_len)
+    if small:
+        return CheckResult.na(NAME, f"target too small to check: {small} (the target holds max_seq_len="
+                                    f"{lim.max_seq_len}, max_batch_size={lim.max_batch_size})", case)
+    if lim.max_batch_size < 2:
+        found.not_applicable("a smaller batch after a larger one on the same instance not examined: the target "
+                             "holds max_batch_size=1")
     try:
         with target.kv_session():
             # Fill every cache row with other data first, so that reading a stale row or position shows.

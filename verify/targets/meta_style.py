@@ -2,7 +2,8 @@
 
 Recognised by what Meta's code has: an ``nn.Module`` whose ``forward`` takes ``(tokens, start_pos)`` and returns
 logits, with attention modules holding their KV cache as ``cache_k`` / ``cache_v`` tensors of shape
-(max_batch_size, max_seq_len, n_kv_heads, head_dim). Meta's own model always caches; the cache switch is taken as
+(max_batch_size, max_seq_len, n_kv_heads, head_dim) — or (max_batch_size, n_kv_heads, max_seq_len, head_dim), told
+apart by the number of KV heads (:func:`cache_extent`). Meta's own model always caches; the cache switch is taken as
 the seed report wrote it (a ``kv_caching`` attribute on every attention module) or given as a callable
 ``kv_switch(model, on)``. Meta's ``forward`` runs under ``@torch.inference_mode()``: the KV and LoRA-merge checks
 need no gradient; the others say they are not applicable.
@@ -51,6 +52,33 @@ def cache_modules(module: nn.Module) -> list[nn.Module]:
                                                                                     torch.Tensor)]
 
 
+_HEADS_ATTRS = ("n_local_kv_heads", "n_kv_heads", "num_key_value_heads", "n_kv_head")
+
+
+def cache_extent(attention: nn.Module, params: Any = None) -> tuple[int, int]:
+    """(max_batch_size, max_seq_len) of ``attention``'s cache, laid out (batch, positions, heads, head_dim) — Meta's —
+    or (batch, heads, positions, head_dim) — gpt-fast's, litgpt's, torchtune's. The two are told apart by the number
+    of KV heads, read from the attention module (``n_local_kv_heads``, ``n_kv_heads``, ``num_key_value_heads``) or
+    the model's ``params`` (``n_kv_heads``, else ``n_heads``); where neither tells, TypeError names the shape (taking
+    one axis for the other would check 2 positions and call it a pass)."""
+    shape = tuple(attention.cache_k.shape)
+    if len(shape) != 4:
+        raise TypeError(f"cache_k of shape {shape}: expected 4 axes, (batch, positions, heads, head_dim) or "
+                        "(batch, heads, positions, head_dim)")
+    batch, a1, a2, _ = shape
+    if a1 == a2:
+        return batch, a1
+    heads = next((v for v in (getattr(attention, a, None) for a in _HEADS_ATTRS) if isinstance(v, int)), None)
+    if heads is None and params is not None:
+        heads = getattr(params, "n_kv_heads", None) or getattr(params, "n_heads", None)
+    if heads == a2:
+        return batch, a1
+    if heads == a1:
+        return batch, a2
+    raise TypeError(f"cache_k of shape {shape}: cannot tell its positions axis from its heads axis (KV heads known: "
+                    f"{heads}); give the target max_seq_len=")
+
+
 def meta_style_problems(obj: Any) -> list[str]:
     """What ``obj`` lacks to be adapted as a Meta-style model (empty: it can be)."""
     if not isinstance(obj, nn.Module):
@@ -67,7 +95,7 @@ class MetaStyleTarget(Target):
     own_train_loop = False  # the GA check needs the user's training step
     def __init__(self, model: nn.Module, *, kv_switch: Optional[KVSwitch] = None,
                  gc_switch: Optional[GCSwitch] = None, vocab_size: Optional[int] = None,
-                 checkpoints_in_eval: Optional[bool] = None):
+                 checkpoints_in_eval: Optional[bool] = None, max_seq_len: Optional[int] = None):
         problems = meta_style_problems(model)
         if problems:
             raise TypeError(f"{type(model).__qualname__} is not a Meta-style model: it lacks {'; '.join(problems)}")
@@ -76,6 +104,7 @@ class MetaStyleTarget(Target):
         self._kv_switch = kv_switch
         self._gc_switch = gc_switch
         self._vocab_size = vocab_size
+        self._max_seq_len = max_seq_len
         self.checkpoints_in_eval = checkpoints_in_eval  # None: not declared (recomputing in train mode only: a note)
         self.description = f"Meta-style {type(model).__qualname__} ({len(self.attention)} cached attention modules)"
 
@@ -92,6 +121,10 @@ class MetaStyleTarget(Target):
         return None
 
     def not_applicable(self, prop: str) -> Optional[str]:
+        try:
+            self.limits  # the cache's layout recognised, or the property cannot be asked
+        except TypeError as e:
+            return str(e)
         if prop == "kv_cache":
             return self._switch_problem()
         if prop == "lora_merge":
@@ -142,7 +175,10 @@ class MetaStyleTarget(Target):
             raise TypeError(f"{self.description}: its vocabulary size is unknown (no params.vocab_size, no "
                             "tok_embeddings.num_embeddings); give the target vocab_size")
         weight = next(p for p in self.model.parameters() if p.is_floating_point())
-        return Limits(vocab, int(cache.shape[0]), int(cache.shape[1]), weight.dtype, weight.device)
+        if self._max_seq_len is not None:
+            return Limits(vocab, int(cache.shape[0]), self._max_seq_len, weight.dtype, weight.device)
+        batch, positions = cache_extent(self.attention[0], params)
+        return Limits(vocab, batch, positions, weight.dtype, weight.device)
 
     # ---- property 1 ----------------------------------------------------------------------------------------------
 
