@@ -67,12 +67,29 @@ def run_target_checks(factory: Callable[[], Any], inputs: Inputs, *, checks: Opt
             model = factory()
             if isinstance(model, torch.nn.Module) and (device or dtype):
                 model = model.to(device=device, dtype=DTYPES[dtype] if dtype else None)
+            elif dtype or (device and not _on(model, torch.device(device))):
+                # never silently ignored: a ready target's dtype and device are its own
+                moved = device and not _on(model, torch.device(device))
+                asked_for = " and ".join(f"--{k} {v}" for k, v in (("dtype", dtype), ("device", moved and device)) if v)
+                raise ValueError(f"{asked_for}: the factory returned a ready target ({type(model).__qualname__}), "
+                                 "whose model is not moved or converted here; convert it in the factory, or return "
+                                 "the nn.Module")
             target = as_target(model)
             why = why_not(target, name, prop.protocols)
             if why and asked:
                 require(target, [name])  # a member missing: a usage error naming it (else the target's own why)
             results.append(CheckResult.na(name, why, str(target)) if why else prop(target, inputs))
     return results
+
+
+def _on(target: Any, device: torch.device) -> bool:
+    """Whether a ready target's model is on ``device`` (True where it cannot say: its limits are validated, with a
+    message, when a check asks them)."""
+    try:
+        where = torch.device(target.limits.device)
+    except Exception:
+        return True
+    return where.type == device.type and device.index in (None, where.index)
 
 
 def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant], *,

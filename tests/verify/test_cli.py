@@ -19,3 +19,15 @@ def test_no_flags_run_every_property_in_both_dtypes_and_both_attention_paths(mon
                      "device": "cpu"}
     help_text = " ".join(cli._parser().format_help().split())  # argparse wraps lines
     assert "default: float32 and bfloat16" in help_text and "default: both" in help_text
+
+
+def test_dtype_is_never_silently_ignored_on_a_ready_target(tmp_path, capsys):
+    factory = tmp_path / "ready.py"
+    factory.write_text("from tests.verify.targets import seed_style\n"
+                       "from verify.targets.meta_style import MetaStyleTarget\n\n\n"
+                       "def make():\n    return MetaStyleTarget(seed_style.make_fixed())\n")
+    assert cli.main(["--target", f"{factory}:make", "--check", "kv_cache", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama-verify: error: --dtype bfloat16: the factory returned a ready target "
+                          "(MetaStyleTarget)") and len(err.strip().splitlines()) == 1, err
+    assert cli.main(["--target", f"{factory}:make", "--check", "kv_cache"]) == 0  # its own dtype, on the CPU
