@@ -110,6 +110,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
     factor, grad_factor = CALIBRATION_FACTORS[NAME], CALIBRATION_FACTORS["mixed_precision_grad"]
     found = Findings()  # max_abs: the stepped gradients vs float64; max_rel and margin: the worst margin
     half: Optional[torch.dtype] = None
+    autocast_seen: list[bool] = []
     case = f"{label} on {target}"
     try:
         variants = [("full", target.fresh_model().train().requires_grad_(True))] if full else []
@@ -132,6 +133,8 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             max_norm = 10 * math.sqrt(sum(float(t.square().sum()) for t in exact.values()))
             rec = OpRecorder(net)
             seen: list = []
+            hook = net.register_forward_pre_hook(  # was autocast on around the step's forward?
+                lambda m, args: autocast_seen.append(torch.is_autocast_enabled(lim.device.type)))
             try:
                 with rec:
                     for _ in range(attempts):  # GradScaler skips while its scale is too high: try another window
@@ -141,6 +144,7 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                             break
             finally:
                 rec.remove()
+                hook.remove()
             linear_dtypes = [d for _, m, op, d in rec.ops if isinstance(m, nn.Linear) and op in MATMULS]
             half = next((d[0] for d in linear_dtypes if d), None) if half is None else half
             if half not in HALVES:
@@ -188,7 +192,9 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             if half == torch.float16:
                 for p in _skip_problems(train_step, net, window):
                     found.fail(f"{variant}: {p}")
-        case = (f"{label}, {dtype_names((half,)) if half else '?'} autocast, "
+        ran = (f"{dtype_names((half,)) if half else '?'} autocast" if any(autocast_seen) else
+               f"{dtype_names((half,)) if half else '?'} matmuls, no autocast")  # what really ran, not what was meant
+        case = (f"{label}, {ran}, "
                 f"{'+'.join(v for v, _ in variants)}, one window of 2 ragged sequences")
         found.entries.sort(key=lambda f: f.kind not in FAILING)  # failures first, then what went unexamined
         return found.result(NAME, case,

@@ -110,3 +110,10 @@ def test_under_inference_mode_or_without_a_step_it_is_not_applicable():
     from verify.checks.mixed_precision import check_mixed_precision
     result = check_mixed_precision(S.make_trainable())  # no step given: llama_ref's own trainer cannot drive it
     assert result.verdict == "N/A" and "--mp-train-step PATH.py:FN" in result.not_applicable
+
+
+def test_the_case_says_what_ran_not_what_was_meant():
+    # bf16 weights and no autocast: its matmuls are bf16, but nothing autocast; the case line says so.
+    result = check_mixed_precision_step(S.make_trainable(), _half_master_step)
+    assert ", bfloat16 matmuls, no autocast, " in result.case, result.case
+    assert ", bfloat16 autocast, " in check_mixed_precision_step(S.make_trainable(), TS.bf16_step).case
