@@ -41,7 +41,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..compare import compare, compare_calibrated, scale_factor
+from ..compare import compare, compare_calibrated
 from ..oracles import IGNORE_INDEX, clip_coefficient, lr_factor, mean_token_loss, total_grad_norm
 from ..findings import Findings
 from ..result import CheckResult, describe_exception
@@ -50,6 +50,7 @@ from ..targets.protocols import TrainingTarget, TrainStep
 from ..targets.spec import as_target
 from ..targets.train_step import UserStepDriver
 from ..tolerances import CALIBRATION_FACTORS, tolerance
+from .grad_accum_diagnosis import diagnose
 
 NAME = "grad_accum"
 PROTOCOLS = (TrainingTarget,)  # what the check reads of a target
@@ -217,7 +218,8 @@ def _run(target: Any, models: tuple[nn.Module, nn.Module, nn.Module], start: dic
         grads, stepped_lr = captured[-1] if captured else ({}, None)
         got = _Step(result.loss, result.n_tokens, result.grad_norm, result.lr, grads, *_snapshot(net),
                     stepped_lr=stepped_lr, reports_stats=train_step is None)
-        _judge(f"{sc.label} step {i + 1}", got, want, truth, found, target.limits.dtype)
+        clipped = clip is not None and any(n is not None and n > clip for n in (want.norm, got.norm))
+        _judge(f"{sc.label} step {i + 1}", got, want, truth, found, target.limits.dtype, window, sc.ga, clipped)
     return n_bound
 
 
@@ -227,7 +229,8 @@ def _cloned(state: dict) -> dict:
             "param_groups": [dict(group) for group in state["param_groups"]]}
 
 
-def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, model_dtype: torch.dtype) -> None:
+def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, model_dtype: torch.dtype,
+           window: Sequence[Batch], ga: int, clipped: bool) -> None:
     """``got`` (trainer) against ``want`` (oracle, model dtype) and ``truth`` (oracle, float64, same state). The loss
     is judged at the tolerance of the dtype the model computes in (``model_dtype``), not its trainable parameters':
     PEFT keeps a bf16 base's adapters in fp32."""
@@ -262,7 +265,7 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, m
             ratios = sorted(((float((a[n].double() - t[n]).norm()) / max(float((e[n].double() - t[n]).norm()),
                                                                           1e-30), n) for n in names), reverse=True)
             found.fail(f"{where} {what}: {cal}; worst " + ", ".join(f"{n} {r:.3g}x" for r, n in ratios[:3])
-                           + (_diagnosis(flat[0], flat[2]) if what == "grads" else ""))
+                           + (diagnose(flat[0], flat[2], window, want.n_tokens, ga, clipped) if what == "grads" else ""))
     changed = sorted(n for n in want.frozen if got.frozen.get(n) != want.frozen[n])
     if changed:
         found.fail(f"{where}: frozen parameters changed by the step: {', '.join(changed[:3])}"
@@ -281,15 +284,6 @@ def _judge(where: str, got: _Step, want: _Step, truth: _Step, found: Findings, m
             found.fail(f"{where}: StepResult.grad_norm {got.norm:.7g} vs the float64 pre-clip norm {truth.norm:.7g}: "
                        f"off by {cal.error:.2e} > {cal.factor * max(cal.plain_error, cal.floor):.2e} "
                        f"({CALIBRATION_FACTOR:g}x the large batch's gradient error)")
-
-
-def _diagnosis(got: torch.Tensor, truth: torch.Tensor) -> str:
-    """What the stepped gradients are, if not the large batch's: a multiple of it (a scaled loss) or not."""
-    c = scale_factor(got, truth)
-    if c is None:
-        return ("; they are not a multiple of the large batch's: the window's loss is not its token mean (a mean of "
-                "per-micro-batch means weights the tokens of short micro-batches more)")
-    return f"; they are {c:.4g}x the large batch's: the window's loss is scaled" if abs(c - 1) > 1e-2 else ""
 
 
 def default_splits(n: int, g: Optional[torch.Generator] = None) -> list[list[int]]:

@@ -116,6 +116,14 @@ class _CountUnshifted(Trainer):
         return int((labels != IGNORE_INDEX).sum())
 
 
+@mutant("ga_count_one_more_per_micro_batch", "the window's token count one too many per micro-batch",
+        "a count taken per micro-batch that includes each one's last position (shifted labels of length L - 1 counted "
+        "as L), summed into num_items_in_batch", component="trainer_cls")
+class _CountPerMicroBatch(Trainer):
+    def loss_divisor(self, batch: Batch, window: Sequence[Batch], window_tokens: int) -> float:
+        return window_tokens + len(window)
+
+
 @mutant("ga_grads_not_cleared_after_step", "no zero_grad after the optimizer step: windows leak into the next",
         "loops that call optimizer.zero_grad() only once before training", component="trainer_cls")
 class _NotCleared(Trainer):

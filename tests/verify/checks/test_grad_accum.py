@@ -228,3 +228,19 @@ def test_in_bf16_the_calibration_factor_and_the_margin_have_teeth():
     assert CALIBRATION_FACTORS["grad_accum"] < ratio < 20 * CALIBRATION_FACTORS["grad_accum"], too_far[0]
     worst = max(float(d.split(" is ")[1].split("x ")[0]) for d in result.details if ": TOO FAR: " in d)
     assert result.margin == pytest.approx(worst / CALIBRATION_FACTORS["grad_accum"], rel=1e-3)  # ratios print 2 places
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("ga_mean_of_micro_means", "not a multiple of the large batch's: the window's loss is not its token mean"),
+    ("ga_count_one_more_per_micro_batch", "targets (+3: +1 per micro-batch;"),
+    ("ga_divided_twice", "scaled by 1/3: divided by the number of micro-batches as well"),
+    ("ga_loss_not_divided", "its token count: the summed loss was not divided by it"),
+])
+def test_the_hint_names_the_cause_it_measured(name, hint):
+    # Unclipped (clipping rescales either side: a multiple then says nothing of the loss's scale), three ragged
+    # micro-batches: each wrong divisor leaves its own signature on the stepped gradients.
+    with inject(name) as m:
+        result = check_grad_accumulation(_model(0), seed=0, splits=[[1, 2, 3]], stream_ga=None, steps=1, clip=None,
+                                         lora=(False,), optimizer="sgd", **m.components)
+    grads = [d for d in result.details if " grads: " in d]
+    assert grads and hint in grads[0], grads[:1] or result.details[:2]
