@@ -115,6 +115,8 @@ _SINGLE = "‖single process − float64‖"
 CLAIMS: tuple[Claim, ...] = (
     Claim("kv_cache.logits", "logits", "cached vs uncached teacher-forced logits, every batch size and chunking",
           (-1, 1, 0), "last row, position 1, logit 0", scale=_LOGITS, run="kv_cache"),
+    Claim("kv_cache.causal", "causal", "uncached logits of the first half, later tokens changed vs not", (0, -1, 0),
+          "row 0, the half's last position, logit 0", scale=_LOGITS, run="kv_cache"),
     Claim("kv_cache.logprobs", "logprobs", "cached vs uncached log-probabilities of greedy generation",
           (-1,), "each row's last generated token", scale="the row's largest |logit|", run="kv_cache"),
     Claim("kv_cache.logits_bf16", "logits", "the same, bf16 weights", (-1, 1, 0), "last row, position 1, logit 0",

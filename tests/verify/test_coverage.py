@@ -51,6 +51,7 @@ def test_kv_cache_compares_every_position_of_every_batch_size_chunking_and_gener
         cached = [(s, n) for rows, s, n, kv in calls if kv and rows == b]
         assert (0, length) in cached and sum(n == 1 for _, n in cached) >= length
         assert any(s > 0 and n > 1 for s, n in cached), cached
+    assert [h.shape for h in hits if h.name == "causal"] == [(bsz, length // 2, vocab)]  # the reference is causal
     generated = [h.shape for h in hits if h.name == "logprobs"]
     assert len(generated) == bsz and all(n[0] >= 6 for n in generated), generated  # every row, several tokens
 

@@ -154,6 +154,7 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
             poison_rows = min(lim.max_batch_size, bsz + 1)
             target.logits(torch.randint(0, lim.vocab_size, (poison_rows, length), generator=g).to(lim.device), 0,
                           kv_caching=True)
+            _check_uncached_causal(target, tokens, tol, g, found)
             for b in batch_sizes:
                 expected = target.logits(tokens[:b], 0, kv_caching=False)
                 for chunking in chunkings:
@@ -164,6 +165,23 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
     except Exception as e:  # the implementation under test crashed: that is a failure, with its message
         found.raised(describe_exception(e), aborts=True)
     return found.result(NAME, case, tol)
+
+
+def _check_uncached_causal(target: KVCacheTarget, tokens: torch.Tensor, tol: Tolerance, g: torch.Generator,
+                           found: Findings) -> None:
+    """The reference side's own claim: changing later tokens changes no earlier logit. Where the cached and the
+    uncached logits differ, this says which side is wrong (an uncached path that drops its causal mask is one real
+    case: the cached path looks broken against it)."""
+    length = tokens.shape[1]
+    half = length // 2
+    other = tokens.clone()
+    shift = torch.randint(1, target.limits.vocab_size, other[:, half:].shape, generator=g).to(other.device)
+    other[:, half:] = (other[:, half:] + shift) % target.limits.vocab_size  # every later token changed
+    before = target.logits(tokens, 0, kv_caching=False)[:, :half]
+    after = target.logits(other, 0, kv_caching=False)[:, :half]
+    found.compared(f"the uncached path is not causal: logits at positions 0-{half - 1} changed when only the tokens "
+                   f"at {half}-{length - 1} did (the reference side is wrong, whatever the cache does)",
+                   compare(after, before, tol, "causal", scale=row_scale(before)))
 
 
 def _check_generation(target: KVCacheTarget, prompts: Sequence[Sequence[int]], max_gen_len: int,

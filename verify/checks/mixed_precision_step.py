@@ -133,8 +133,9 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
             max_norm = 10 * math.sqrt(sum(float(t.square().sum()) for t in exact.values()))
             rec = OpRecorder(net)
             seen: list = []
-            hook = net.register_forward_pre_hook(  # was autocast on around the step's forward?
-                lambda m, args: autocast_seen.append(torch.is_autocast_enabled(lim.device.type)))
+            hooks = [m.register_forward_pre_hook(  # was autocast on where the Linear layers ran (accelerate enters it
+                lambda m, args: autocast_seen.append(torch.is_autocast_enabled(lim.device.type)))  # inside forward)
+                for m in net.modules() if isinstance(m, nn.Linear)]
             try:
                 with rec:
                     for _ in range(attempts):  # GradScaler skips while its scale is too high: try another window
@@ -144,7 +145,8 @@ def check_mixed_precision_step(model: Any, train_step: TrainStep, *, full: bool 
                             break
             finally:
                 rec.remove()
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
             linear_dtypes = [d for _, m, op, d in rec.ops if isinstance(m, nn.Linear) and op in MATMULS]
             half = next((d[0] for d in linear_dtypes if d), None) if half is None else half
             if half not in HALVES:

@@ -129,6 +129,25 @@ def _sdpa_is_causal() -> list[Patch]:
     return [(M, "ATTENTION_IMPLS", {**M.ATTENTION_IMPLS, "sdpa": attention_sdpa})]
 
 
+@mutant("uncached_forward_no_mask", "the forward without a cache builds no causal mask (every token sees the future)",
+        "forwards that leave the mask to the cache path (the input_pos family's `mask = None` when no cache is set "
+        "up); against such a reference the cache looks broken")
+def _uncached_no_mask() -> list[Patch]:
+    hidden_states, causal_mask = M.Transformer.hidden_states, M.causal_mask
+    uncached: list[bool] = []  # the forward under way is uncached
+
+    def forward_hidden(self, tokens, start_pos=0):
+        uncached.append(not self.kv_caching)
+        try:
+            return hidden_states(self, tokens, start_pos)
+        finally:
+            uncached.pop()
+
+    def mask(q_len, kv_len, device, dtype=torch.float32):
+        return None if uncached and uncached[-1] else causal_mask(q_len, kv_len, device, dtype)
+    return [(M.Transformer, "hidden_states", forward_hidden), (M, "causal_mask", mask)]
+
+
 @mutant("uncached_generate_new_tokens_only",
         "uncached generation feeds only the new tokens (no cache to supply the past)",
         "the seed report's first uncached `generate` (the branch did not recompute tokens[:, :cur_pos])",

@@ -148,3 +148,14 @@ def test_a_mask_lost_inside_a_cached_chunk_is_caught_where_only_its_earlier_posi
         assert not torch.allclose(chunk[0, :-1], whole[0, 4:7], atol=1e-2)  # and the earlier ones are not
         result = check_kv_cache(model, tokens, chunkings=[[4, 4, 4]], batch_sizes=[1], **m.components)
     assert not result.ok and "chunks=4x3" in result.details[0], str(result)
+
+
+def test_an_uncached_path_without_its_mask_is_named_as_the_wrong_side():
+    # Against a reference that lets every token see the future, the cache looks broken; the causality claim on the
+    # uncached path says which side is wrong.
+    from llama_ref.default import default_model
+    from verify.mutants import inject
+    with inject("uncached_forward_no_mask") as m:
+        result = check_kv_cache(default_model(0, n_layers=1), batch_sizes=[1], **m.components)
+    assert not result.ok and result.details[0].startswith("the uncached path is not causal: logits at positions "
+                                                          "0-11 changed when only the tokens at 12-23 did"), result
