@@ -13,7 +13,7 @@ import torch
 from .mutants import Mutant
 from .properties import PROPERTIES, Inputs, default_names, get
 from .result import CheckResult
-from .targets.base import why_not
+from .targets.base import cast_floating, why_not
 from .targets.protocols import missing_members
 from .targets.spec import as_target
 
@@ -66,7 +66,7 @@ def run_target_checks(factory: Callable[[], Any], inputs: Inputs, *, checks: Opt
         for dtype in dtypes:
             model = factory()
             if isinstance(model, torch.nn.Module) and (device or dtype):
-                model = model.to(device=device, dtype=DTYPES[dtype] if dtype else None)
+                model = cast_floating(model.to(device=device), DTYPES[dtype]) if dtype else model.to(device=device)
             elif dtype or (device and not _on(model, torch.device(device))):
                 # never silently ignored: a ready target's dtype and device are its own
                 moved = device and not _on(model, torch.device(device))

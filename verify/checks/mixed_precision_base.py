@@ -14,6 +14,7 @@ from ..compare import CalibratedComparison
 from ..findings import FAILING, Finding, Findings
 from ..oracles import token_loss_sum
 from ..tolerances import CALIBRATION_FACTORS
+from ..targets.base import cast_floating
 
 NAME = "mixed_precision"
 FACTORS = CALIBRATION_FACTORS  # "mixed_precision", "…_grad", "…_curve", "…_rope": measured in verify/tolerances.py
@@ -87,4 +88,4 @@ def float64_window(model: Transformer, window: list[Batch]):
 
 def plain_window(model: Transformer, window: list[Batch], half: torch.dtype):
     """The calibration baseline: everything in ``half``, no autocast, the reference's own upcasts, loss in fp32."""
-    return _window_backward(copy.deepcopy(model).to(half), window, torch.float32)
+    return _window_backward(cast_floating(copy.deepcopy(model), half), window, torch.float32)

@@ -15,6 +15,7 @@ from llama_ref.model import Transformer
 from ..compare import compare, compare_calibrated
 from ..oracles import token_loss_sum
 from ..tolerances import Tolerance
+from ..targets.base import cast_floating
 from .mixed_precision_base import FACTORS, LONG_CHUNK, PRECISION_NAMES, ClaimFindings
 from .precision_policy import dtype_names as _dt
 
@@ -26,7 +27,7 @@ def upcast_claim(model: Transformer, halves: Sequence[torch.dtype], g: torch.Gen
     device = next(model.parameters()).device
     for half in dict.fromkeys(halves):
         eps = torch.finfo(half).eps
-        norm = copy.deepcopy(model.norm).to(half)
+        norm = cast_floating(copy.deepcopy(model.norm), half)
         x = (torch.randn(2, 8, model.params.dim, generator=g) * 512).to(device, half)  # squares overflow fp16
         with torch.no_grad():
             out = norm(x)
@@ -64,7 +65,7 @@ def long_position_claim(model: Transformer, halves: Sequence[torch.dtype], g: to
         ref = {0: exact(tokens, 0), far: exact(tokens, far)}
     factor = FACTORS["mixed_precision_rope"]
     for half in halves:
-        test = copy.deepcopy(model).to(half)
+        test = cast_floating(copy.deepcopy(model), half)
         with torch.no_grad():
             near, end = test(tokens, 0), test(tokens, far)
         # The baseline: the error at positions 0 on, moved onto the reference at the far positions (both float64).

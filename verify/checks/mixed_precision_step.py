@@ -33,7 +33,7 @@ from ..oracles import mean_token_loss
 from ..findings import FAILING, Findings
 from ..result import CheckResult, describe_exception
 from ..result import name_list as _names
-from ..targets.base import why_not
+from ..targets.base import cast_floating, why_not
 from ..targets.lora import draw_nonzero_b
 from ..targets.protocols import TrainingCopies, TrainStep
 from ..targets.spec import as_target
@@ -70,7 +70,7 @@ def _reference_grads(target: Any, model: nn.Module, window: list[Batch], dtype: 
                      ) -> dict[str, torch.Tensor]:
     """The gradients of the window's token-mean loss on a copy of ``model`` cast to ``dtype``, the loss in fp32 (or
     fp64) from its logits."""
-    twin = copy.deepcopy(model).to(dtype)
+    twin = cast_floating(copy.deepcopy(model), dtype)
     twin.zero_grad(set_to_none=True)
     loss = sum(mean_token_loss(target.train_logits(twin, b["input_ids"]), b["labels"]) for b in window)
     loss.backward()

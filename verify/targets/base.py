@@ -47,6 +47,21 @@ def parameter_names(model: torch.nn.Module) -> dict[int, str]:
     return {id(p): canonical_name(n) for n, p in model.named_parameters()}
 
 
+_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}
+
+
+def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` with its floating-point parameters and buffers cast to ``dtype`` (in place, as ``.half()`` does) and
+    its complex ones to the complex dtype of that precision (kept as they are for a half dtype, which has none):
+    ``module.to(dtype)`` casts a complex buffer — a RoPE table of ``cis`` values, as torchtitan registers one — to a
+    real one, dropping its imaginary part."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.to(dtype)
+        return t.to(_COMPLEX[dtype]) if t.is_complex() and dtype in _COMPLEX else t
+    return module._apply(cast)
+
+
 def copy_sharing_weights(module: torch.nn.Module, which: Optional[set[int]] = None) -> torch.nn.Module:
     """A deep copy of ``module`` whose parameters (those whose ``id`` is in ``which``; all when None) are new
     ``Parameter`` objects on the *same storage*: their flags are the copy's own, their values cost no memory. For a

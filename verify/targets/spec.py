@@ -17,8 +17,9 @@ from .base import Target
 
 def as_target(obj: Any, **parts: Any) -> Target:
     """``obj`` as a target: a target as it is, llama_ref's ``Transformer`` (with ``parts`` swapped in: ``cache_cls``,
-    ``generator_cls``, ``block_runner``), a transformers ``PreTrainedModel`` or PEFT ``PeftModel``, or a Meta-style
-    model. Anything else: TypeError naming what it lacks."""
+    ``generator_cls``, ``block_runner``), a transformers ``PreTrainedModel`` or PEFT ``PeftModel``, a Meta-style
+    model, or one of the input_pos family (gpt-fast, litgpt, torchtune shapes). Anything else: TypeError naming what
+    it lacks."""
     parts = {k: v for k, v in parts.items() if v is not None}
     if isinstance(obj, Target):
         if parts:
@@ -38,10 +39,15 @@ def as_target(obj: Any, **parts: Any) -> Target:
         raise ValueError(f"{', '.join(sorted(parts))}: parts of llama_ref's Transformer, not of "
                          f"{type(obj).__qualname__}")
     problems = meta_style_problems(obj)
-    if problems:
-        raise TypeError(f"{type(obj).__qualname__} is not a model verify can adapt: neither llama_ref's Transformer, "
-                        f"a transformers/PEFT model, nor Meta-style, which needs {'; '.join(problems)}")
-    return MetaStyleTarget(obj)
+    if not problems:
+        return MetaStyleTarget(obj)
+    from .input_pos import InputPosTarget, input_pos_problems
+    family = input_pos_problems(obj)
+    if not family:
+        return InputPosTarget(obj)
+    raise TypeError(f"{type(obj).__qualname__} is not a model verify can adapt: neither llama_ref's Transformer, "
+                    f"a transformers/PEFT model, Meta-style, which needs {'; '.join(problems)}, nor of the input_pos "
+                    f"family, which needs {'; '.join(family)} (or write a target: docs/verify-your-model.md)")
 
 
 def load_factory(spec: str, what: str = "target") -> Callable[..., Any]:

@@ -58,6 +58,11 @@ class _MaskSeesNextToken(S.Transformer):
                           diagonal=start_pos + 2)
 
 
+class _UncachedNoMask(S.Transformer):
+    def causal_mask(self, seqlen, start_pos, device):
+        return super().causal_mask(seqlen, start_pos, device) if self.layers[0].attention.kv_caching else None
+
+
 # KV mutant → the same bug in Meta-shaped code: (attention class, model class)
 META_STYLE = {
     "seed_cache_batch_index": (S.SeedAttention, None),
@@ -68,6 +73,7 @@ META_STYLE = {
     "mask_top_left": (S.Attention, _MaskTopLeft),
     "mask_dropped_with_cache": (S.Attention, _MaskDroppedWithCache),
     "mask_sees_next_token": (S.Attention, _MaskSeesNextToken),
+    "uncached_forward_no_mask": (S.Attention, _UncachedNoMask),
 }
 # Not bugs a Meta-style model can carry: the generation loop is verify's own for such targets, and the seed-style
 # model has no SDPA path.

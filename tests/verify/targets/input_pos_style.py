@@ -1,0 +1,201 @@
+"""Small Llama models of the input_pos family, written anew for the tests (nothing taken from the frameworks): called
+as ``forward(idx, input_pos=…)``, their KV caches modules set up by a method of the model, laid out (batch, heads,
+positions, head_dim) — the shapes of gpt-fast's, litgpt's and torchtune's models:
+
+- :class:`FastStyle`: ``setup_caches(max_batch_size, max_seq_length)`` puts a cache module (``k_cache``/``v_cache``
+  buffers, written at the positions ``input_pos`` names) in every attention; without one, the plain causal path;
+- :class:`LitStyle`: ``set_kv_cache(batch_size, max_seq_length=…)`` / ``clear_kv_cache()``; ``input_pos=None`` is the
+  plain path whether or not a cache is set;
+- :class:`TuneStyle`: ``setup_caches(batch_size, dtype, decoder_max_seq_len=…)`` puts a cache of a fixed batch size
+  that keeps its own position (``reset_caches()`` empties it); ``caches_are_enabled()``; with caches, forward takes
+  ``mask`` (B, T, S: True where a query may attend) and ``input_pos`` (B, T).
+
+Each may carry loralib-shaped LoRA layers on ``wq``/``wv`` (seed_style.LoRALinear).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .seed_style import RMSNorm, apply_lora, rope_table
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    block_size: int = 64
+    norm_eps: float = 1e-5
+
+
+def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:  # x (B, H, T, D), table (B or 1, T, D/2)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * table[:, None]).flatten(3).type_as(x)
+
+
+class PositionedCache(nn.Module):
+    """Written at the positions the caller names; every slot read back (the mask hides the unwritten ones)."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(batch, heads, length, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(batch, heads, length, head_dim, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        bsz = k.shape[0]
+        self.k_cache[:bsz, :, input_pos] = k
+        self.v_cache[:bsz, :, input_pos] = v
+        return self.k_cache[:bsz], self.v_cache[:bsz]
+
+
+class SelfPositionedCache(PositionedCache):
+    """A fixed batch; each update appends at the cache's own position, which ``reset`` takes back to 0."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.size = 0
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if k.shape[0] != self.k_cache.shape[0]:
+            raise RuntimeError(f"a batch of {k.shape[0]} in a cache set up for {self.k_cache.shape[0]}")
+        pos = torch.arange(self.size, self.size + k.shape[2], device=k.device)
+        self.size += k.shape[2]
+        return super().update(pos, k, v)
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.size = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.dim // c.n_heads
+        self.wq = nn.Linear(c.dim, c.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * self.head_dim, c.dim, bias=False)
+        self.kv_cache: Optional[PositionedCache] = None
+        self.cache_enabled = True
+
+    def forward(self, x, table, mask, input_pos):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rope(q, table), _rope(k, table)
+        if self.kv_cache is not None and self.cache_enabled and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.attention_norm, self.ffn_norm = RMSNorm(c.dim, c.norm_eps), RMSNorm(c.dim, c.norm_eps)
+        self.attention = Attention(c)
+        self.w1, self.w2, self.w3 = (nn.Linear(c.dim, 4 * c.dim, bias=False), nn.Linear(4 * c.dim, c.dim, bias=False),
+                                     nn.Linear(c.dim, 4 * c.dim, bias=False))
+
+    def forward(self, x, table, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), table, mask, input_pos)
+        y = self.ffn_norm(h)
+        return h + self.w2(F.silu(self.w1(y)) * self.w3(y))
+
+
+class Model(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("table", rope_table(config.dim // config.n_heads, config.block_size, 10000.0),
+                             persistent=False)
+
+    def _cache(self) -> Optional[PositionedCache]:
+        att = self.layers[0].attention
+        return att.kv_cache if att.cache_enabled else None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, *,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bsz, seqlen = idx.shape
+        cache = self._cache()
+        if cache is not None and input_pos is not None:
+            pos = input_pos if input_pos.dim() == 2 else input_pos[None].expand(bsz, seqlen)
+            if mask is None:  # causal over the cache's slots: a query at position p sees slots 0..p
+                slots = torch.arange(cache.k_cache.shape[2], device=idx.device)
+                mask = slots[None, None, :] <= pos[:, :, None]
+            mask = mask[:, None]
+        else:
+            pos = torch.arange(seqlen, device=idx.device)[None].expand(bsz, seqlen)
+            mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=idx.device).tril()
+        table = self.table[pos]  # (B, T, D/2)
+        h = self.tok_embeddings(idx)
+        for layer in self.layers:
+            h = layer(h, table, mask, input_pos if cache is not None else None)
+        return self.output(self.norm(h)).float()
+
+
+class FastStyle(Model):
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        dtype = self.output.weight.dtype
+        for layer in self.layers:
+            a = layer.attention
+            a.kv_cache = PositionedCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim, dtype).to(
+                self.output.weight.device)
+
+
+class LitStyle(Model):
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
+                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        length = max_seq_length or self.config.block_size
+        for layer in self.layers:
+            a = layer.attention
+            a.kv_cache = PositionedCache(batch_size, a.n_kv_heads, length, a.head_dim,
+                                         dtype or self.output.weight.dtype).to(device or self.output.weight.device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward(self, idx, input_pos=None, *, mask=None):
+        return super().forward(idx, input_pos, mask=mask)
+
+
+class TuneStyle(Model):
+    def setup_caches(self, batch_size: int, dtype: torch.dtype, *, decoder_max_seq_len: Optional[int] = None) -> None:
+        length = decoder_max_seq_len or self.config.block_size
+        for layer in self.layers:
+            a = layer.attention
+            a.kv_cache = SelfPositionedCache(batch_size, a.n_kv_heads, length, a.head_dim, dtype).to(
+                self.output.weight.device)
+
+    def caches_are_enabled(self) -> bool:
+        return all(layer.attention.kv_cache is not None and layer.attention.cache_enabled for layer in self.layers)
+
+    def reset_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache.reset()
+
+
+def make(cls: type[Model] = FastStyle, lora: bool = False, seed: int = 0, **config) -> Model:
+    model = cls(Config(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "tok_embeddings" in name else p.shape[-1] ** -0.5))
+    return apply_lora(model, rank=4, alpha=8, dropout=0.0) if lora else model

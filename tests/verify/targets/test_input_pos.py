@@ -1,0 +1,102 @@
+"""The input_pos family through verify.targets.input_pos: small models in the shapes of gpt-fast's, litgpt's and
+torchtune's (tests/verify/targets/input_pos_style.py, written anew) are recognised by what they are and checked for
+all five properties — the training ones with the user's step, checkpointing through torch's CheckpointWrapper — and
+the same bugs written into them are caught."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verify.checks.grad_accum import check_grad_accumulation
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing
+from verify.checks.kv_cache import check_kv_cache
+from verify.checks.lora_merge import check_lora_merge
+from verify.checks.mixed_precision import check_mixed_precision
+from verify.targets.input_pos import InputPosTarget
+from verify.targets.spec import as_target
+
+from . import input_pos_style as S
+from . import train_steps as TS
+
+STYLES = {"gpt-fast": S.FastStyle, "litgpt": S.LitStyle, "torchtune": S.TuneStyle}
+QUICK_GA = dict(splits=[[1, 2, 3]], stream_ga=3, steps=2, optimizer="sgd")
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_each_style_is_recognised_and_its_cache_and_lora_merge_pass(style):
+    target = as_target(S.make(STYLES[style], lora=True))
+    assert isinstance(target, InputPosTarget) and target.style == style
+    assert target.limits.max_seq_len == 64 and target.limits.vocab_size == 256
+    kv = check_kv_cache(as_target(S.make(STYLES[style])))
+    assert kv.verdict == "PASS" and "L=24" in kv.case, str(kv)
+    merge = check_lora_merge(target)
+    assert merge.verdict == "PASS" and "eval-merge 4/4" in merge.case, str(merge)
+
+
+@pytest.mark.parametrize("style", ["gpt-fast", "litgpt"])  # the two ways of calling the plain forward
+def test_accumulation_and_mixed_precision_pass_with_the_users_step(style):
+    ga = check_grad_accumulation(as_target(S.make(STYLES[style])), train_step=TS.token_mean_step, **QUICK_GA)
+    assert ga.verdict == "PASS", str(ga)
+    mp = check_mixed_precision(as_target(S.make(STYLES[style], lora=True)), train_step=TS.bf16_step, full=False)
+    assert mp.verdict == "PASS" and "bfloat16 autocast" in mp.case, str(mp)
+
+
+def test_checkpointing_through_torchs_checkpoint_wrapper_passes_every_policy():
+    result = check_gradient_checkpointing(as_target(S.make(S.TuneStyle, lora=True)))
+    assert result.verdict == "PASS" and "policies=all,seed,every:2" in result.case, str(result)
+
+
+def test_a_reentrant_switch_loses_the_lora_gradients_and_fails():
+    from torch.utils.checkpoint import checkpoint
+
+    def reentrant(model, blocks):
+        for i, block in enumerate(model.layers):
+            forward = type(block).forward.__get__(block)
+            block.forward = (lambda *a, f=forward: checkpoint(f, *a, use_reentrant=True)) if i in blocks else forward
+    target = InputPosTarget(S.make(S.LitStyle, lora=True), gc_switch=reentrant)
+    result = check_gradient_checkpointing(target, full_finetune=False)  # torch's warning: recorded in the result
+    assert not result.ok and any("gradient is None" in d for d in result.details), str(result)
+
+
+class _WritesAtZero(S.PositionedCache):
+    def update(self, input_pos, k, v):  # input_pos ignored: every chunk lands at position 0
+        return super().update(torch.arange(k.shape[2], device=k.device), k, v)
+
+
+class _FastAtZero(S.FastStyle):
+    def setup_caches(self, max_batch_size, max_seq_length):
+        super().setup_caches(max_batch_size, max_seq_length)
+        for layer in self.layers:
+            c = layer.attention.kv_cache
+            layer.attention.kv_cache = _WritesAtZero(*c.k_cache.shape[:3], c.k_cache.shape[3], c.k_cache.dtype)
+
+
+class _TuneNoReset(S.TuneStyle):
+    def reset_caches(self):  # the cache keeps its position: a new sequence is appended to the last
+        pass
+
+
+@pytest.mark.parametrize("cls", [_FastAtZero, _TuneNoReset], ids=["cache-ignores-input_pos", "reset-does-nothing"])
+def test_cache_bugs_written_into_these_shapes_are_caught(cls):
+    result = check_kv_cache(as_target(S.make(cls)))
+    assert result.verdict == "FAIL", str(result)
+
+
+def test_an_uncached_path_that_writes_the_cache_is_refused_not_compared():
+    target = as_target(S.make(S.LitStyle))
+    with target.kv_session():
+        target._live.forward = lambda idx, input_pos=None, **kw: S.LitStyle.forward(
+            target._live, idx, torch.arange(idx.shape[1]) if input_pos is None else input_pos, **kw)
+        with pytest.raises(RuntimeError, match="a KV-cache buffer was written during the forward without caches"):
+            target.logits(torch.zeros((1, 4), dtype=torch.long), 0, kv_caching=False)
+
+
+def test_the_callers_model_is_left_without_caches_and_in_its_mode():
+    model = S.make(S.FastStyle).train()
+    assert check_kv_cache(model).ok
+    assert model.training and all(layer.attention.kv_cache is None for layer in model.layers)
+
+
+def test_without_lora_layers_the_merge_is_not_applicable_and_says_why():
+    result = check_lora_merge(as_target(S.make(S.FastStyle)))
+    assert result.verdict == "N/A" and "no LoRA layers of loralib's shape" in result.not_applicable

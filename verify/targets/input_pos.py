@@ -1,0 +1,261 @@
+"""The target for the input_pos family: Llama models called as ``forward(idx, input_pos=…)`` whose KV caches are
+modules that a method of the model sets up — gpt-fast's ``setup_caches(max_batch_size, max_seq_length)``, litgpt's
+``set_kv_cache(batch_size, max_seq_length=…)``, torchtune's ``setup_caches(batch_size, dtype,
+decoder_max_seq_len=…)`` (a fixed batch size, a cache that keeps its own position: ``reset_caches()``; with caches,
+``forward`` takes the ``mask`` (B, T, S) and ``input_pos`` (B, T) its caller builds).
+
+Recognised by what such a model is: an ``nn.Module`` whose ``forward`` takes ``input_pos`` and which has one of
+those methods. The cache is set up on a copy sharing the model's weights for the length of :meth:`kv_session` (the
+caller's model is never changed); its cached path is ``forward(tokens, input_pos=positions)``; its uncached path is
+the model without caches (litgpt and torchtune: ``input_pos`` left out, caches disabled; gpt-fast: the cache modules
+taken out for the call), and a write to a cache buffer during it is an error, not a comparison.
+
+Gradient checkpointing is switched the way torchtune's ``set_activation_checkpointing`` and Lightning do: each
+selected block wrapped in torch's ``CheckpointWrapper`` (non-reentrant; ``gc_switch(model, blocks)`` for another
+way); the blocks are the model's longest ``nn.ModuleList``. LoRA: loralib-shaped layers the model comes with
+(:mod:`verify.targets.lora`). Properties 2 and 5 run the user's training step.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..oracles import policy_layers
+from .base import Target, copy_sharing_weights, unwrapped
+from .decode import greedy_generate
+from .lora import LoralibTarget, loralib_layers
+from .protocols import Limits
+
+GCSwitch = Callable[[nn.Module, frozenset[int]], None]
+_SETUP = ("set_kv_cache", "setup_caches")
+_CACHE_BUFFERS = (("k_cache", "v_cache"), ("k", "v"))
+_NEEDS_GRADIENTS = ("grad_accum", "mixed_precision", "gradient_checkpointing")
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def input_pos_problems(obj: Any) -> list[str]:
+    """What ``obj`` lacks to be adapted as an input_pos-family model (empty: it can be)."""
+    if not isinstance(obj, nn.Module):
+        return [f"an nn.Module (got {type(obj).__qualname__})"]
+    problems = []
+    if not _takes(obj.forward, "input_pos"):
+        problems.append("a forward taking input_pos")
+    if not any(callable(getattr(obj, m, None)) for m in _SETUP):
+        problems.append("setup_caches(…) or set_kv_cache(…)")
+    return problems
+
+
+def cache_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Every KV-cache buffer of ``model`` (``k_cache``/``v_cache`` or ``k``/``v`` pairs of 4-D tensors)."""
+    found = []
+    for m in model.modules():
+        for k, v in _CACHE_BUFFERS:
+            pair = (getattr(m, k, None), getattr(m, v, None))
+            if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in pair):
+                found += pair
+    return found
+
+
+class InputPosTarget(Target):
+    """A model of the input_pos family (see the module's doc); ``max_batch_size`` / ``max_seq_len`` size the cache the
+    KV check sets up (``max_seq_len`` defaults to the model's ``config.block_size`` / ``max_seq_len``, capped at 64:
+    the check needs a few dozen positions, not the model's whole context)."""
+
+    own_train_loop = False  # properties 2 and 5 need the user's training step
+
+    def __init__(self, model: nn.Module, *, max_batch_size: int = 4, max_seq_len: Optional[int] = None,
+                 vocab_size: Optional[int] = None, gc_switch: Optional[GCSwitch] = None,
+                 checkpoints_in_eval: Optional[bool] = None):
+        problems = input_pos_problems(model)
+        if problems:
+            raise TypeError(f"{type(model).__qualname__} is not an input_pos-family model: it lacks "
+                            + "; ".join(problems))
+        self.model = model
+        self.style = ("litgpt" if callable(getattr(model, "set_kv_cache", None)) else
+                      "torchtune" if _takes(model.setup_caches, "dtype") else "gpt-fast")
+        self._max_batch_size, self._max_seq_len, self._vocab_size = max_batch_size, max_seq_len, vocab_size
+        self._gc_switch = gc_switch
+        self.checkpoints_in_eval = checkpoints_in_eval
+        self._live: Optional[nn.Module] = None  # the session's copy, caches set up
+        self.description = f"input_pos-family {type(model).__qualname__} ({self.style}-style caches)"
+
+    # ---- what it is ----------------------------------------------------------------------------------------------
+
+    def _config(self, *names: str) -> Optional[int]:
+        for holder in (self.model, getattr(self.model, "config", None), getattr(self.model, "params", None)):
+            for n in names:
+                v = getattr(holder, n, None)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return v
+        return None
+
+    @property
+    def limits(self) -> Limits:
+        vocab = self._vocab_size or self._config("vocab_size", "padded_vocab_size")
+        if vocab is None:
+            emb = next((m for m in self.model.modules() if isinstance(m, nn.Embedding)), None)
+            vocab = emb.num_embeddings if emb is not None else None
+        if vocab is None:
+            raise TypeError(f"{self.description}: its vocabulary size is unknown (no config.vocab_size, no "
+                            "nn.Embedding); give the target vocab_size")
+        length = self._max_seq_len or min(64, self._config("block_size", "max_seq_len", "max_seq_length") or 64)
+        weight = next(p for p in self.model.parameters() if p.is_floating_point())
+        return Limits(vocab, self._max_batch_size, length, weight.dtype, weight.device)
+
+    def not_applicable(self, prop: str) -> Optional[str]:
+        try:
+            self.limits
+        except TypeError as e:
+            return str(e)
+        if prop == "lora_merge" and not loralib_layers(self.model):
+            return ("no LoRA layers of loralib's shape (modules with weight, lora_A, lora_B, r, lora_alpha, merged, "
+                    "merge(), unmerge()): let the factory return the model with its adapters applied")
+        if prop in _NEEDS_GRADIENTS and any(p.requires_grad for p in self.model.parameters()):
+            with torch.enable_grad():
+                out = self.train_logits(self.model, torch.zeros((1, 1), dtype=torch.long, device=self.limits.device))
+            if torch.is_inference(out) or not out.requires_grad:
+                return f"the forward lets no gradient through (inference_mode or no_grad), and {prop} needs one"
+        return None
+
+    # ---- property 1 ----------------------------------------------------------------------------------------------
+
+    def _setup(self, model: nn.Module, batch: int) -> None:
+        lim = self.limits
+        if self.style == "litgpt":
+            model.set_kv_cache(batch, max_seq_length=lim.max_seq_len, device=lim.device, dtype=lim.dtype)
+        elif self.style == "torchtune":
+            model.setup_caches(batch, lim.dtype, decoder_max_seq_len=lim.max_seq_len)
+        else:
+            model.setup_caches(batch, lim.max_seq_len)
+
+    @contextlib.contextmanager
+    def kv_session(self) -> Iterator[None]:
+        live = copy_sharing_weights(self.model).eval()  # the caller's model keeps its mode and its caches
+        self._setup(live, self._max_batch_size)
+        self._live, self._rows, self._next = live, self._max_batch_size, 0
+        try:
+            yield
+        finally:
+            self._live = None
+
+    def logits(self, tokens: torch.Tensor, start_pos: int, *, kv_caching: bool) -> torch.Tensor:
+        live = self._live
+        if live is None:
+            raise RuntimeError("logits asked outside kv_session(): no cache is set up")
+        bsz, seqlen = tokens.shape
+        with torch.no_grad():
+            if not kv_caching:
+                if start_pos != 0:
+                    raise ValueError(f"uncached logits start at position 0, not {start_pos}")
+                return self._uncached(live, tokens)
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            if self.style != "torchtune":
+                return live(tokens, input_pos=positions)
+            # torchtune's cache: a fixed batch, and its own position, which must be where this call starts
+            if start_pos == 0:
+                if bsz != self._rows:
+                    self._setup(live, bsz)
+                    self._rows = bsz
+                else:
+                    live.reset_caches()
+            elif start_pos != self._next:
+                raise ValueError(f"the cache holds {self._next} positions; a call at {start_pos} cannot follow")
+            self._next = start_pos + seqlen
+            slots = torch.arange(self.limits.max_seq_len, device=tokens.device)
+            mask = (slots[None, None, :] <= positions[None, :, None]).expand(bsz, seqlen, -1)
+            return live(tokens, mask=mask, input_pos=positions[None].expand(bsz, seqlen))
+
+    def _uncached(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        buffers = cache_buffers(model)
+        versions = [b._version for b in buffers]
+        with self._caches_off(model):
+            out = model(tokens, input_pos=torch.arange(tokens.shape[1], device=tokens.device)) \
+                if self.style == "gpt-fast" else model(tokens)
+        if [b._version for b in buffers] != versions:
+            raise RuntimeError("a KV-cache buffer was written during the forward without caches: the cached and "
+                               "uncached paths cannot be compared")
+        return out
+
+    @contextlib.contextmanager
+    def _caches_off(self, model: nn.Module) -> Iterator[None]:
+        """torchtune: every ``cache_enabled`` flag off; gpt-fast: every module's cache-module attribute set to None;
+        litgpt: nothing (a forward without ``input_pos`` does not use its cache)."""
+        saved: list[tuple[nn.Module, str, Any]] = []
+        for m in list(model.modules()):
+            if self.style == "torchtune" and isinstance(getattr(m, "cache_enabled", None), bool):
+                saved.append((m, "cache_enabled", m.cache_enabled))
+                m.cache_enabled = False
+            elif self.style == "gpt-fast":
+                for name, child in list(m.named_children()):
+                    if cache_buffers(child) and not any(isinstance(c, nn.Module) and c is not child and
+                                                        cache_buffers(c) for c in child.children()):
+                        saved.append((m, name, child))
+                        setattr(m, name, None)
+        try:
+            yield
+        finally:
+            for m, name, value in reversed(saved):
+                setattr(m, name, value)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_gen_len: int, *, kv_caching: bool
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+        lim = self.limits
+        return greedy_generate(self.logits, prompts, max_gen_len, lim.max_seq_len, lim.device, kv_caching=kv_caching)
+
+    # ---- property 3 ----------------------------------------------------------------------------------------------
+
+    def lora_target(self, *, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
+                    use_rslora: bool, layer_cls: Optional[type] = None, generator: Optional[torch.Generator] = None
+                    ) -> LoralibTarget:
+        if layer_cls is not None:
+            raise ValueError("layer_cls is swapped into llama_ref's model; this model comes with its own LoRA layers")
+        return LoralibTarget(copy.deepcopy(self.model), self.train_logits, description=self.description)
+
+    # ---- properties 2, 4, 5 --------------------------------------------------------------------------------------
+
+    def fresh_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
+                         generator: torch.Generator) -> Optional[nn.Module]:
+        if not loralib_layers(self.model):
+            return None
+        return copy_sharing_weights(self.model, {id(p) for p in self.model.parameters() if not p.requires_grad})
+
+    def train_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The plain forward from position 0, no cache (a fresh copy has none set up)."""
+        if self.style == "gpt-fast":
+            return model(tokens, input_pos=torch.arange(tokens.shape[1], device=tokens.device))
+        return model(tokens)
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        return list(max(lists, key=len)) if lists else []
+
+    def set_checkpointing(self, model: nn.Module, policy: Optional[str], mode: Optional[str] = None) -> None:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+        blocks = self.blocks(model)
+        chosen = policy_layers(policy, len(blocks)) if policy else frozenset()
+        if self._gc_switch is not None:
+            self._gc_switch(model, chosen)
+            return
+        holder = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+        for i, block in enumerate(holder):
+            block = unwrapped(block)
+            holder[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT) if i in chosen else block
+
+    def checkpointed_blocks(self, model: nn.Module) -> Optional[frozenset[int]]:
+        if self._gc_switch is not None:
+            return None  # the user's switch does not say; the check counts the recomputations
+        return frozenset(i for i, b in enumerate(self.blocks(model)) if unwrapped(b) is not b)
