@@ -119,6 +119,12 @@ class InputPosTarget(Target):
         except TypeError as e:
             return str(e)
         if prop == "lora_merge" and not loralib_layers(self.model):
+            other = next((m for m in self.model.modules() if any(hasattr(m, a) for a in ("lora_a", "lora_A"))), None)
+            if other is not None:  # torchtune's (lora_a/lora_b, merged into a state dict), litgpt's (merge() only)
+                lacks = [a for a in ("merge", "unmerge", "merged") if not hasattr(other, a)]
+                return (f"its LoRA layers ({type(other).__qualname__}) have no {', '.join(lacks)}: a framework that "
+                        "merges a state dict (torchtune's get_merged_lora_ckpt) or cannot unmerge gives the merge "
+                        "claims nothing to check in place; not checked")
             return ("no LoRA layers of loralib's shape (modules with weight, lora_A, lora_B, r, lora_alpha, merged, "
                     "merge(), unmerge()): let the factory return the model with its adapters applied")
         if prop in _NEEDS_GRADIENTS and any(p.requires_grad for p in self.model.parameters()):
@@ -164,7 +170,8 @@ class InputPosTarget(Target):
                 return live(tokens, input_pos=positions)
             # torchtune's cache: a fixed batch, and its own position, which must be where this call starts
             if start_pos == 0:
-                if bsz != self._rows:
+                if bsz != self._rows:  # its caches are set up once per model (torchtune refuses twice): a new copy
+                    self._live = live = copy_sharing_weights(self.model).eval()
                     self._setup(live, bsz)
                     self._rows = bsz
                 else:
@@ -179,9 +186,15 @@ class InputPosTarget(Target):
     def _uncached(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         buffers = cache_buffers(model)
         versions = [b._version for b in buffers]
+        bsz, seqlen = tokens.shape
         with self._caches_off(model):
-            out = model(tokens, input_pos=torch.arange(tokens.shape[1], device=tokens.device)) \
-                if self.style == "gpt-fast" else model(tokens)
+            if self.style == "gpt-fast":
+                out = model(tokens, input_pos=torch.arange(seqlen, device=tokens.device))
+            elif self.style == "torchtune":  # caches set up but off: torchtune's attention is then causal only if
+                causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=tokens.device).tril()  # masked (its
+                out = model(tokens, mask=causal.expand(bsz, seqlen, seqlen))  # is_causal needs kv_cache None)
+            else:
+                out = model(tokens)
         if [b._version for b in buffers] != versions:
             raise RuntimeError("a KV-cache buffer was written during the forward without caches: the cached and "
                                "uncached paths cannot be compared")
@@ -229,9 +242,12 @@ class InputPosTarget(Target):
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> Optional[nn.Module]:
-        if not loralib_layers(self.model):
+        """The model as it comes, adapted (some parameters frozen, some trainable: its own LoRA, of any shape), its
+        frozen base shared; None where nothing is frozen."""
+        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
+        if not frozen or len(frozen) == sum(1 for _ in self.model.parameters()):
             return None
-        return copy_sharing_weights(self.model, {id(p) for p in self.model.parameters() if not p.requires_grad})
+        return copy_sharing_weights(self.model, frozen)
 
     def train_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         """The plain forward from position 0, no cache (a fresh copy has none set up)."""

@@ -8,7 +8,8 @@ positions, head_dim) — the shapes of gpt-fast's, litgpt's and torchtune's mode
   plain path whether or not a cache is set;
 - :class:`TuneStyle`: ``setup_caches(batch_size, dtype, decoder_max_seq_len=…)`` puts a cache of a fixed batch size
   that keeps its own position (``reset_caches()`` empties it); ``caches_are_enabled()``; with caches, forward takes
-  ``mask`` (B, T, S: True where a query may attend) and ``input_pos`` (B, T).
+  ``mask`` (B, T, S: True where a query may attend) and ``input_pos`` (B, T); with caches set up but disabled and no
+  mask, its attention is not causal at all (torchtune's is causal by itself only where no cache is set up).
 
 Each may carry loralib-shaped LoRA layers on ``wq``/``wv`` (seed_style.LoRALinear).
 """
@@ -115,6 +116,8 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
+    causal_only_without_caches = False  # torchtune's: with caches set up but off, no mask given means none at all
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
@@ -141,7 +144,10 @@ class Model(nn.Module):
             mask = mask[:, None]
         else:
             pos = torch.arange(seqlen, device=idx.device)[None].expand(bsz, seqlen)
-            mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=idx.device).tril()
+            if mask is not None:  # the caller's (B, T, T)
+                mask = mask[:, None]
+            elif not (self.causal_only_without_caches and self.layers[0].attention.kv_cache is not None):
+                mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=idx.device).tril()
         table = self.table[pos]  # (B, T, D/2)
         h = self.tok_embeddings(idx)
         for layer in self.layers:
@@ -176,6 +182,7 @@ class LitStyle(Model):
 
 
 class TuneStyle(Model):
+    causal_only_without_caches = True
     def setup_caches(self, batch_size: int, dtype: torch.dtype, *, decoder_max_seq_len: Optional[int] = None) -> None:
         length = decoder_max_seq_len or self.config.block_size
         for layer in self.layers:

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from torch import nn
 
 from verify.checks.grad_accum import check_grad_accumulation
 from verify.checks.gradient_checkpointing import check_gradient_checkpointing
@@ -43,19 +42,8 @@ def test_the_docs_protocol_table_is_the_registrys():
             assert row in text, f"docs/verify-your-model.md lacks or misstates: {row}"
 
 
-class _Plain(nn.Module):
-    """The user's step calls ``model(input_ids, 0)``: this model's own plain forward is ``model(tokens)[0]``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, _start_pos=0):
-        return self.model(tokens)[0]
-
-
-def _step(step):
-    return lambda model, optimizer, window, max_norm: step(_Plain(model), optimizer, window, max_norm)
+def _step(step):  # the user's step calls model(input_ids, 0); this model's plain forward is model(tokens)[0]
+    return train_steps.through(step, lambda model, tokens: model(tokens)[0])
 
 
 @pytest.mark.parametrize("check, kwargs", [

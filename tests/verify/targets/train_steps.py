@@ -118,3 +118,21 @@ def seed_mp_step(model, optimizer, window, max_norm):
 
 
 _SEED_SCALER = torch.amp.GradScaler("cpu")
+
+
+class _Calling(torch.nn.Module):
+    """A model whose plain forward is ``forward(model, tokens)``, called as the steps here call one:
+    ``model(tokens, 0)``."""
+
+    def __init__(self, model: torch.nn.Module, forward):
+        super().__init__()
+        self.model, self._forward = model, forward
+
+    def forward(self, tokens: torch.Tensor, _start_pos: int = 0) -> torch.Tensor:
+        return self._forward(self.model, tokens)
+
+
+def through(step, forward=lambda model, tokens: model(tokens)):
+    """``step`` for a model called otherwise (torchtune's and litgpt's: ``model(tokens)``; one returning a tuple:
+    ``lambda model, tokens: model(tokens)[0]``)."""
+    return lambda model, optimizer, window, max_norm: step(_Calling(model, forward), optimizer, window, max_norm)

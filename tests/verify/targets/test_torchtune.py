@@ -1,0 +1,81 @@
+"""Property checks on torchtune's own Llama 3 (0.6.1) — its builders, its LoRA, its activation checkpointing, a
+token-mean step in its calling convention — through the input_pos adapter. torchtune is not in the test extra (its
+pins conflict): `tox -e torchtune` installs it and runs these; elsewhere they skip, saying so."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torchtune", reason="torchtune is not installed here: tox -e torchtune runs these")
+
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper  # noqa: E402
+from torchtune.models.llama3._component_builders import llama3, lora_llama3  # noqa: E402
+from torchtune.modules.peft import get_adapter_params, set_trainable_params  # noqa: E402
+from torchtune.training import set_activation_checkpointing  # noqa: E402
+
+from verify.checks.grad_accum import check_grad_accumulation  # noqa: E402
+from verify.checks.gradient_checkpointing import check_gradient_checkpointing  # noqa: E402
+from verify.checks.kv_cache import check_kv_cache  # noqa: E402
+from verify.checks.lora_merge import check_lora_merge  # noqa: E402
+from verify.checks.mixed_precision import check_mixed_precision  # noqa: E402
+from verify.targets.base import unwrapped  # noqa: E402
+from verify.targets.input_pos import InputPosTarget  # noqa: E402
+from verify.targets.spec import as_target  # noqa: E402
+
+from . import train_steps as TS  # noqa: E402
+
+SIZES = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128)
+
+
+def make(lora: bool = False):
+    torch.manual_seed(0)
+    if not lora:
+        return llama3(intermediate_dim=128, **SIZES)
+    model = lora_llama3(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, intermediate_dim=128, **SIZES)
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def test_the_model_is_recognised_and_its_kv_cache_passes():
+    target = as_target(make())
+    assert isinstance(target, InputPosTarget) and target.style == "torchtune"
+    result = check_kv_cache(target)
+    assert result.verdict == "PASS", str(result)
+
+
+def _wrapping(impl):
+    """A switch wrapping exactly the chosen layers (and unwrapping the others), as set_activation_checkpointing
+    does for every layer of a type."""
+    def switch(model, blocks):
+        for i, layer in enumerate(model.layers):
+            layer = unwrapped(layer)
+            model.layers[i] = checkpoint_wrapper(layer, checkpoint_impl=impl) if i in blocks else layer
+    return switch
+
+
+def test_its_checkpoint_wrapper_passes_and_a_reentrant_one_under_lora_fails():
+    assert check_gradient_checkpointing(as_target(make(lora=True))).verdict == "PASS"
+    own = InputPosTarget(make(lora=True), gc_switch=_wrapping(CheckpointImpl.NO_REENTRANT))
+    assert check_gradient_checkpointing(own).verdict == "PASS"
+    reentrant = InputPosTarget(make(lora=True), gc_switch=_wrapping(CheckpointImpl.REENTRANT))
+    result = check_gradient_checkpointing(reentrant, full_finetune=False)
+    assert not result.ok and any("gradient is None" in d for d in result.details), str(result)
+
+
+def test_set_activation_checkpointing_itself_checkpoints_every_layer():
+    model = make()
+    set_activation_checkpointing(model, auto_wrap_policy={type(model.layers[0])})
+    target = InputPosTarget(model)
+    assert target.checkpointed_blocks(model) == frozenset(range(SIZES["num_layers"]))
+
+
+def test_accumulation_and_mixed_precision_pass_with_a_token_mean_step():
+    ga = check_grad_accumulation(as_target(make()), train_step=TS.through(TS.token_mean_step), lora=(False,))
+    assert ga.verdict == "PASS", str(ga)
+    mp = check_mixed_precision(as_target(make(lora=True)), train_step=TS.through(TS.bf16_step), full=False)
+    assert mp.verdict == "PASS", str(mp)
+
+
+def test_its_lora_merge_is_not_applicable_and_says_why():
+    result = check_lora_merge(as_target(make(lora=True)))
+    assert result.verdict == "N/A" and "get_merged_lora_ckpt" in result.not_applicable, str(result)
