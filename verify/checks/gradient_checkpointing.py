@@ -243,6 +243,10 @@ def check_gradient_checkpointing(model: Any, tokens: Optional[torch.Tensor] = No
                     template = _blocks_only_template(target)
                     label = "blocks only"
                     parts.append(f"blocks trained, the rest frozen (no LoRA layers) policies={','.join(policies)}")
+                elif label == "LoRA" and not target.lora_layers(template):  # its own adapters, not loralib's shape
+                    n_trainable = sum(p.numel() for p in template.parameters() if p.requires_grad)
+                    parts.append(f"LoRA as the model comes ({n_trainable} trainable parameters on a frozen base) "
+                                 f"policies={','.join(policies)}")
                 elif label == "LoRA":
                     d = describe_layers(target.lora_layers(template))
                     parts.append(f"LoRA r={d['r']} alpha={d['alpha']}{d['rslora']} on {d['targets']} "

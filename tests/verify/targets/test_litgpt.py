@@ -11,9 +11,6 @@ pytest.importorskip("litgpt", reason="litgpt is not installed here: tox -e litgp
 
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper  # noqa: E402
 
-import litgpt  # noqa: E402
-import litgpt.lora  # noqa: E402
-
 from verify.checks.grad_accum import check_grad_accumulation  # noqa: E402
 from verify.checks.gradient_checkpointing import check_gradient_checkpointing  # noqa: E402
 from verify.checks.kv_cache import check_kv_cache  # noqa: E402
@@ -23,20 +20,9 @@ from verify.targets.base import unwrapped  # noqa: E402
 from verify.targets.input_pos import InputPosTarget  # noqa: E402
 from verify.targets.spec import as_target  # noqa: E402
 
-from . import train_steps as TS  # noqa: E402
+from . import frameworks, train_steps as TS  # noqa: E402
 
-LLAMA = dict(name="tiny-llama", block_size=128, vocab_size=256, padded_vocab_size=256, n_layer=2, n_head=4, n_embd=64,
-             n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-             mlp_class_name="LLaMAMLP", intermediate_size=128)
-
-
-def make(lora: bool = False):
-    torch.manual_seed(0)
-    if not lora:
-        return litgpt.GPT(litgpt.Config(**LLAMA))
-    model = litgpt.lora.GPT(litgpt.lora.Config(**LLAMA, lora_r=4, lora_alpha=8, lora_query=True, lora_value=True))
-    litgpt.lora.mark_only_lora_as_trainable(model)
-    return model
+make = frameworks.litgpt_model
 
 
 def _wrapping(impl):

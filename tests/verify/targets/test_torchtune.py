@@ -9,8 +9,6 @@ import torch
 pytest.importorskip("torchtune", reason="torchtune is not installed here: tox -e torchtune runs these")
 
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper  # noqa: E402
-from torchtune.models.llama3._component_builders import llama3, lora_llama3  # noqa: E402
-from torchtune.modules.peft import get_adapter_params, set_trainable_params  # noqa: E402
 from torchtune.training import set_activation_checkpointing  # noqa: E402
 
 from verify.checks.grad_accum import check_grad_accumulation  # noqa: E402
@@ -22,18 +20,12 @@ from verify.targets.base import unwrapped  # noqa: E402
 from verify.targets.input_pos import InputPosTarget  # noqa: E402
 from verify.targets.spec import as_target  # noqa: E402
 
-from . import train_steps as TS  # noqa: E402
+from . import frameworks, train_steps as TS  # noqa: E402
 
-SIZES = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128)
+SIZES = frameworks.TORCHTUNE_SIZES
 
 
-def make(lora: bool = False):
-    torch.manual_seed(0)
-    if not lora:
-        return llama3(intermediate_dim=128, **SIZES)
-    model = lora_llama3(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, intermediate_dim=128, **SIZES)
-    set_trainable_params(model, get_adapter_params(model))
-    return model
+make = frameworks.torchtune_model
 
 
 def test_the_model_is_recognised_and_its_kv_cache_passes():

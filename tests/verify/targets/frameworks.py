@@ -1,0 +1,80 @@
+"""The frameworks' own models as the tests build them (tiny Llama-3 shapes, seeded), and the table
+docs/frameworks.md records: ``python -m tests.verify.targets.frameworks torchtune`` (or ``litgpt``) runs the five
+checks on that framework's model and prints one Markdown row per property. The tox env of each framework runs it
+after its tests (``tox -e torchtune``, ``tox -e litgpt``)."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+TORCHTUNE_SIZES = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128)
+LITGPT_LLAMA = dict(name="tiny-llama", block_size=128, vocab_size=256, padded_vocab_size=256, n_layer=2, n_head=4,
+                    n_embd=64, n_query_groups=2, rotary_percentage=1.0, parallel_residual=False, bias=False,
+                    norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128)
+
+
+def torchtune_model(lora: bool = False) -> torch.nn.Module:
+    """torchtune's llama3 / lora_llama3 builders (LoRA on q_proj and v_proj, only the adapters trainable)."""
+    from torchtune.models.llama3._component_builders import llama3, lora_llama3
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+    torch.manual_seed(0)
+    if not lora:
+        return llama3(intermediate_dim=128, **TORCHTUNE_SIZES)
+    model = lora_llama3(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, intermediate_dim=128, **TORCHTUNE_SIZES)
+    set_trainable_params(model, get_adapter_params(model))
+    return model
+
+
+def litgpt_model(lora: bool = False) -> torch.nn.Module:
+    """litgpt's GPT with a Llama configuration; with LoRA, litgpt.lora's GPT (its fused QKV adapter on the query
+    and value parts), only the adapters trainable."""
+    import litgpt
+    import litgpt.lora
+    torch.manual_seed(0)
+    if not lora:
+        return litgpt.GPT(litgpt.Config(**LITGPT_LLAMA))
+    model = litgpt.lora.GPT(litgpt.lora.Config(**LITGPT_LLAMA, lora_r=4, lora_alpha=8, lora_query=True,
+                                               lora_value=True))
+    litgpt.lora.mark_only_lora_as_trainable(model)
+    return model
+
+
+BUILDERS = {"torchtune": torchtune_model, "litgpt": litgpt_model}
+
+
+def rows(framework: str) -> list[str]:
+    """One Markdown row per property: verdict, worst error, margin, what ran, seconds."""
+    from verify.checks.grad_accum import check_grad_accumulation
+    from verify.checks.gradient_checkpointing import check_gradient_checkpointing
+    from verify.checks.kv_cache import check_kv_cache
+    from verify.checks.lora_merge import check_lora_merge
+    from verify.checks.mixed_precision import check_mixed_precision
+    from verify.targets.spec import as_target
+
+    from . import train_steps as TS
+    make = BUILDERS[framework]
+    runs = [("kv_cache", lambda: check_kv_cache(as_target(make()))),
+            ("grad_accum", lambda: check_grad_accumulation(as_target(make()), train_step=TS.through(TS.token_mean_step),
+                                                           lora=(False,))),
+            ("lora_merge", lambda: check_lora_merge(as_target(make(lora=True)))),
+            ("mixed_precision", lambda: check_mixed_precision(as_target(make(lora=True)),
+                                                              train_step=TS.through(TS.bf16_step), full=False)),
+            ("gradient_checkpointing", lambda: check_gradient_checkpointing(as_target(make(lora=True))))]
+    out = []
+    for name, run in runs:
+        t0 = time.perf_counter()
+        r = run()
+        what = r.not_applicable if r.verdict == "N/A" else r.case
+        margin = "—" if r.margin is None or r.verdict == "N/A" else f"{r.margin:.2f}"
+        max_abs = "—" if r.verdict == "N/A" else f"{r.max_abs:.2e}"
+        out.append(f"| {framework} | `{name}` | {r.verdict} | {max_abs} | {margin} | {what} | "
+                   f"{time.perf_counter() - t0:.1f} |")
+    return out
+
+
+if __name__ == "__main__":
+    import torch as _torch
+    print(f"{sys.argv[1]} on torch {_torch.__version__}")
+    print("\n".join(rows(sys.argv[1])))
