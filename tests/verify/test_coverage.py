@@ -1,6 +1,9 @@
 """A check never examines less than it says: what each check compared (recorded by a probe on every comparison,
 verify.compare.Probe) is what its case states — positions, batch sizes, chunkings, scenarios, policies, parameters,
-eval-merge on/off — so that a check made to compare fewer positions, rows, layers or steps fails here."""
+eval-merge on/off — so that a check made to compare fewer positions, rows, layers or steps fails here.
+
+The same run is each check's half of tests/verify/test_thresholds.py: every claim of the check carries an error of
+a fraction of its allowance (verify.thresholds.CLAIMS' ``passes_at``), and the check must still PASS."""
 from __future__ import annotations
 
 import re
@@ -16,13 +19,24 @@ from verify.checks.lora_merge import check_lora_merge
 from verify.checks.mixed_precision import check_mixed_precision
 from verify.compare import Probe, probing
 from verify.targets.spec import as_target
+from verify.thresholds import CLAIMS
 
 
-def _recorded(run):
-    with probing(Probe(".*")) as (p,):
+# The runs of verify.thresholds.RUNS that these tests make (with its default model), so test_thresholds skips them.
+COVERED = ("kv_cache", "grad_accum", "lora_merge", "gradient_checkpointing", "mixed_precision")
+
+
+def _recorded(run_key, run):
+    """``run()`` with every claim of ``run_key`` probed below its allowance, and every comparison recorded."""
+    claims = [c for c in CLAIMS if c.run == run_key and not c.kwargs]
+    probes = [Probe(c.names, c.passes_at, c.place) for c in claims]
+    with probing(*probes, Probe(".*")) as every:
         result = run()
-    assert result.ok, str(result)
-    return result, p.hits
+    assert result.ok, str(result)  # a fraction of each claim's allowance: still PASS
+    for c, p in zip(claims, probes):
+        assert p.hits and not p.missed, (c.key, p.missed)
+        assert all(h.at is not None and h.error > 0 for h in p.hits), c.key  # an error really was put in
+    return result, [h for p in every for h in p.hits]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +53,7 @@ def test_kv_cache_compares_every_position_of_every_batch_size_chunking_and_gener
         calls.append((tokens.shape[0], start_pos, tokens.shape[1], kv_caching))
         return logits(tokens, start_pos, kv_caching=kv_caching)
     target.logits = spy
-    result, hits = _recorded(lambda: check_kv_cache(target))
+    result, hits = _recorded("kv_cache", lambda: check_kv_cache(target))
     m = re.search(r"B=(\d+) L=(\d+) chunkings=(\d+) batch_sizes=\[([\d, ]+)\]", result.case)
     bsz, length, n_chunkings = int(m[1]), int(m[2]), int(m[3])
     batch_sizes = [int(b) for b in m[4].split(",")]
@@ -57,7 +71,7 @@ def test_kv_cache_compares_every_position_of_every_batch_size_chunking_and_gener
 
 
 def test_grad_accum_judges_every_scenario_step_and_parameter(model):
-    result, hits = _recorded(lambda: check_grad_accumulation(model))
+    result, hits = _recorded("grad_accum", lambda: check_grad_accumulation(model))
     m = re.search(r"splits=(\d+) stream_ga=\d+ steps=(\d+) .* (full\+lora)", result.case)
     scenarios = (int(m[1]) + 1) * int(m[2]) * 2  # splits and the stream, each step, full and LoRA
     counts = Counter(h.name for h in hits)
@@ -71,7 +85,7 @@ def test_grad_accum_judges_every_scenario_step_and_parameter(model):
 
 
 def test_gradient_checkpointing_compares_every_policy_mode_precision_and_gradient(model):
-    result, hits = _recorded(lambda: check_gradient_checkpointing(model))
+    result, hits = _recorded("gradient_checkpointing", lambda: check_gradient_checkpointing(model))
     assert "policies=all,seed,every:2" in result.case and "full fine-tune policy=all (train, eval)" in result.case
     assert "float32 + bfloat16 autocast" in result.case
     runs = 2 * (3 + 2)  # two precisions x (three LoRA policies + the full fine-tune in train and eval mode)
@@ -83,7 +97,7 @@ def test_gradient_checkpointing_compares_every_policy_mode_precision_and_gradien
 
 
 def test_lora_merge_compares_every_layer_merged_twice_restored_and_eval_merged(model):
-    result, hits = _recorded(lambda: check_lora_merge(model))
+    result, hits = _recorded("lora_merge", lambda: check_lora_merge(model))
     m = re.search(r"targets=([\w,]+) .* eval-merge (\d+)/(\d+)", result.case)
     n_layers = len(m[1].split(",")) * model.params.n_layers
     assert int(m[3]) == n_layers and int(m[2]) == n_layers  # llama_ref's layers merge on eval()
@@ -94,7 +108,7 @@ def test_lora_merge_compares_every_layer_merged_twice_restored_and_eval_merged(m
 
 
 def test_mixed_precision_judges_every_claim_in_both_half_dtypes(model):
-    result, hits = _recorded(lambda: check_mixed_precision(model))
+    result, hits = _recorded("mixed_precision", lambda: check_mixed_precision(model))
     assert result.case.startswith("bf16 lora=wq,wv,w2 steps=8") and "(no fp16)" not in result.case
     counts = Counter(h.name for h in hits)
     assert counts["logits"] == counts["loss"] == 2  # full and LoRA

@@ -11,9 +11,13 @@ import pytest
 from verify.compare import Probe, compare, compare_calibrated, probing
 from verify.thresholds import CLAIMS, RUNS, probe, rows
 
+from .test_coverage import COVERED
+
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "verification.md"
-# The runs the pass test makes: each check once, every claim of it probed at once.
-GROUPS = sorted({(c.run, tuple(sorted(c.kwargs.items()))) for c in CLAIMS})
+# The runs the pass test makes: each check once, every claim of it probed at once — those test_coverage.py does not
+# make already (its runs carry the same probes and also record what each check compared).
+ALL_GROUPS = sorted({(c.run, tuple(sorted(c.kwargs.items()))) for c in CLAIMS})
+GROUPS = [(r, k) for r, k in ALL_GROUPS if k or r not in COVERED]
 # Cheaper inputs for the failing runs: the claim is still examined (the probe's hits say so), and stopping at the
 # first failure does not change whether the check fails.
 QUICK = {"grad_accum": {"fail_fast": True, "lora": (False,), "optimizer": "sgd", "steps": 2},
@@ -43,6 +47,11 @@ def test_each_claim_fails_with_twice_its_allowance_at_its_place(claim):
     result, p = probe(claim, 2.0, **QUICK.get(claim.run, {}))
     assert p.hits and not p.missed, p.missed
     assert not result.ok and result.details, str(result)
+
+
+def test_every_run_is_probed_below_its_allowance_here_or_in_test_coverage():
+    assert {r for r, k in ALL_GROUPS if not k} - set(COVERED) == {r for r, k in GROUPS if not k}
+    assert set(COVERED) <= set(RUNS)
 
 
 def test_the_probe_puts_exactly_the_multiple_of_the_allowance():
