@@ -19,8 +19,9 @@ def diagnose(got: torch.Tensor, truth: torch.Tensor, window: Sequence[Mapping[st
     multiple says nothing of the loss's scale: it is only reported."""
     c = scale_factor(got, truth)
     if c is None:
-        return ("; they are not a multiple of the large batch's: the window's loss is not its token mean (a mean of "
-                "per-micro-batch means weights the tokens of short micro-batches more)")
+        return ("; they are not a multiple of the large batch's: the window's loss is not its token mean — each "
+                "micro-batch weighted otherwise than by its share of the window's targets (a mean of per-micro-batch "
+                "means; a per-micro-batch count taken on other labels than the loss's, e.g. before the shift)")
     if abs(c - 1) <= 1e-2:
         return ""
     said = f"; they are {c:.4g}x the large batch's: the window's loss is scaled"

@@ -42,6 +42,8 @@ def litgpt_model(lora: bool = False) -> torch.nn.Module:
 
 
 BUILDERS = {"torchtune": torchtune_model, "litgpt": litgpt_model}
+# Each framework's own accumulation loop as a training step (tests/verify/targets/train_steps.py, written anew).
+OWN_LOOPS = {"torchtune": None, "litgpt": None}  # filled below: train_steps imports nothing of the frameworks
 
 
 def rows(framework: str) -> list[str]:
@@ -54,10 +56,14 @@ def rows(framework: str) -> list[str]:
     from verify.targets.spec import as_target
 
     from . import train_steps as TS
+    OWN_LOOPS.update(torchtune=TS.torchtune_recipe_step, litgpt=TS.litgpt_fit_step)
     make = BUILDERS[framework]
     runs = [("kv_cache", lambda: check_kv_cache(as_target(make()))),
             ("grad_accum", lambda: check_grad_accumulation(as_target(make()), train_step=TS.through(TS.token_mean_step),
                                                            lora=(False,))),
+            (f"grad_accum, {framework}'s own loop", lambda: check_grad_accumulation(  # litgpt's loop clips nothing
+                as_target(make()), train_step=OWN_LOOPS[framework], lora=(False,),
+                clip=None if framework == "litgpt" else "auto")),
             ("lora_merge", lambda: check_lora_merge(as_target(make(lora=True)))),
             ("mixed_precision", lambda: check_mixed_precision(as_target(make(lora=True)),
                                                               train_step=TS.through(TS.bf16_step), full=False)),
@@ -69,7 +75,11 @@ def rows(framework: str) -> list[str]:
         what = r.not_applicable if r.verdict == "N/A" else r.case
         margin = "—" if r.margin is None or r.verdict == "N/A" else f"{r.margin:.2f}"
         max_abs = "—" if r.verdict == "N/A" else f"{r.max_abs:.2e}"
-        out.append(f"| {framework} | `{name}` | {r.verdict} | {max_abs} | {margin} | {what} | "
+        if r.verdict == "FAIL":  # the gradients' line, and its hint
+            line = next((d for d in r.details if " grads: " in d), r.details[0])
+            what += " — " + line.split(":", 1)[0] + ": they" + line.split("; they", 1)[1] if "; they" in line else line
+        label = f"`{name}`" if "," not in name else f"`{name.split(',')[0]}`,{name.split(',', 1)[1]}"
+        out.append(f"| {framework} | {label} | {r.verdict} | {max_abs} | {margin} | {what} | "
                    f"{time.perf_counter() - t0:.1f} |")
     return out
 

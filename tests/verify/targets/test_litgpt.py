@@ -58,3 +58,10 @@ def test_accumulation_and_mixed_precision_pass_with_a_token_mean_step():
 def test_its_lora_merge_is_not_applicable_and_says_why():
     result = check_lora_merge(as_target(make(lora=True)))
     assert result.verdict == "N/A" and "have no unmerge" in result.not_applicable, str(result)
+
+
+def test_its_fit_loop_averages_micro_batch_means_and_fails_accumulation():
+    # finetune/lora.py fit: each micro-batch's mean loss / K: a mean of means (its loop clips nothing: clip=None).
+    result = check_grad_accumulation(as_target(make()), train_step=TS.litgpt_fit_step, lora=(False,), clip=None)
+    assert not result.ok
+    assert any("a mean of per-micro-batch means" in d for d in result.details if " grads: " in d), result.details[:3]

@@ -71,3 +71,12 @@ def test_accumulation_and_mixed_precision_pass_with_a_token_mean_step():
 def test_its_lora_merge_is_not_applicable_and_says_why():
     result = check_lora_merge(as_target(make(lora=True)))
     assert result.verdict == "N/A" and "get_merged_lora_ckpt" in result.not_applicable, str(result)
+
+
+def test_its_recipe_loop_counts_targets_before_the_shift_and_fails_accumulation():
+    # lora_finetune_single_device: each micro-batch's mean times its target count taken on the unshifted labels. A
+    # sequence whose first label is not ignored adds a target the loss never predicts: micro-batches are weighted
+    # otherwise than by their targets (exact only where every first label is ignored).
+    result = check_grad_accumulation(as_target(make()), train_step=TS.torchtune_recipe_step, lora=(False,))
+    assert not result.ok
+    assert any("not a multiple of the large batch's" in d for d in result.details if " grads: " in d), result.details[:3]

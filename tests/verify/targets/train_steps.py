@@ -136,3 +136,43 @@ def through(step, forward=lambda model, tokens: model(tokens)):
     """``step`` for a model called otherwise (torchtune's and litgpt's: ``model(tokens)``; one returning a tuple:
     ``lambda model, tokens: model(tokens)[0]``)."""
     return lambda model, optimizer, window, max_norm: step(_Calling(model, forward), optimizer, window, max_norm)
+
+
+def torchtune_recipe_step(model, optimizer, window, max_norm):
+    """The accumulation of torchtune 0.6.1's single-device LoRA recipe (``lora_finetune_single_device.py``), written
+    anew in its calling convention (``model(tokens)``): each micro-batch's mean loss over its shifted targets is
+    multiplied by the micro-batch's target count — taken on the labels *before* the shift — and backpropagated; at
+    the window's end the gradients are scaled by 1 / the sum of those counts, clipped, stepped. The logged loss is
+    the same sum over the same count."""
+    counts, total = 0, 0.0
+    for batch in window:
+        labels = batch["labels"]
+        count = int((labels != IGNORE_INDEX).sum())  # counted before the shift, as the recipe does
+        logits = model(batch["input_ids"])
+        mean = F.cross_entropy(*_shifted(logits, labels), ignore_index=IGNORE_INDEX)
+        (mean * count).backward()
+        counts += count
+        total += float(mean.detach()) * count
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(1 / counts)
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / counts
+
+
+def litgpt_fit_step(model, optimizer, window, max_norm):
+    """The accumulation of litgpt 0.5.13's ``finetune/lora.py`` ``fit``, written anew in its calling convention:
+    each micro-batch's mean loss over its targets divided by the number of micro-batches and backpropagated — a
+    mean of micro-batch means —, then the step (the loop clips nothing); the logged loss the mean of those means."""
+    means = []
+    for batch in window:
+        logits = model(batch["input_ids"])
+        mean = F.cross_entropy(*_shifted(logits, batch["labels"]), ignore_index=IGNORE_INDEX)
+        (mean / len(window)).backward()
+        means.append(float(mean.detach()))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(means) / len(means)
