@@ -36,6 +36,15 @@ def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
         module = inner
 
 
+def recompute_probe(block: torch.nn.Module) -> torch.nn.Module:
+    """Where a block's recomputation shows: see :meth:`Target.recompute_probes`."""
+    block = unwrapped(block)
+    if "forward" not in vars(block):  # the class's forward: calls of the module are calls of it
+        return block
+    child = next((c for c in block.children() if any(True for _ in c.parameters())), None)
+    return child if child is not None else block
+
+
 def canonical_name(name: str) -> str:
     """A parameter's name without the wrappers' segments: the same parameter wrapped or not has one name."""
     return ".".join(part for part in name.split(".") if part not in WRAPPER_ATTRS)
@@ -96,9 +105,11 @@ class Target:
         return layer_views(model)
 
     def recompute_probes(self, model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-        """CheckpointingTarget: a block's forwards are counted on the block itself — on the module it wraps, where a
-        switch wrapped it (torch's ``CheckpointWrapper`` is called once; what it wraps, again on recomputation)."""
-        return [unwrapped(b) for b in self.blocks(model)]  # type: ignore[attr-defined]
+        """CheckpointingTarget: a block's forwards are counted on the module that really runs again when it is
+        recomputed: the block itself; the module it wraps, where a switch wrapped it (torch's ``CheckpointWrapper`` is
+        called once, what it wraps again on recomputation); its first child holding parameters, where a switch
+        patched the block's ``forward`` (the recomputation calls that function, not the module)."""
+        return [recompute_probe(b) for b in self.blocks(model)]  # type: ignore[attr-defined]
 
     def step_driver(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, clip: Optional[float],
                     schedule: str, total_steps: int, warmup: int) -> Optional[StepDriver]:

@@ -6,6 +6,7 @@ LoRA loses the adapters' gradients and fails, naming them."""
 from __future__ import annotations
 
 import pytest
+from torch.utils.checkpoint import checkpoint
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl, CheckpointWrapper,
                                                                          checkpoint_wrapper)
 
@@ -60,3 +61,26 @@ def test_torchs_reentrant_checkpoint_wrapper_loses_the_lora_gradients_of_a_froze
     lost = [d for d in result.details if "gradient is None" in d]
     assert lost and all("_checkpoint_wrapped_module" not in d for d in result.details), result.details[:3]
     assert any("lora_A" in d for d in lost), lost[:3]
+
+
+class PatchingTarget(LlamaRefTarget):
+    """Checkpointing by patching each chosen block's forward (``block.forward = checkpoint(original)``), as several
+    forks and transformers 5 do: the recomputation calls the function, not the module."""
+
+    def set_checkpointing(self, model, policy, mode=None):
+        chosen = policy_layers(policy, len(model.layers)) if policy else ()
+        for i, block in enumerate(model.layers):
+            vars(block).pop("forward", None)
+            if i in chosen:
+                original = type(block).forward.__get__(block)
+                block.forward = lambda *a, f=original: checkpoint(f, *a, use_reentrant=False)
+
+    def checkpointed_blocks(self, model):
+        return frozenset(i for i, b in enumerate(model.layers) if "forward" in vars(b))
+
+
+def test_a_switch_that_patches_the_blocks_forward_is_counted_where_it_recomputes(model):
+    # Counted on the block itself, each checkpointed block ran once ("checkpoint silently not applied"); its first
+    # child is called again by the recomputation.
+    result = check_gradient_checkpointing(PatchingTarget(model))
+    assert result.ok, str(result)
