@@ -53,6 +53,22 @@ class _CacheWriteAtZero(KVCache):
         return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
 
 
+@mutant("cache_wraps_after_8_positions", "a ring buffer of 8 slots posing as the full cache: position p written at "
+        "slot p % 8, the first start_pos + seqlen slots read back",
+        "a rolling (sliding-window) buffer where full attention is meant, or a cache sized by the wrong axis: a check "
+        "on fewer than 8 positions passes it (a heads-first cache read as positions-first once checked 2)",
+        component="cache_cls")
+class _CacheWrapsAfter8(KVCache):
+    def update(self, xk, xv, start_pos):
+        bsz, seqlen = xk.shape[:2]
+        self.ensure(xk)
+        with torch.no_grad():
+            for i in range(seqlen):
+                self.cache_k[:bsz, (start_pos + i) % 8] = xk[:, i]
+                self.cache_v[:bsz, (start_pos + i) % 8] = xv[:, i]
+        return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
+
+
 @mutant("rope_not_offset", "RoPE of new tokens taken from position 0, not start_pos",
         "decode loops that slice `freqs_cis[:seqlen]` (rotary position ids not advanced with the cache)")
 def _rope_not_offset() -> list[Patch]:

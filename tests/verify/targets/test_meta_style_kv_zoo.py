@@ -25,6 +25,14 @@ class _WritesAtZero(S.Attention):
         return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
 
 
+class _WrapsAfter8(S.Attention):
+    def update_cache(self, xk, xv, bsz, start_pos, seqlen):
+        for i in range(seqlen):
+            self.cache_k[:bsz, (start_pos + i) % 8] = xk[:, i]
+            self.cache_v[:bsz, (start_pos + i) % 8] = xv[:, i]
+        return self.cache_k[:bsz, :start_pos + seqlen], self.cache_v[:bsz, :start_pos + seqlen]
+
+
 class _KeysCachedBeforeRope(S.Attention):
     def rotated_keys_values(self, xk, xv, table, bsz, start_pos, seqlen):
         if not self.kv_caching:
@@ -68,6 +76,7 @@ META_STYLE = {
     "seed_cache_batch_index": (S.SeedAttention, None),
     "cache_not_sliced_to_bsz": (_NotSlicedToBsz, None),
     "cache_write_ignores_start_pos": (_WritesAtZero, None),
+    "cache_wraps_after_8_positions": (_WrapsAfter8, None),
     "keys_cached_before_rope": (_KeysCachedBeforeRope, None),
     "rope_not_offset": (S.Attention, _RopeNotOffset),
     "mask_top_left": (S.Attention, _MaskTopLeft),
