@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a model preset with random weights (e.g. llama-3.2-1b: the real shape, seeded "
                                     "weights; nothing downloaded) instead of the embedded default")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", help="torch device (default: cpu; a --target model stays where its factory put it "
+                   "unless this is given)")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
                    help="dtype(s) to check in, repeatable (default: float32 and bfloat16)")
     p.add_argument("--attn-impl", action="append", choices=["math", "sdpa"],
@@ -71,7 +72,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.ckpt_dir and not args.tokenizer:
         _parser().error("--ckpt-dir needs --tokenizer")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         _parser().error(f"--device {args.device}: CUDA is not available")
 
     train_step = load_train_step(args.train_step) if args.train_step else None  # a bad SPEC: exit 2 before any work
@@ -115,6 +116,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:rows]
     inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step, mp_train_step=mp_train_step)
     checks = args.check or default_names()
+    args.device = args.device or "cpu"
     env = environment(args.device)
     print(f"llama-verify on the {target}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
@@ -186,7 +188,7 @@ def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., fl
         require(target, args.check)
     del probe, target
     checks = args.check or default_names()
-    env = environment(args.device)
+    env = environment(args.device or "cpu")
     print(f"llama-verify on {args.target}: {description}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print()

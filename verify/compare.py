@@ -267,8 +267,7 @@ def probing(*probes: Probe) -> Iterator[tuple[Probe, ...]]:
     try:
         yield probes
     finally:
-        for p in probes:
-            _PROBES.remove(p)
+        _PROBES[:] = [p for p in _PROBES if all(p is not q for q in probes)]  # by identity: equal probes may differ
 
 
 def _probe_for(name: str) -> Optional[Probe]:

@@ -31,3 +31,19 @@ def test_dtype_is_never_silently_ignored_on_a_ready_target(tmp_path, capsys):
     assert err.startswith("llama-verify: error: --dtype bfloat16: the factory returned a ready target "
                           "(MetaStyleTarget)") and len(err.strip().splitlines()) == 1, err
     assert cli.main(["--target", f"{factory}:make", "--check", "kv_cache"]) == 0  # its own dtype, on the CPU
+
+
+def test_a_ready_target_is_never_moved_and_only_a_device_asked_for_is_checked():
+    import pytest
+
+    from tests.verify.targets import seed_style
+    from verify.properties import Inputs
+    from verify.runner import run_target_checks
+    from verify.targets.meta_style import MetaStyleTarget
+
+    def factory():
+        return MetaStyleTarget(seed_style.make_fixed())
+    for device in (None, "cpu"):  # no --device, or the one it is on: run
+        assert run_target_checks(factory, Inputs(seed=0), checks=["kv_cache"], device=device)[0].ok
+    with pytest.raises(ValueError, match=r"^--device meta: the factory returned a ready target"):
+        run_target_checks(factory, Inputs(seed=0), checks=["kv_cache"], device="meta")

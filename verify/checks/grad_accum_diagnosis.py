@@ -35,16 +35,19 @@ def diagnose(got: torch.Tensor, truth: torch.Tensor, window: Sequence[Mapping[st
     for m in dict.fromkeys((k, ga)):
         if m > 1 and near(1 / m):
             return said + f" by 1/{m}: divided by the number of micro-batches as well as by the window's tokens"
+        if m > 1 and near(m):
+            return said + (f" by {m}: divided by a micro-batch's token count (on average) rather than the window's, "
+                           "or micro-batch means summed rather than averaged")
     if k < ga and near(k / ga):
         return said + f" by {k}/{ga}: this short window of {k} micro-batches divided as if it held {ga}"
     if near(n_tokens):
         return said + f" by {n_tokens}, its token count: the summed loss was not divided by it"
     used = n_tokens / c  # the count the window's loss was divided by
     off = round(used)
-    if abs(used - off) > 0.05 or off == n_tokens or off <= 0:
-        return said
-    diff = off - n_tokens
     rows = sum(int(b["input_ids"].shape[0]) for b in window)
+    diff = off - n_tokens
+    if abs(used - off) > 0.05 or diff == 0 or off <= 0 or abs(diff) > 2 * max(rows, k):
+        return said  # not a count off by a few per sequence or micro-batch
     per = [f"{diff // n:+d} per {what}" for what, n in (("sequence", rows), ("micro-batch", k))
            if n > 0 and diff % n == 0 and diff // n in (-2, -1, 1, 2)]
     return (said + f": divided by {off} tokens where the window has {n_tokens} targets ({diff:+d}"

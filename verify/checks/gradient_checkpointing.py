@@ -48,7 +48,7 @@ from ..findings import Findings
 from ..oracles import policy_layers
 from ..result import CheckResult, describe_exception, name_list
 from ..targets.base import canonical_name, parameter_names, why_not
-from ..targets.lora import describe_layers, draw_nonzero_b, loralib_layers
+from ..targets.lora import describe_layers, draw_nonzero_b, draw_nonzero_zeros, loralib_layers
 from ..targets.protocols import CheckpointingTarget
 from ..targets.spec import as_target
 from ..tolerances import Tolerance, tolerance
@@ -128,10 +128,15 @@ def _lora_template(target: CheckpointingTarget, targets: Sequence[str], dropout:
                    g: torch.Generator) -> Optional[nn.Module]:
     """A copy with LoRA on a frozen base (on ``targets`` where the target applies it: ``A`` drawn from ``g``) and a
     non-zero ``B`` drawn from ``g`` — with ``B = 0``, ``A`` would get a zero gradient and a lost one would not show.
-    None where the target has no LoRA layers."""
+    None where the target has no LoRA layers. Adapters not of loralib's shape (torchtune's, litgpt's): every
+    all-zero trainable tensor drawn instead."""
     lora = target.fresh_lora_model(targets, LORA_RANK, LORA_ALPHA, dropout, g)
     if lora is not None:
-        draw_nonzero_b(target.lora_layers(lora), g)
+        layers = target.lora_layers(lora)
+        if layers:
+            draw_nonzero_b(layers, g)
+        else:
+            draw_nonzero_zeros(lora, g)
     return lora
 
 

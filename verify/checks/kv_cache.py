@@ -145,6 +145,8 @@ def check_kv_cache(model: Any, tokens: Optional[torch.Tensor] = None, *,
     if small:
         return CheckResult.na(NAME, f"target too small to check: {small} (the target holds max_seq_len="
                                     f"{lim.max_seq_len}, max_batch_size={lim.max_batch_size})", case)
+    if target.cache_caveat:
+        found.not_applicable(target.cache_caveat)
     if lim.max_batch_size < 2:
         found.not_applicable("a smaller batch after a larger one on the same instance not examined: the target "
                              "holds max_batch_size=1")

@@ -89,6 +89,7 @@ class Target:
     description = "a model"
     policies: Optional[tuple[str, ...]] = None  # CheckpointingTarget: its switch takes any policy
     gc_modes: tuple[Optional[str], ...] = (None,)  # CheckpointingTarget: one way of checkpointing
+    cache_caveat: Optional[str] = None  # KVCacheTarget: the check can ask its cache everything
     checkpoints_in_eval: Optional[bool] = None  # CheckpointingTarget: not declared (train-mode-only is a note)
     own_train_loop = False  # TrainingTarget: no loop of its own (the GA check needs the user's step)
     mp_step_label = "its own step"  # MixedPrecisionTarget

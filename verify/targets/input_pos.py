@@ -5,10 +5,13 @@ decoder_max_seq_len=…)`` (a fixed batch size, a cache that keeps its own posit
 ``forward`` takes the ``mask`` (B, T, S) and ``input_pos`` (B, T) its caller builds).
 
 Recognised by what such a model is: an ``nn.Module`` whose ``forward`` takes ``input_pos`` and which has one of
-those methods. The cache is set up on a copy sharing the model's weights for the length of :meth:`kv_session` (the
-caller's model is never changed); its cached path is ``forward(tokens, input_pos=positions)``; its uncached path is
-the model without caches (litgpt and torchtune: ``input_pos`` left out, caches disabled; gpt-fast: the cache modules
-taken out for the call), and a write to a cache buffer during it is an error, not a comparison.
+those methods. The caches are set up on copies sharing the model's weights, the caller's own caches taken out of the
+copies (the caller's model is never changed); the cached path is ``forward(tokens, input_pos=positions)``; the
+uncached path never touches the session's cache (:meth:`InputPosTarget._plain`: litgpt, ``input_pos`` left out;
+torchtune, caches disabled and a causal mask given; gpt-fast, which has no path without its cache, one pass from
+position 0 on a copy of its own with an empty cache), and a cache buffer written or replaced during it is an error,
+not a comparison. gpt-fast's and torchtune's caches have a fixed batch size: each batch size gets its own
+(``cache_caveat`` says what that leaves unexamined). gpt-fast's model does not train: properties 2, 4, 5 are N/A.
 
 Gradient checkpointing is switched the way torchtune's ``set_activation_checkpointing`` and Lightning do: each
 selected block wrapped in torch's ``CheckpointWrapper`` (non-reentrant; ``gc_switch(model, blocks)`` for another
@@ -93,10 +96,12 @@ class InputPosTarget(Target):
     # ---- what it is ----------------------------------------------------------------------------------------------
 
     def _config(self, *names: str) -> Optional[int]:
-        for holder in (self.model, getattr(self.model, "config", None), getattr(self.model, "params", None)):
+        """The first positive int among ``names`` in the model's config, params, or the model (gpt-fast keeps -1 in
+        ``max_seq_length`` until its caches are set up)."""
+        for holder in (getattr(self.model, "config", None), getattr(self.model, "params", None), self.model):
             for n in names:
                 v = getattr(holder, n, None)
-                if isinstance(v, int) and not isinstance(v, bool):
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                     return v
         return None
 
@@ -113,6 +118,15 @@ class InputPosTarget(Target):
         weight = next(p for p in self.model.parameters() if p.is_floating_point())
         return Limits(vocab, self._max_batch_size, length, weight.dtype, weight.device)
 
+    @property
+    def cache_caveat(self) -> Optional[str]:
+        """What the KV check cannot ask of this cache (KVCacheTarget.cache_caveat)."""
+        if self.style == "litgpt":
+            return None
+        return (f"{self.style}'s cache has a fixed batch size: each batch size gets a cache of its own, set up empty "
+                "on its own copy" + (", emptied for each new sequence" if self.style == "torchtune" else "")
+                + ", so rows left by a larger batch and the poisoning data are not examined")
+
     def not_applicable(self, prop: str) -> Optional[str]:
         try:
             self.limits
@@ -127,14 +141,38 @@ class InputPosTarget(Target):
                         "claims nothing to check in place; not checked")
             return ("no LoRA layers of loralib's shape (modules with weight, lora_A, lora_B, r, lora_alpha, merged, "
                     "merge(), unmerge()): let the factory return the model with its adapters applied")
+        if prop in _NEEDS_GRADIENTS and self.style == "gpt-fast":
+            return (f"gpt-fast's forward runs only with its caches set up (an inference model, no training path): "
+                    f"{prop} needs a trainable forward")
         if prop in _NEEDS_GRADIENTS and any(p.requires_grad for p in self.model.parameters()):
-            with torch.enable_grad():
-                out = self.train_logits(self.model, torch.zeros((1, 1), dtype=torch.long, device=self.limits.device))
+            try:
+                with torch.enable_grad():
+                    out = self.train_logits(self.fresh_model(),
+                                            torch.zeros((1, 1), dtype=torch.long, device=self.limits.device))
+            except Exception:  # not judged here: the check that runs the forward reports what it raised
+                return None
             if torch.is_inference(out) or not out.requires_grad:
                 return f"the forward lets no gradient through (inference_mode or no_grad), and {prop} needs one"
         return None
 
     # ---- property 1 ----------------------------------------------------------------------------------------------
+
+    def _copy(self) -> nn.Module:
+        """A copy sharing the model's weights, with no cache set up (whatever the caller's model holds)."""
+        return self._without_caches(copy_sharing_weights(self.model))
+
+    def _without_caches(self, model: nn.Module) -> nn.Module:
+        """``model`` (one of this target's copies) with its cache modules taken out, in place, so that a
+        ``setup_caches`` sets up new ones: torchtune's and gpt-fast's skip what is set up already (gpt-fast's also
+        returns early where its recorded sizes suffice)."""
+        for m in list(model.modules()):
+            if isinstance(getattr(m, "kv_cache", None), nn.Module):
+                m.kv_cache = None
+        if self.style == "gpt-fast":
+            for attr in ("max_batch_size", "max_seq_length"):
+                if isinstance(getattr(model, attr, None), int):
+                    setattr(model, attr, -1)
+        return model
 
     def _setup(self, model: nn.Module, batch: int) -> None:
         lim = self.limits
@@ -145,18 +183,23 @@ class InputPosTarget(Target):
         else:
             model.setup_caches(batch, lim.max_seq_len)
 
+    def _cached_copy(self, batch: int) -> nn.Module:
+        model = self._copy().eval()
+        self._setup(model, batch)
+        return model
+
     @contextlib.contextmanager
     def kv_session(self) -> Iterator[None]:
-        live = copy_sharing_weights(self.model).eval()  # the caller's model keeps its mode and its caches
-        self._setup(live, self._max_batch_size)
-        self._live, self._rows, self._next = live, self._max_batch_size, 0
+        # the caller's model keeps its mode and its caches; gpt-fast's uncached reference is a copy of its own
+        self._live, self._rows, self._next = self._cached_copy(self._max_batch_size), self._max_batch_size, 0
+        self._reference = self._copy().eval()
         try:
             yield
         finally:
-            self._live = None
+            self._live = self._reference = None
 
     def logits(self, tokens: torch.Tensor, start_pos: int, *, kv_caching: bool) -> torch.Tensor:
-        live = self._live
+        live = getattr(self, "_live", None)
         if live is None:
             raise RuntimeError("logits asked outside kv_session(): no cache is set up")
         bsz, seqlen = tokens.shape
@@ -164,62 +207,48 @@ class InputPosTarget(Target):
             if not kv_caching:
                 if start_pos != 0:
                     raise ValueError(f"uncached logits start at position 0, not {start_pos}")
-                return self._uncached(live, tokens)
+                return self._uncached(tokens)
             positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-            if self.style != "torchtune":
+            if self.style == "litgpt":
                 return live(tokens, input_pos=positions)
-            # torchtune's cache: a fixed batch, and its own position, which must be where this call starts
-            if start_pos == 0:
-                if bsz != self._rows:  # its caches are set up once per model (torchtune refuses twice): a new copy
-                    self._live = live = copy_sharing_weights(self.model).eval()
-                    self._setup(live, bsz)
-                    self._rows = bsz
-                else:
-                    live.reset_caches()
-            elif start_pos != self._next:
+            # gpt-fast's and torchtune's caches: a fixed batch; torchtune's also keeps its own position
+            if start_pos == 0 and bsz != self._rows:
+                self._live = live = self._cached_copy(bsz)
+                self._rows = bsz
+            elif start_pos == 0 and self.style == "torchtune":
+                live.reset_caches()
+            if self.style == "gpt-fast":
+                return live(tokens, input_pos=positions)
+            if start_pos not in (0, self._next):
                 raise ValueError(f"the cache holds {self._next} positions; a call at {start_pos} cannot follow")
             self._next = start_pos + seqlen
             slots = torch.arange(self.limits.max_seq_len, device=tokens.device)
             mask = (slots[None, None, :] <= positions[None, :, None]).expand(bsz, seqlen, -1)
             return live(tokens, mask=mask, input_pos=positions[None].expand(bsz, seqlen))
 
-    def _uncached(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        buffers = cache_buffers(model)
-        versions = [b._version for b in buffers]
-        bsz, seqlen = tokens.shape
-        with self._caches_off(model):
-            if self.style == "gpt-fast":
-                out = model(tokens, input_pos=torch.arange(seqlen, device=tokens.device))
-            elif self.style == "torchtune":  # caches set up but off: torchtune's attention is then causal only if
-                causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=tokens.device).tril()  # masked (its
-                out = model(tokens, mask=causal.expand(bsz, seqlen, seqlen))  # is_causal needs kv_cache None)
-            else:
-                out = model(tokens)
-        if [b._version for b in buffers] != versions:
-            raise RuntimeError("a KV-cache buffer was written during the forward without caches: the cached and "
-                               "uncached paths cannot be compared")
+    def _uncached(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The session's cache neither read nor written: litgpt, the model without ``input_pos``; torchtune, its
+        caches disabled and a causal mask given (with caches set up, its attention is causal only if masked);
+        gpt-fast, which has no path without its cache, one pass from position 0 on a copy of its own whose cache is
+        set up empty for the call."""
+        before = [(id(b), b._version) for b in cache_buffers(self._live)]
+        out = self._plain(self._reference if self.style == "gpt-fast" else self._live, tokens)
+        if [(id(b), b._version) for b in cache_buffers(self._live)] != before:
+            raise RuntimeError("a KV-cache buffer was written or replaced during the forward without caches: the "
+                               "cached and uncached paths cannot be compared")
         return out
 
     @contextlib.contextmanager
     def _caches_off(self, model: nn.Module) -> Iterator[None]:
-        """torchtune: every ``cache_enabled`` flag off; gpt-fast: every module's cache-module attribute set to None;
-        litgpt: nothing (a forward without ``input_pos`` does not use its cache)."""
-        saved: list[tuple[nn.Module, str, Any]] = []
-        for m in list(model.modules()):
-            if self.style == "torchtune" and isinstance(getattr(m, "cache_enabled", None), bool):
-                saved.append((m, "cache_enabled", m.cache_enabled))
-                m.cache_enabled = False
-            elif self.style == "gpt-fast":
-                for name, child in list(m.named_children()):
-                    if cache_buffers(child) and not any(isinstance(c, nn.Module) and c is not child and
-                                                        cache_buffers(c) for c in child.children()):
-                        saved.append((m, name, child))
-                        setattr(m, name, None)
+        """torchtune: every ``cache_enabled`` flag off for the block."""
+        saved = [m for m in model.modules() if getattr(m, "cache_enabled", None) is True]
+        for m in saved:
+            m.cache_enabled = False
         try:
             yield
         finally:
-            for m, name, value in reversed(saved):
-                setattr(m, name, value)
+            for m in saved:
+                m.cache_enabled = True
 
     def generate(self, prompts: Sequence[Sequence[int]], max_gen_len: int, *, kv_caching: bool
                  ) -> tuple[list[list[int]], list[list[float]]]:
@@ -233,12 +262,15 @@ class InputPosTarget(Target):
                     ) -> LoralibTarget:
         if layer_cls is not None:
             raise ValueError("layer_cls is swapped into llama_ref's model; this model comes with its own LoRA layers")
-        return LoralibTarget(copy.deepcopy(self.model), self.train_logits, description=self.description)
+        no_gradient = "gpt-fast's forward runs through its caches (an inference model)" \
+            if self.style == "gpt-fast" else None
+        return LoralibTarget(self._without_caches(copy.deepcopy(self.model)), self._plain, no_gradient=no_gradient,
+                             description=self.description)
 
     # ---- properties 2, 4, 5 --------------------------------------------------------------------------------------
 
     def fresh_model(self) -> nn.Module:
-        return copy.deepcopy(self.model)
+        return self._without_caches(copy.deepcopy(self.model))
 
     def fresh_lora_model(self, targets: Optional[Sequence[str]], rank: int, alpha: float, dropout: float,
                          generator: torch.Generator) -> Optional[nn.Module]:
@@ -247,12 +279,25 @@ class InputPosTarget(Target):
         frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
         if not frozen or len(frozen) == sum(1 for _ in self.model.parameters()):
             return None
-        return copy_sharing_weights(self.model, frozen)
+        return self._without_caches(copy_sharing_weights(self.model, frozen))
 
     def train_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """The plain forward from position 0, no cache (a fresh copy has none set up)."""
+        """The plain forward from position 0 (a training copy has no cache set up)."""
+        return self._plain(model, tokens)
+
+    def _plain(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from position 0 in one pass, no cache read: litgpt, the model without ``input_pos``; torchtune,
+        with any caches disabled and a causal mask given (with caches set up its attention is causal only if
+        masked); gpt-fast, which has no path without its cache, on ``model`` with an empty cache set up for the
+        call (``model`` is one of this target's copies)."""
+        bsz, seqlen = tokens.shape
         if self.style == "gpt-fast":
-            return model(tokens, input_pos=torch.arange(tokens.shape[1], device=tokens.device))
+            self._setup(self._without_caches(model), bsz)
+            return model(tokens, input_pos=torch.arange(seqlen, device=tokens.device))
+        if self.style == "torchtune" and any(getattr(m, "cache_enabled", None) is True for m in model.modules()):
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=tokens.device).tril()
+            with self._caches_off(model):
+                return model(tokens, mask=causal.expand(bsz, seqlen, seqlen))
         return model(tokens)
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:

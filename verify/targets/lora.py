@@ -107,6 +107,19 @@ def draw_nonzero_b(layers: Iterable[LoRALayerView], generator: torch.Generator) 
             b.copy_((torch.randn(b.shape, generator=generator) / math.sqrt(layer.rank)).to(b))
 
 
+def draw_nonzero_zeros(model: torch.nn.Module, generator: torch.Generator) -> list[str]:
+    """Every trainable tensor of ``model`` that is all zero (an adapter's fresh ``B`` where its layers are not of
+    loralib's shape: torchtune's ``lora_b``, litgpt's ``lora_B``) drawn ``N(0, 1/fan_in)`` from ``generator``, in
+    place, for the same reason as :func:`draw_nonzero_b`; their names."""
+    drawn = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.numel() and not bool(p.any()):
+                p.copy_((torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[-1])).to(p))
+                drawn.append(name)
+    return drawn
+
+
 def describe_layers(layers: Iterable[LoRALayerView]) -> dict[str, str]:
     """The adapters' hyper-parameters for a case label: ``targets`` (the layers' own names, e.g. ``wq,wv``), ``r``,
     ``alpha`` and ``dropout`` (their distinct values, ``/``-joined) and ``rslora`` (`` rslora`` or empty)."""

@@ -61,6 +61,8 @@ class KVCacheTarget(Applicability, Protocol):
         """Vocabulary, cache rows and positions, weights' dtype and device."""
         ...
 
+    cache_caveat: Optional[str]  # what the KV check cannot ask of this cache (a fixed batch size, say); None: nothing
+
     def kv_session(self) -> ContextManager[None]:
         """Eval mode and an empty cache (of the implementation's own class) for the length of the block; on exit the
         model is as it was: mode, cache setting, cache contents."""

@@ -244,3 +244,13 @@ def test_the_hint_names_the_cause_it_measured(name, hint):
                                          lora=(False,), optimizer="sgd", **m.components)
     grads = [d for d in result.details if " grads: " in d]
     assert grads and hint in grads[0], grads[:1] or result.details[:2]
+
+
+def test_gradients_k_times_the_right_ones_are_named_as_such():
+    # transformers#34511's divisor, here over micro-batches: the window's loss over a micro-batch's average count
+    # (train_steps.per_micro_count_step) gives exactly K times the gradients; unclipped, the hint says so.
+    from tests.verify.targets import train_steps
+    result = check_grad_accumulation(_model(0), seed=0, splits=[[1, 2, 3]], stream_ga=None, steps=1, clip=None,
+                                     lora=(False,), optimizer="sgd", train_step=train_steps.per_micro_count_step)
+    grads = [d for d in result.details if " grads: " in d]
+    assert grads and "scaled by 3: divided by a micro-batch's token count" in grads[0], grads[:1] or result.details

@@ -3,7 +3,9 @@ as ``forward(idx, input_pos=…)``, their KV caches modules set up by a method o
 positions, head_dim) — the shapes of gpt-fast's, litgpt's and torchtune's models:
 
 - :class:`FastStyle`: ``setup_caches(max_batch_size, max_seq_length)`` puts a cache module (``k_cache``/``v_cache``
-  buffers, written at the positions ``input_pos`` names) in every attention; without one, the plain causal path;
+  buffers, every row written at the positions ``input_pos`` names: a fixed batch) in every attention and records
+  those sizes (it returns early where they suffice); ``forward(idx, input_pos)`` runs only with caches set up, its
+  mask the causal row of each position over the whole cache — an inference model, with no path without its cache;
 - :class:`LitStyle`: ``set_kv_cache(batch_size, max_seq_length=…)`` / ``clear_kv_cache()``; ``input_pos=None`` is the
   plain path whether or not a cache is set;
 - :class:`TuneStyle`: ``setup_caches(batch_size, dtype, decoder_max_seq_len=…)`` puts a cache of a fixed batch size
@@ -54,6 +56,15 @@ class PositionedCache(nn.Module):
         self.k_cache[:bsz, :, input_pos] = k
         self.v_cache[:bsz, :, input_pos] = v
         return self.k_cache[:bsz], self.v_cache[:bsz]
+
+
+class FullBatchCache(PositionedCache):
+    """Every row written: the batch must be the cache's."""
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
 
 
 class SelfPositionedCache(PositionedCache):
@@ -156,12 +167,22 @@ class Model(nn.Module):
 
 
 class FastStyle(Model):
+    max_batch_size = -1
+    max_seq_length = -1
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
+            return
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         dtype = self.output.weight.dtype
         for layer in self.layers:
             a = layer.attention
-            a.kv_cache = PositionedCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim, dtype).to(
+            a.kv_cache = FullBatchCache(max_batch_size, a.n_kv_heads, max_seq_length, a.head_dim, dtype).to(
                 self.output.weight.device)
+
+    def forward(self, idx, input_pos=None, *, mask=None):
+        assert self.layers[0].attention.kv_cache is not None, "Caches must be initialized first"
+        return super().forward(idx, input_pos, mask=mask)
 
 
 class LitStyle(Model):

@@ -33,7 +33,7 @@ def test_each_style_is_recognised_and_its_cache_and_lora_merge_pass(style):
     assert merge.verdict == "PASS" and "eval-merge 4/4" in merge.case, str(merge)
 
 
-@pytest.mark.parametrize("style", ["gpt-fast", "litgpt"])  # the two ways of calling the plain forward
+@pytest.mark.parametrize("style", ["litgpt", "torchtune"])  # gpt-fast's model does not train (below)
 def test_accumulation_and_mixed_precision_pass_with_the_users_step(style):
     ga = check_grad_accumulation(as_target(S.make(STYLES[style])), train_step=TS.token_mean_step, **QUICK_GA)
     assert ga.verdict == "PASS", str(ga)
@@ -58,7 +58,7 @@ def test_a_reentrant_switch_loses_the_lora_gradients_and_fails():
     assert not result.ok and any("gradient is None" in d for d in result.details), str(result)
 
 
-class _WritesAtZero(S.PositionedCache):
+class _WritesAtZero(S.FullBatchCache):
     def update(self, input_pos, k, v):  # input_pos ignored: every chunk lands at position 0
         return super().update(torch.arange(k.shape[2], device=k.device), k, v)
 
@@ -87,12 +87,31 @@ def test_an_uncached_path_that_writes_the_cache_is_refused_not_compared():
     with target.kv_session():
         target._live.forward = lambda idx, input_pos=None, **kw: S.LitStyle.forward(
             target._live, idx, torch.arange(idx.shape[1]) if input_pos is None else input_pos, **kw)
-        with pytest.raises(RuntimeError, match="a KV-cache buffer was written during the forward without caches"):
+        with pytest.raises(RuntimeError, match="a KV-cache buffer was written or replaced during the forward without caches"):
             target.logits(torch.zeros((1, 4), dtype=torch.long), 0, kv_caching=False)
 
 
+def test_gpt_fast_style_trains_nothing_and_says_so():
+    # its forward runs only with caches set up: the gradient properties are not applicable, with why
+    for check in (check_gradient_checkpointing, check_grad_accumulation, check_mixed_precision):
+        result = check(as_target(S.make(S.FastStyle, lora=True)))
+        assert result.verdict == "N/A" and "an inference model" in result.not_applicable, str(result)
+
+
+def test_fixed_batch_caches_say_what_is_not_examined_and_the_callers_own_caches_do_not_matter():
+    model = S.make(S.TuneStyle)
+    model.setup_caches(1, torch.float32, decoder_max_seq_len=128)  # the caller's own, of another batch and length
+    result = check_kv_cache(model)
+    assert result.verdict == "PASS", str(result)
+    assert any("torchtune's cache has a fixed batch size" in d for d in result.details), result.details
+    assert model.layers[0].attention.kv_cache.k_cache.shape[0] == 1  # the caller's caches, untouched
+    fast = S.make(S.FastStyle)
+    fast.setup_caches(2, 128)
+    assert check_kv_cache(fast).verdict == "PASS"
+
+
 def test_the_callers_model_is_left_without_caches_and_in_its_mode():
-    model = S.make(S.FastStyle).train()
+    model = S.make(S.LitStyle).train()
     assert check_kv_cache(model).ok
     assert model.training and all(layer.attention.kv_cache is None for layer in model.layers)
 
