@@ -83,3 +83,11 @@ def test_the_documented_allowances_are_the_tolerance_tables():
     documented = [line for line in DOCS.read_text().splitlines() if re.match(r"\| `\w+\.\w+` \|", line)]
     assert [" | ".join(d.split(" | ")[:4]) + " |" for d in documented] == rows(), \
         "docs/verification.md's threshold table is stale: re-run python -m verify.thresholds"
+
+
+def test_the_documented_command_measures_a_claim(capsys):
+    from verify.thresholds import main
+    assert main(["--claim", "lora_merge.fresh"]) == 0
+    rows_out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `lora_merge.fresh`")]
+    assert len(rows_out) == 1 and rows_out[0].startswith(rows()[[c.key for c in CLAIMS].index("lora_merge.fresh")])
+    assert float(rows_out[0].split(" | ")[4]) == pytest.approx(1.0, abs=0.02)  # fails at its allowance, no sooner
