@@ -31,7 +31,7 @@ from torch import nn
 from ..oracles import policy_layers
 from .base import Target, copy_sharing_weights, unwrapped
 from .decode import greedy_generate
-from .lora import LoralibTarget, loralib_layers
+from .lora import LoralibTarget, StateDictMergeTarget, loralib_layers, state_dict_lora_layers
 from .protocols import Limits
 
 GCSwitch = Callable[[nn.Module, frozenset[int]], None]
@@ -132,13 +132,13 @@ class InputPosTarget(Target):
             self.limits
         except TypeError as e:
             return str(e)
-        if prop == "lora_merge" and not loralib_layers(self.model):
+        if prop == "lora_merge" and not loralib_layers(self.model) and not self._state_dict_merge():
             other = next((m for m in self.model.modules() if any(hasattr(m, a) for a in ("lora_a", "lora_A"))), None)
             if other is not None:  # torchtune's (lora_a/lora_b, merged into a state dict), litgpt's (merge() only)
                 lacks = [a for a in ("merge", "unmerge", "merged") if not hasattr(other, a)]
-                return (f"its LoRA layers ({type(other).__qualname__}) have no {', '.join(lacks)}: a framework that "
-                        "merges a state dict (torchtune's get_merged_lora_ckpt) or cannot unmerge gives the merge "
-                        "claims nothing to check in place; not checked")
+                return (f"its LoRA layers ({type(other).__qualname__}) have no {', '.join(lacks)}: the merge check "
+                        "takes the library's merge and unmerge, or its state-dict merge (torchtune's, where torchtune "
+                        "is installed); not checked")
             return ("no LoRA layers of loralib's shape (modules with weight, lora_A, lora_B, r, lora_alpha, merged, "
                     "merge(), unmerge()): let the factory return the model with its adapters applied")
         if prop in _NEEDS_GRADIENTS and self.style == "gpt-fast":
@@ -264,8 +264,24 @@ class InputPosTarget(Target):
             raise ValueError("layer_cls is swapped into llama_ref's model; this model comes with its own LoRA layers")
         no_gradient = "gpt-fast's forward runs through its caches (an inference model)" \
             if self.style == "gpt-fast" else None
+        merge_fn = self._state_dict_merge() if not loralib_layers(self.model) else None
+        if merge_fn is not None:
+            return StateDictMergeTarget(self._without_caches(copy.deepcopy(self.model)), self._plain, merge_fn,
+                                        description=self.description, no_gradient=no_gradient,
+                                        unmerge_missing="torchtune merges a LoRA checkpoint (get_merged_lora_ckpt): "
+                                                        "there is no unmerge")
         return LoralibTarget(self._without_caches(copy.deepcopy(self.model)), self._plain, no_gradient=no_gradient,
                              description=self.description)
+
+    def _state_dict_merge(self) -> Optional[Callable[..., dict]]:
+        """torchtune's ``get_merged_lora_ckpt`` where the model's adapters are torchtune's and it imports; else None."""
+        if not state_dict_lora_layers(self.model):
+            return None
+        try:
+            from torchtune.modules.peft import get_merged_lora_ckpt
+        except ImportError:
+            return None
+        return get_merged_lora_ckpt
 
     # ---- properties 2, 4, 5 --------------------------------------------------------------------------------------
 

@@ -137,6 +137,7 @@ class ModuleLoRATarget:
 
     module: nn.Module
     layers: list
+    unmerge_missing: Optional[str] = None  # the library unmerges
 
     def to_float64(self):
         """This model converted to float64 in place (modes and flags as they are): the exact answer, without a
@@ -206,3 +207,88 @@ class LoralibTarget(ModuleLoRATarget):
         for layer in self.layers:
             layer.unmerge()
 
+
+
+# ---- adapters merged as a state dict (torchtune's) ------------------------------------------------------------------
+
+def state_dict_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name → module of every adapter kept as ``lora_a``/``lora_b`` Linear modules with ``rank``, ``alpha`` and a
+    ``disabled`` switch (torchtune's ``LoRALinear``), in order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "lora_a", None), nn.Linear) and isinstance(getattr(m, "lora_b", None), nn.Linear)
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and isinstance(getattr(m, "disabled", None), bool)
+            and isinstance(getattr(m, "rank", None), int) and isinstance(getattr(m, "alpha", None), (int, float))}
+
+
+class StateDictLoRALayer:
+    """One such adapter, read live (:class:`verify.targets.protocols.LoRALayer`); merged by its target, as a state
+    dict: it has no merge or unmerge of its own, and its mode merges nothing."""
+
+    merges_on_eval = None
+    use_rslora = False
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
+
+    weight = property(lambda self: self.module.weight)
+    lora_A = property(lambda self: self.module.lora_a.weight)  # (r, in)
+    lora_B = property(lambda self: self.module.lora_b.weight)  # (out, r)
+    rank = property(lambda self: int(self.module.rank))
+    alpha = property(lambda self: float(self.module.alpha))
+    dropout = property(lambda self: float(getattr(getattr(self.module, "dropout", None), "p", 0.0)))
+    merged = property(lambda self: self.module.disabled)  # the merged weight in place, the adapter path off
+
+    def set_merges_on_eval(self, on: bool) -> None:
+        pass
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{self.name}: merged as a state dict, by its target")
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(f"{self.name}: a state-dict merge has no unmerge")
+
+
+class StateDictMergeTarget(ModuleLoRATarget):
+    """A model whose adapters the library merges as a state dict (:class:`verify.targets.protocols.LoRATarget`):
+    ``merge_fn(state_dict, rank=, alpha=)`` returns the merged state dict (torchtune's ``get_merged_lora_ckpt``),
+    whose adapted weights are put in place with every adapter switched off — the model that checkpoint loads into.
+    Merged once, the state dict the function sees next is the merged one (no adapter keys), as a second merge of a
+    merged checkpoint would be. There is no unmerge (``unmerge_missing`` says so)."""
+
+    unloaded_logits = None
+
+    def __init__(self, module: nn.Module, forward: Forward, merge_fn: Callable[..., dict], *, description: str,
+                 unmerge_missing: str, no_gradient: Optional[str] = None):
+        self.module, self._forward, self._merge_fn = module, forward, merge_fn
+        self.description, self.unmerge_missing, self.no_gradient = description, unmerge_missing, no_gradient
+        self.layers = [StateDictLoRALayer(n, m) for n, m in state_dict_lora_layers(module).items()]
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.module, tokens)
+
+    def base_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        bare = copy.deepcopy(self.module).eval()
+        for m in state_dict_lora_layers(bare).values():
+            m.disabled = True
+        with torch.no_grad():
+            return self._forward(bare, tokens)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        ranks, alphas = {layer.rank for layer in self.layers}, {layer.alpha for layer in self.layers}
+        if len(ranks) != 1 or len(alphas) != 1:
+            raise ValueError(f"adapters of several ranks {sorted(ranks)} or alphas {sorted(alphas)}: one state-dict "
+                             "merge takes one of each")
+        state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        if any(layer.merged for layer in self.layers):  # the merged checkpoint: no adapter keys left
+            state = {k: v for k, v in state.items() if ".lora_a." not in k and ".lora_b." not in k}
+        merged = self._merge_fn(state, rank=ranks.pop(), alpha=alphas.pop())
+        for layer in self.layers:
+            layer.module.weight.copy_(merged[f"{layer.name}.weight"])
+            layer.module.disabled = True
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(self.unmerge_missing)

@@ -118,6 +118,7 @@ class LoRATarget(Protocol):
     layers: Sequence[LoRALayer]  # every adapted layer
     no_gradient: Optional[str]  # why a backward cannot reach the parameters; None where it can
     unloaded_logits: Optional[Any]  # tokens -> eval logits of the library's merge-and-unload on a copy; None: none
+    unmerge_missing: Optional[str]  # why there is no unmerge (a state-dict merge); None: unmerge() is the library's
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Uncached logits (B, L, V) in the current mode; with autograd where the forward allows it."""

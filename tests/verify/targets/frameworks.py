@@ -75,6 +75,9 @@ def rows(framework: str) -> list[str]:
         what = r.not_applicable if r.verdict == "N/A" else r.case
         margin = "—" if r.margin is None or r.verdict == "N/A" else f"{r.margin:.2f}"
         max_abs = "—" if r.verdict == "N/A" else f"{r.max_abs:.2e}"
+        notes = [d[len("note: "):] for d in r.details if d.startswith("note: ")]
+        if r.verdict == "PASS" and notes:  # what the check could not ask, said beside the verdict
+            what += " (" + "; ".join(notes) + ")"
         if r.verdict == "FAIL":  # the gradients' line, and its hint
             line = next((d for d in r.details if " grads: " in d), r.details[0])
             what += " — " + line.split(":", 1)[0] + ": they" + line.split("; they", 1)[1] if "; they" in line else line

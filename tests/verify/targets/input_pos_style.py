@@ -227,3 +227,45 @@ def make(cls: type[Model] = FastStyle, lora: bool = False, seed: int = 0, **conf
             if not name.endswith("norm.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "tok_embeddings" in name else p.shape[-1] ** -0.5))
     return apply_lora(model, rank=4, alpha=8, dropout=0.0) if lora else model
+
+
+class TuneLoRALinear(nn.Module):
+    """An adapter in torchtune's shape, written anew: the base ``weight``, ``lora_a``/``lora_b`` Linear modules
+    (``B`` zero-initialised), ``rank``, ``alpha``, ``dropout`` and a ``disabled`` switch; no merge of its own."""
+
+    def __init__(self, linear: nn.Linear, rank: int = 4, alpha: float = 8.0):
+        super().__init__()
+        self.rank, self.alpha, self.disabled = rank, alpha, False
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.lora_a = nn.Linear(linear.in_features, rank, bias=False)
+        self.lora_b = nn.Linear(rank, linear.out_features, bias=False)
+        self.dropout = nn.Identity()
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight)
+        if self.disabled:
+            return out
+        return out + (self.alpha / self.rank) * self.lora_b(self.lora_a(self.dropout(x)))
+
+
+def merged_lora_state(state_dict: dict, rank: int, alpha: float) -> dict:
+    """A checkpoint merge in the way torchtune's ``get_merged_lora_ckpt`` is documented to work, written anew: every
+    ``….weight`` with ``lora_a``/``lora_b`` beside it becomes ``W + (alpha / rank)·B·A``; the adapter keys go."""
+    merged = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
+        prefix = key[:-len(".lora_a.weight")]
+        a, b = merged.pop(key), merged.pop(f"{prefix}.lora_b.weight")
+        merged[f"{prefix}.weight"] = merged[f"{prefix}.weight"] + (alpha / rank) * b @ a
+    return merged
+
+
+def with_tune_lora(model: Model) -> Model:
+    """``wq`` and ``wv`` of every block adapted in torchtune's shape, only the adapters trainable (in place)."""
+    torch.manual_seed(0)
+    for layer in model.layers:
+        for name in ("wq", "wv"):
+            setattr(layer.attention, name, TuneLoRALinear(getattr(layer.attention, name)))
+    for n, p in model.named_parameters():
+        p.requires_grad = ".lora_" in n
+    return model

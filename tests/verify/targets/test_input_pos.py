@@ -119,3 +119,27 @@ def test_the_callers_model_is_left_without_caches_and_in_its_mode():
 def test_without_lora_layers_the_merge_is_not_applicable_and_says_why():
     result = check_lora_merge(as_target(S.make(S.FastStyle)))
     assert result.verdict == "N/A" and "no LoRA layers of loralib's shape" in result.not_applicable
+
+
+class _StateDictMerged(InputPosTarget):
+    """torchtune's shape of adapter, merged by a state-dict function (torchtune's own where it is installed: the
+    tox env's tests; here one written anew)."""
+
+    merge_fn = staticmethod(S.merged_lora_state)
+
+    def _state_dict_merge(self):
+        return self.merge_fn
+
+
+def _unscaled(state_dict, rank, alpha):  # the merge without alpha / rank
+    return S.merged_lora_state(state_dict, rank, rank)
+
+
+def test_a_state_dict_merge_is_checked_and_its_missing_unmerge_said():
+    result = check_lora_merge(_StateDictMerged(S.with_tune_lora(S.make(S.TuneStyle))))
+    assert result.verdict == "PASS" and "targets=wq,wv r=4 alpha=8" in result.case, str(result)
+    assert any("unmerge claims not checked" in d for d in result.details), result.details
+    wrong = _StateDictMerged(S.with_tune_lora(S.make(S.TuneStyle)))
+    wrong.merge_fn = staticmethod(_unscaled)
+    result = check_lora_merge(wrong)
+    assert not result.ok and any("merged weight vs W + (alpha/r)·B·A" in d for d in result.details), str(result)

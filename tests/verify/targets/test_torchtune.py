@@ -68,9 +68,16 @@ def test_accumulation_and_mixed_precision_pass_with_a_token_mean_step():
     assert mp.verdict == "PASS", str(mp)
 
 
-def test_its_lora_merge_is_not_applicable_and_says_why():
+def test_its_state_dict_merge_passes_and_a_wrong_one_fails(monkeypatch):
+    # torchtune merges a LoRA checkpoint (get_merged_lora_ckpt) and has no unmerge: the merge claims run on its own
+    # function, the unmerge claims are said not checked.
     result = check_lora_merge(as_target(make(lora=True)))
-    assert result.verdict == "N/A" and "get_merged_lora_ckpt" in result.not_applicable, str(result)
+    assert result.verdict == "PASS", str(result)
+    assert any("unmerge claims not checked: torchtune merges a LoRA checkpoint" in d for d in result.details)
+    import torchtune.modules.peft as peft
+    right = peft.get_merged_lora_ckpt
+    monkeypatch.setattr(peft, "get_merged_lora_ckpt", lambda sd, rank, alpha: right(sd, rank=rank, alpha=rank))
+    assert not check_lora_merge(as_target(make(lora=True))).ok  # merged without its alpha / rank
 
 
 def test_its_recipe_loop_counts_targets_before_the_shift_and_fails_accumulation():
