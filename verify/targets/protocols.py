@@ -118,7 +118,9 @@ class LoRATarget(Protocol):
     layers: Sequence[LoRALayer]  # every adapted layer
     no_gradient: Optional[str]  # why a backward cannot reach the parameters; None where it can
     unloaded_logits: Optional[Any]  # tokens -> eval logits of the library's merge-and-unload on a copy; None: none
-    unmerge_missing: Optional[str]  # why there is no unmerge (a state-dict merge); None: unmerge() is the library's
+    # Optional (absent: None): why there is no unmerge (a state-dict merge); None: unmerge() is the library's.
+    unmerge_missing: Optional[str]
+    __optional__ = ("unmerge_missing",)  # members a target may leave out (missing_members skips them)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Uncached logits (B, L, V) in the current mode; with autograd where the forward allows it."""
@@ -305,13 +307,14 @@ def members(protocol: type) -> dict[str, str]:
 
 
 def missing_members(obj: Any, protocols: Sequence[type]) -> list[str]:
-    """``Protocol.member`` for each member of ``protocols`` that ``obj`` lacks, in order; empty when it offers them
-    all. A member whose lookup raises anything but AttributeError counts as offered: the check that uses it reports
+    """``Protocol.member`` for each member of ``protocols`` that ``obj`` lacks (but those a protocol lists in
+    ``__optional__``), in order; empty when it offers them all. A member whose lookup raises anything but AttributeError counts as offered: the check that uses it reports
     what it raised."""
     out = []
     for protocol in protocols:
+        optional = {n for cls in protocol.__mro__ for n in getattr(cls, "__optional__", ())}
         for name, owner in members(protocol).items():
-            if not _offers(obj, name) and f"{owner}.{name}" not in out:
+            if name not in optional and not _offers(obj, name) and f"{owner}.{name}" not in out:
                 out.append(f"{owner}.{name}")
     return out
 
