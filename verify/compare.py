@@ -212,12 +212,16 @@ class Probe:
             return None
         return tuple(i % n for i, n in zip(self.place, e.shape))
 
+    def _where(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> Optional[tuple[int, ...]]:
+        """Where to put the error (None: nowhere — only recorded, or no such element, said in ``missed``)."""
+        if self.multiple is None:
+            self.hits.append(ProbeHit(name, tuple(actual.shape)))
+            return None
+        return self._index(name, expected)
+
     def inject_elementwise(self, name: str, a: torch.Tensor, e: torch.Tensor, allowed: torch.Tensor,
                            magnitude: torch.Tensor) -> torch.Tensor:
-        if self.multiple is None:
-            self.hits.append(ProbeHit(name, tuple(a.shape)))
-            return a
-        at = self._index(name, e)
+        at = self._where(name, a, e)
         if at is None:
             return a
         a = a.clone()
@@ -226,10 +230,7 @@ class Probe:
         return a
 
     def inject_calibrated(self, name: str, t: torch.Tensor, ref: torch.Tensor, allowed: float) -> torch.Tensor:
-        if self.multiple is None:
-            self.hits.append(ProbeHit(name, tuple(t.shape)))
-            return t
-        at = self._index(name, ref)
+        at = self._where(name, t, ref)
         if at is None:
             return t
         target = self.multiple * allowed  # the error norm wanted

@@ -41,8 +41,13 @@ def recompute_probe(block: torch.nn.Module) -> torch.nn.Module:
     block = unwrapped(block)
     if "forward" not in vars(block):  # the class's forward: calls of the module are calls of it
         return block
-    child = next((c for c in block.children() if any(True for _ in c.parameters())), None)
-    return child if child is not None else block
+    child = parametrised_child(block)
+    return block if child is None else child
+
+
+def parametrised_child(block: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The first child of ``block`` holding parameters (None: none): a recomputation of the block calls it again."""
+    return next((c for c in block.children() if any(True for _ in c.parameters())), None)
 
 
 def canonical_name(name: str) -> str:

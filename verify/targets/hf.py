@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import Target, copy_sharing_weights
+from .base import Target, copy_sharing_weights, parametrised_child
 from .protocols import Limits
 from .peft import PeftLoRALayerView, PeftLoRATarget, is_peft_model, apply_peft_lora, peft_layers
 
@@ -214,7 +214,7 @@ class HFTarget(Target):
         whether or not it is recomputed; its children are called again by the recomputation."""
         probes = []
         for i, block in enumerate(self.blocks(model)):
-            child = next((c for c in block.children() if any(True for _ in c.parameters())), None)
+            child = parametrised_child(block)
             if child is None:
                 raise TypeError(f"decoder layer {i} has no child module with parameters to count its forwards on")
             probes.append(child)

@@ -192,7 +192,7 @@ class InputPosTarget(Target):
     def kv_session(self) -> Iterator[None]:
         # the caller's model keeps its mode and its caches; gpt-fast's uncached reference is a copy of its own
         self._live, self._rows, self._next = self._cached_copy(self._max_batch_size), self._max_batch_size, 0
-        self._reference = self._copy().eval()
+        self._reference = self._copy().eval() if self.style == "gpt-fast" else None
         try:
             yield
         finally:

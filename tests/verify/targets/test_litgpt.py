@@ -5,7 +5,6 @@ the input_pos adapter. litgpt is not in the test extra (it pins huggingface-hub 
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("litgpt", reason="litgpt is not installed here: tox -e litgpt runs these")
 

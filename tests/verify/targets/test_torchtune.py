@@ -4,7 +4,6 @@ pins conflict): `tox -e torchtune` installs it and runs these; elsewhere they sk
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("torchtune", reason="torchtune is not installed here: tox -e torchtune runs these")
 
