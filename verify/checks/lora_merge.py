@@ -8,7 +8,10 @@ block, non-square ``wk``/``wv`` under GQA and the FFN included:
 * only LoRA parameters are trainable, and (where the forward lets a gradient through) in train mode every one of
   them receives a gradient (non-zero, finite) and nothing else does;
 * the merged weight equals ``W + (alpha/r)·B·A`` computed here independently in float64 from the layer's
-  ``lora_alpha`` and ``r`` (on the weights, not only on outputs);
+  ``lora_alpha`` and ``r`` (on the weights, not only on outputs); for a fused adapter whose update is not one
+  ``B·A`` (litgpt's query/key/value LoRA), ``W`` plus the update its unmerged forward adds, measured in float64 on
+  the identity (:meth:`~verify.targets.protocols.LoRALayer.effective_update`): the merge is checked, its alpha/r
+  is not, and a note says so;
 * merged logits equal unmerged logits in eval mode (dropout inactive), calibrated: merged may be at most
   ``CALIBRATION_FACTORS["lora_merge"]`` times further from a float64 unmerged reference than the larger of
   unmerged's error and that of a right merge formed here (``W + (alpha/r)·B·A`` stored in the dtype, run with the
@@ -58,20 +61,44 @@ def weight_tolerance(dtype: torch.dtype, rank: int) -> Tolerance:
 
 
 @torch.no_grad()
+def _update(layer: LoRALayer, fused: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            absolute: bool = False) -> torch.Tensor:
+    """The update a right merge adds to the layer's ``W``, in float64: ``(alpha/r)·B·A`` formed here from the
+    layer's hyper-parameters; for a fused layer (in ``fused``: its update and magnitude, measured on the unmerged
+    layer by :meth:`~verify.targets.protocols.LoRALayer.effective_update`), that. With ``absolute``, the magnitude
+    the update's rounding error scales with (``(alpha/r)·|B|·|A|``)."""
+    if layer.name in fused:
+        return fused[layer.name][1 if absolute else 0]
+    a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    return scaling(layer) * ((b.abs() @ a.abs()) if absolute else (b @ a))
+
+
+def _fused_updates(layers: Iterable[LoRALayer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Name → (update, magnitude) of each layer whose update is not one ``B·A``, measured while it is unmerged."""
+    out = {}
+    for layer in layers:
+        measure = getattr(layer, "effective_update", None)  # optional: absent, the update is one B·A
+        update = measure() if callable(measure) else None
+        if update is not None:
+            out[layer.name] = (update, measure(absolute=True))
+    return out
+
+
+@torch.no_grad()
 def _right_merge_logits(lora: Any, layers: Iterable[Any], w0: Optional[dict[str, torch.Tensor]],
-                        tokens: torch.Tensor) -> torch.Tensor:
+                        tokens: torch.Tensor, fused: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The logits of a right merge, independent of the implementation's merge and of its forward through the
-    adapter: each adapted weight set to ``W + (alpha/r)·B·A`` formed in float64 (``W`` from ``w0`` where given,
-    else the layer's own) and stored in the layer's dtype, the adapter path off (``B = 0``). With ``w0``, the
-    layers are restored (``W`` from ``w0``, ``B`` as it was) afterwards; without, they are left merged with ``B = 0``:
-    call it last."""
+    adapter: each adapted weight set to ``W + (alpha/r)·B·A`` (a fused layer's measured update) formed in float64
+    (``W`` from ``w0`` where given, else the layer's own) and stored in the layer's dtype, the adapter path off
+    (``B = 0``). With ``w0``, the layers are restored (``W`` from ``w0``, ``B`` as it was) afterwards; without, they
+    are left merged with ``B = 0``: call it last."""
     layers = list(layers)
     saved = []
     for layer in layers:
         w = w0[layer.name] if w0 is not None else layer.weight
         b = layer.lora_B
         saved.append(b.clone() if w0 is not None else None)
-        layer.weight.copy_(w.double() + scaling(layer) * (b.double() @ layer.lora_A.double()))
+        layer.weight.copy_(w.double() + _update(layer, fused))
         b.zero_()
     logits = lora.logits(tokens)
     if w0 is not None:
@@ -157,6 +184,12 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             found.fail("train() left layers merged: " + _names(still))
 
         draw_nonzero_b(layers.values(), g)
+        fused = _fused_updates(layers.values())
+        if fused:
+            case += f" fused {len(fused)}/{len(layers)}"
+            found.note(f"{_names(sorted(fused))}: the update is not one B·A (a fused adapter); their merged weights "
+                       "are compared with the update their unmerged forward adds, measured in float64 — their "
+                       "alpha/r is not checked on the weights")
 
         for problem in _trainable_problems(lora):
             found.fail(problem)
@@ -178,15 +211,16 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             merged = lora.logits(tokens)
 
         def expected(n: str, layer) -> tuple[torch.Tensor, torch.Tensor]:
-            """``W + s·B·A`` in float64 rounded to the weights' dtype, and the magnitude its error scales with."""
-            a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
-            return ((w0[n].double() + scaling(layer) * (b @ a)).to(lim.dtype),
-                    w0[n].double().abs() + scaling(layer) * (b.abs() @ a.abs()))
+            """``W + s·B·A`` (a fused layer's update) in float64 rounded to the weights' dtype, and the magnitude its
+            error scales with."""
+            return ((w0[n].double() + _update(layer, fused)).to(lim.dtype),
+                    w0[n].double().abs() + _update(layer, fused, absolute=True))
 
         def check_merged(label: str) -> None:
             for n, layer in layers.items():
                 want, scale = expected(n, layer)
-                found.compared(f"{n} {label} vs W + (alpha/r)·B·A", compare(layer.weight, want, w_tol, f"{n} merged", scale=scale))
+                what = "W + the unmerged layer's update" if n in fused else "W + (alpha/r)·B·A"
+                found.compared(f"{n} {label} vs {what}", compare(layer.weight, want, w_tol, f"{n} merged", scale=scale))
 
         check_merged("merged weight")
         if lora.unloaded_logits is not None:  # PEFT's merge_and_unload(): the plain model it hands back
@@ -228,11 +262,11 @@ def check_lora_merge(model: Any, tokens: Optional[torch.Tensor] = None, *,
             with torch.no_grad():
                 layer.weight.copy_(w0[n])
         lora.train(False)
-        right = _right_merge_logits(lora, layers.values(), w0, tokens)
+        right = _right_merge_logits(lora, layers.values(), w0, tokens, fused)
         w0.clear()  # the fp32 copies go before the float64 conversion
         with torch.no_grad():
             reference = lora.to_float64().logits(tokens)
-            right_exact = _right_merge_logits(lora, layers.values(), None, tokens)  # last: it leaves B = 0
+            right_exact = _right_merge_logits(lora, layers.values(), None, tokens, fused)  # last: it leaves B = 0
         # Merged may be at most `factor` times further from the exact answer than the larger of: the unmerged
         # path's own error, and the error of a right merge (formed here, run in the dtype) from its float64 self.
         # The second is what merging must cost: the logits of W + ΔW are worse conditioned when ΔW dominates W

@@ -15,8 +15,9 @@ not a comparison. gpt-fast's and torchtune's caches have a fixed batch size: eac
 
 Gradient checkpointing is switched the way torchtune's ``set_activation_checkpointing`` and Lightning do: each
 selected block wrapped in torch's ``CheckpointWrapper`` (non-reentrant; ``gc_switch(model, blocks)`` for another
-way); the blocks are the model's longest ``nn.ModuleList``. LoRA: loralib-shaped layers the model comes with
-(:mod:`verify.targets.lora`). Properties 2 and 5 run the user's training step.
+way); the blocks are the model's longest ``nn.ModuleList``. LoRA: the adapters the model comes with (:mod:`verify.targets.lora`):
+loralib-shaped layers; torchtune's, merged as a checkpoint by its ``get_merged_lora_ckpt``; litgpt's, which merge in
+place (their fused query/key/value adapter included) and cannot unmerge. Properties 2 and 5 run the user's training step.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch import nn
 from ..oracles import policy_layers
 from .base import Target, copy_sharing_weights, unwrapped
 from .decode import greedy_generate
-from .lora import LoralibTarget, StateDictMergeTarget, loralib_layers, state_dict_lora_layers
+from .lora import LoralibTarget, StateDictMergeTarget, loralib_layers, merge_only_layers, state_dict_lora_layers
 from .protocols import Limits
 
 GCSwitch = Callable[[nn.Module, frozenset[int]], None]
@@ -132,7 +133,8 @@ class InputPosTarget(Target):
             self.limits
         except TypeError as e:
             return str(e)
-        if prop == "lora_merge" and not loralib_layers(self.model) and not self._state_dict_merge():
+        if (prop == "lora_merge" and not loralib_layers(self.model) and not self._state_dict_merge()
+                and not merge_only_layers(self.model)):
             other = next((m for m in self.model.modules() if any(hasattr(m, a) for a in ("lora_a", "lora_A"))), None)
             if other is not None:  # torchtune's (lora_a/lora_b, merged into a state dict), litgpt's (merge() only)
                 lacks = [a for a in ("merge", "unmerge", "merged") if not hasattr(other, a)]
@@ -270,8 +272,13 @@ class InputPosTarget(Target):
                                         description=self.description, no_gradient=no_gradient,
                                         unmerge_missing="torchtune merges a LoRA checkpoint (get_merged_lora_ckpt): "
                                                         "there is no unmerge")
-        return LoralibTarget(self._without_caches(copy.deepcopy(self.model)), self._plain, no_gradient=no_gradient,
-                             description=self.description)
+        model = self._without_caches(copy.deepcopy(self.model))
+        if not loralib_layers(model) and merge_only_layers(model):  # litgpt's: merge() and no unmerge
+            kind = ", ".join(dict.fromkeys(type(m).__qualname__ for m in merge_only_layers(model).values()))
+            return LoralibTarget(model, self._plain, no_gradient=no_gradient, description=self.description,
+                                 find_layers=merge_only_layers,
+                                 unmerge_missing=f"its LoRA layers ({kind}) merge in place and have no unmerge")
+        return LoralibTarget(model, self._plain, no_gradient=no_gradient, description=self.description)
 
     def _state_dict_merge(self) -> Optional[Callable[..., dict]]:
         """torchtune's ``get_merged_lora_ckpt`` where the model's adapters are torchtune's and it imports; else None."""

@@ -37,6 +37,28 @@ def loralib_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_loralib_layer(m)}
 
 
+def merge_only_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name → module of every adapted layer of ``model`` that merges but cannot unmerge — litgpt's ``LoRALinear``
+    and its fused query/key/value ``LoRAQKVLinear``: ``lora_A``, ``lora_B`` tensors, an int ``r`` > 0, a numeric
+    ``lora_alpha``, a bool ``merged``, a callable ``merge`` and no ``unmerge``, the base weight as ``weight`` or
+    ``linear.weight`` — in order."""
+    return {name: m for name, m in model.named_modules()
+            if all(isinstance(getattr(m, a, None), torch.Tensor) for a in ("lora_A", "lora_B"))
+            and isinstance(getattr(m, "r", None), int) and not isinstance(m.r, bool) and m.r > 0
+            and isinstance(getattr(m, "lora_alpha", None), (int, float))
+            and isinstance(getattr(m, "merged", None), bool) and callable(getattr(m, "merge", None))
+            and not callable(getattr(m, "unmerge", None)) and isinstance(_base_weight(m), torch.Tensor)}
+
+
+def _base_weight(m: nn.Module) -> Optional[torch.Tensor]:
+    """The layer's base weight (out, in): its own ``weight``, or that of the Linear it wraps (litgpt's ``linear``)."""
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w
+    inner = getattr(m, "linear", None)
+    return inner.weight if isinstance(inner, nn.Linear) else None
+
+
 class LoRALayerView:
     """One adapted layer, read live: its tensors, hyper-parameters and state, and its merge operations."""
 
@@ -45,7 +67,29 @@ class LoRALayerView:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        return _base_weight(self.module)
+
+    @torch.no_grad()
+    def effective_update(self, absolute: bool = False) -> Optional[torch.Tensor]:
+        """None where the update is one ``B·A`` (``lora_A`` (r, in), ``lora_B`` (out, r)). Otherwise — a fused
+        adapter such as litgpt's ``LoRAQKVLinear``, one ``lora_A``/``lora_B`` pair for the enabled parts of q, k
+        and v, grouped and zero-padded into the fused output — the (out, in) update its *unmerged* forward adds to
+        ``x·Wᵀ``, measured in float64 by running a float64 copy of the layer, in eval mode, on the identity basis:
+        ``layer(I) − I·Wᵀ − bias``. Nothing of the layer's merge is used, so it is what a merge must add. With
+        ``absolute``, the same with ``|A|`` and ``|B|``: the magnitude the update's rounding error scales with."""
+        w, a, b, r = self.weight, self.lora_A, self.lora_B, self.rank
+        if tuple(a.shape) == (r, w.shape[1]) and tuple(b.shape) == (w.shape[0], r):
+            return None
+        if self.merged:
+            raise ValueError(f"{self.name} is merged: its update is measured on the unmerged layer")
+        m = copy.deepcopy(self.module).double().eval()
+        if absolute:
+            m.lora_A.abs_()
+            m.lora_B.abs_()
+        eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device).unsqueeze(0)
+        inner = getattr(m, "linear", m)
+        out = m(eye)[0] - torch.nn.functional.linear(eye, inner.weight, getattr(inner, "bias", None))[0]
+        return (out.abs() if absolute else out).T.contiguous()
 
     @property
     def lora_A(self) -> torch.Tensor:
@@ -90,7 +134,10 @@ class LoRALayerView:
         self.module.merge()
 
     def unmerge(self) -> None:
-        self.module.unmerge()
+        unmerge = getattr(self.module, "unmerge", None)
+        if not callable(unmerge):
+            raise NotImplementedError(f"{self.name} ({type(self.module).__qualname__}) has no unmerge")
+        unmerge()
 
 
 def layer_views(model: nn.Module) -> list[LoRALayerView]:
@@ -162,16 +209,21 @@ class LoralibTarget(ModuleLoRATarget):
     ``forward(module, tokens)`` gives the uncached logits; ``base`` (optional) the same model without adapters,
     for the fresh-adapter claim — without it, the base is this model with every ``lora_A`` set to zero (the update
     ``B·A·x`` is then zero whatever ``B`` holds). ``no_gradient`` says why a backward cannot reach the parameters
-    (a forward under ``inference_mode``), None where it can.
+    (a forward under ``inference_mode``), None where it can. ``find_layers`` finds the adapted layers (default
+    :func:`loralib_layers`; :func:`merge_only_layers` for litgpt's, with ``unmerge_missing`` saying why there is no
+    unmerge).
     """
 
     unloaded_logits = None  # loralib has no merge-and-unload of its own
 
     def __init__(self, module: nn.Module, forward: Forward, *, description: str,
-                 base: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, no_gradient: Optional[str] = None):
+                 base: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, no_gradient: Optional[str] = None,
+                 find_layers: Callable[[nn.Module], dict[str, nn.Module]] = loralib_layers,
+                 unmerge_missing: Optional[str] = None):
         self.module, self._forward, self.description = module, forward, description
-        self._base, self.no_gradient = base, no_gradient
-        self.layers = layer_views(module)
+        self._base, self.no_gradient, self._find = base, no_gradient, find_layers
+        self.unmerge_missing = unmerge_missing
+        self.layers = [LoRALayerView(n, m) for n, m in find_layers(module).items()]
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Uncached logits in the model's current mode; with autograd where the forward allows it."""
@@ -183,7 +235,7 @@ class LoralibTarget(ModuleLoRATarget):
             with torch.no_grad():
                 return self._base(tokens)
         bare = copy.deepcopy(self.module)
-        bare_layers = loralib_layers(bare)
+        bare_layers = self._find(bare)
         for m in bare_layers.values():
             if getattr(m, "merge_weights", None) is True:
                 m.merge_weights = False  # eval() must not fold anything into W

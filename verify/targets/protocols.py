@@ -108,6 +108,15 @@ class LoRALayer(Protocol):
         """W ← W − scaling·B·A where merged; else nothing."""
         ...
 
+    def effective_update(self, absolute: bool = False) -> Optional[torch.Tensor]:
+        """Optional (absent: None). None where the update is one ``scaling·B·A``; for a fused adapter (one
+        ``lora_A``/``lora_B`` pair for several parts of a fused projection, litgpt's ``LoRAQKVLinear``) the (out, in)
+        float64 update its unmerged forward adds, measured by running the layer — never read from its merge —
+        and, with ``absolute``, the magnitude its rounding error scales with. Called on the unmerged layer."""
+        ...
+
+    __optional__ = ("effective_update",)
+
 
 @runtime_checkable
 class LoRATarget(Protocol):

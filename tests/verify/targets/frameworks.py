@@ -29,14 +29,14 @@ def torchtune_model(lora: bool = False) -> torch.nn.Module:
 
 def litgpt_model(lora: bool = False) -> torch.nn.Module:
     """litgpt's GPT with a Llama configuration; with LoRA, litgpt.lora's GPT (its fused QKV adapter on the query
-    and value parts), only the adapters trainable."""
+    and value parts, its plain one on the attention's output projection), only the adapters trainable."""
     import litgpt
     import litgpt.lora
     torch.manual_seed(0)
     if not lora:
         return litgpt.GPT(litgpt.Config(**LITGPT_LLAMA))
     model = litgpt.lora.GPT(litgpt.lora.Config(**LITGPT_LLAMA, lora_r=4, lora_alpha=8, lora_query=True,
-                                               lora_value=True))
+                                               lora_value=True, lora_projection=True))
     litgpt.lora.mark_only_lora_as_trainable(model)
     return model
 

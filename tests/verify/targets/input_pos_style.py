@@ -98,11 +98,15 @@ class Attention(nn.Module):
         self.kv_cache: Optional[PositionedCache] = None
         self.cache_enabled = True
 
+    def project(self, x):
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x, table, mask, input_pos):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rope(q, table), _rope(k, table)
         if self.kv_cache is not None and self.cache_enabled and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -266,6 +270,73 @@ def with_tune_lora(model: Model) -> Model:
     for layer in model.layers:
         for name in ("wq", "wv"):
             setattr(layer.attention, name, TuneLoRALinear(getattr(layer.attention, name)))
+    for n, p in model.named_parameters():
+        p.requires_grad = ".lora_" in n
+    return model
+
+
+class FusedQKVLoRA(nn.Module):
+    """A fused query/key/value projection with one adapter for its enabled parts, in litgpt's shape, written anew:
+    ``linear`` (the fused base), ``lora_A`` (r·parts, in), ``lora_B`` (rows of the enabled parts, r): part i's update
+    is ``B_i·A_i`` placed at its rows, the others zero. It merges in place (``merge()``, once) and cannot unmerge.
+    ``bug``: ``"no scaling"`` merges without alpha/r; ``"rows"`` merges each part's update into the rows before it."""
+
+    def __init__(self, sizes: tuple[int, int, int], linear: nn.Linear, enabled=(True, False, True), r: int = 4,
+                 lora_alpha: float = 8.0, bug: Optional[str] = None):
+        super().__init__()
+        self.linear, self.r, self.lora_alpha, self.merged, self.bug = linear, r, lora_alpha, False, bug
+        starts = [0, sizes[0], sizes[0] + sizes[1]]
+        self.parts = [(s, n) for s, n, on in zip(starts, sizes, enabled) if on]  # (first row, rows) of each
+        self.lora_A = nn.Parameter(torch.randn(r * len(self.parts), linear.in_features) / linear.in_features ** 0.5)
+        self.lora_B = nn.Parameter(torch.zeros(sum(n for _, n in self.parts), r))
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (…, in) → the update's output (…, out): each enabled part through its own A_i, B_i."""
+        out = x.new_zeros(*x.shape[:-1], self.linear.out_features)
+        row = 0
+        for i, (start, n) in enumerate(self.parts):
+            a, b = self.lora_A[i * self.r:(i + 1) * self.r], self.lora_B[row:row + n]
+            out[..., start:start + n] = F.linear(F.linear(x, a), b)
+            row += n
+        return out * (self.lora_alpha / self.r)
+
+    def forward(self, x):
+        return self.linear(x) if self.merged else self.linear(x) + self._update(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        delta = self._update(torch.eye(self.linear.in_features, dtype=self.lora_A.dtype)).T
+        if self.bug == "no scaling":
+            delta = delta / (self.lora_alpha / self.r)
+        if self.bug == "rows":
+            delta = delta.roll(-self.parts[-1][1], dims=0)
+        self.linear.weight += delta
+        self.merged = True
+
+
+class FusedAttention(Attention):
+    """The attention with ``wq``/``wk``/``wv`` fused into one ``qkv`` projection (litgpt's layout)."""
+
+    def project(self, x):
+        return self.qkv(x).split(self.qkv.sizes, dim=-1)
+
+
+def with_fused_lora(model: Model, bug: Optional[str] = None) -> Model:
+    """Every block's ``wq``/``wk``/``wv`` fused into one projection carrying a :class:`FusedQKVLoRA` on its query and
+    value parts (``B`` zero, as a fresh adapter), only the adapters trainable (in place)."""
+    torch.manual_seed(0)
+    for layer in model.layers:
+        att = layer.attention
+        parts = (att.wq, att.wk, att.wv)
+        fused = nn.Linear(att.wq.in_features, sum(p.out_features for p in parts), bias=False)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        del att.wq, att.wk, att.wv
+        att.__class__ = FusedAttention
+        att.qkv = FusedQKVLoRA(tuple(p.out_features for p in parts), fused, bug=bug)
+        att.qkv.sizes = tuple(p.out_features for p in parts)
     for n, p in model.named_parameters():
         p.requires_grad = ".lora_" in n
     return model

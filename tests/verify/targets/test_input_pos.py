@@ -143,3 +143,16 @@ def test_a_state_dict_merge_is_checked_and_its_missing_unmerge_said():
     wrong.merge_fn = staticmethod(_unscaled)
     result = check_lora_merge(wrong)
     assert not result.ok and any("merged weight vs W + (alpha/r)·B·A" in d for d in result.details), str(result)
+
+
+def test_a_fused_qkv_adapter_that_cannot_unmerge_is_checked_against_its_own_forward():
+    # litgpt's shape: one adapter for the query and value parts of a fused projection, merge() and no unmerge. The
+    # merged weight must add what the unmerged forward adds; a merge without alpha/r, or with the value part's update
+    # at the rows before it, fails on the weights and on the logits.
+    result = check_lora_merge(as_target(S.with_fused_lora(S.make(S.LitStyle))))
+    assert result.verdict == "PASS" and "fused 2/2" in result.case, str(result)
+    assert any("unmerge claims not checked" in d for d in result.details), result.details
+    for bug in ("no scaling", "rows"):
+        result = check_lora_merge(as_target(S.with_fused_lora(S.make(S.LitStyle), bug=bug)))
+        assert not result.ok and "merged logits vs the float64 unmerged reference" in str(result), (bug, str(result))
+        assert any("qkv merged weight vs W + the unmerged layer's update" in d for d in result.details), result.details

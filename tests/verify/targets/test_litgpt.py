@@ -54,9 +54,18 @@ def test_accumulation_and_mixed_precision_pass_with_a_token_mean_step():
     assert mp.verdict == "PASS", str(mp)
 
 
-def test_its_lora_merge_is_not_applicable_and_says_why():
+def test_its_lora_merge_passes_against_its_own_unmerged_forward_and_an_unscaled_merge_fails(monkeypatch):
+    # merge() in place, no unmerge: the unmerge claims are said not checked. The fused QKV adapter's merged weight is
+    # compared with the update its unmerged forward adds; the output projection's with (alpha/r)·B·A.
     result = check_lora_merge(as_target(make(lora=True)))
-    assert result.verdict == "N/A" and "have no unmerge" in result.not_applicable, str(result)
+    assert result.verdict == "PASS" and "targets=qkv,proj" in result.case and "fused 2/4" in result.case, str(result)
+    assert any("unmerge claims not checked" in d for d in result.details), result.details
+    import litgpt.lora
+    original = litgpt.lora.LoRAQKVLinear.get_lora_AB  # what merge() adds: here without alpha/r
+    monkeypatch.setattr(litgpt.lora.LoRAQKVLinear, "get_lora_AB", lambda self: original(self) / self.scaling)
+    result = check_lora_merge(as_target(make(lora=True)))
+    assert not result.ok and any("attn.qkv merged weight vs W + the unmerged layer's update" in d
+                                 for d in result.details), str(result)
 
 
 def test_its_fit_loop_averages_micro_batch_means_and_fails_accumulation():
