@@ -5,6 +5,7 @@ Hkv key/value heads, Dh head_dim, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -16,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
 from .kv_cache import KVCache
-from .loss import chunked_token_loss_sum, token_loss_sum
+from .loss import IGNORE_INDEX, LossKernel, chunked_cross_entropy, token_loss_sum
 
 # Llama 3.1 frequency-scaling constants (Meta's ``apply_scaling``); the factor itself is ModelArgs.rope_scale_factor.
 ROPE_LOW_FREQ_FACTOR = 1.0
@@ -272,20 +273,29 @@ class Transformer(nn.Module):
         return self._freqs_cis[key][start_pos:start_pos + seqlen]
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, labels: Optional[torch.Tensor] = None,
-                loss_chunk: Optional[int] = None) -> torch.Tensor:
+                loss_chunk: Optional[int] = None, loss_kernel: Optional[LossKernel] = None) -> torch.Tensor:
         """Logits (B, T, V); with ``labels`` (B, T), the summed next-token loss instead (fp32 scalar, see
-        ``llama_ref.loss``), from full logits or, with ``loss_chunk``, never more than that many positions' logits
-        at once."""
+        ``llama_ref.loss``): from full logits; with ``loss_chunk``, never more than that many positions' logits at
+        once; with ``loss_kernel`` (e.g. ``llama_ref.loss.linear_cross_entropy``), by that function of the final
+        hidden states (B·T, D), the output weight (V, D) and the shifted labels (B·T,), ``reduction="sum"``."""
         hidden = self.hidden_states(tokens, start_pos)
         if labels is None:
             return upcast(self.output(hidden))
-        if loss_chunk is None:
+        if loss_chunk is not None:
+            if loss_kernel is not None:
+                raise ValueError("loss_chunk and loss_kernel are two ways of computing the loss: give one")
+            loss_kernel = functools.partial(chunked_cross_entropy, chunk_size=loss_chunk)
+        if loss_kernel is None:
             return token_loss_sum(upcast(self.output(hidden)), labels)
-        return chunked_token_loss_sum(self.output, hidden, labels, loss_chunk)
+        if type(self.output) is not nn.Linear:  # an adapted head: its weight alone is not what it computes
+            raise ValueError(f"a loss kernel takes the output projection's weight; this model's output is a "
+                             f"{type(self.output).__qualname__}")
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # position t predicts t+1
+        return loss_kernel(hidden.flatten(0, 1), self.output.weight, targets, reduction="sum")
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """The final normed hidden states (B, T, D) that ``output`` projects to logits: what a loss that projects
-        a few positions at a time (``llama_ref.loss.chunked_token_loss_sum``) starts from."""
+        a few positions at a time (``llama_ref.loss.chunked_cross_entropy``, ``linear_cross_entropy``) starts from."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         bsz, seqlen = tokens.shape

@@ -143,7 +143,7 @@ def write_markdown(path: Path, bench: BenchConfig, records: list[dict[str, Any]]
     parts = [f"# llama-bench ({mode})", "",
              f"Model: {meta['model']}; {bench.steps} micro-batches of {bench.batch_size} x {bench.seq_len} tokens "
              f"per cell; GA cells accumulate {bench.ga}; MP = {bench.mp}; optimizer {bench.optimizer}; "
-             f"loss chunk {bench.loss_chunk or 'off'}; device {meta['device']}; torch {meta['torch']}. "
+             f"loss {_loss_path(bench)}; device {meta['device']}; torch {meta['torch']}. "
              f"Peak memory in MiB ({meta['peak_method']}).", ""]
     parts.append(seed_layout(by_cell, True, f"Performance Benchmark with Gradient Accumulation ({mode})",
                              runtime=not bench.predict))
@@ -210,3 +210,10 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
         ax.legend()
         written.append(save(fig, "memory_breakdown.png"))
     return written
+
+
+def _loss_path(bench: Any) -> str:
+    """How the cells computed the loss: full logits, chunked, or fused (with its chunk size)."""
+    if getattr(bench, "fused_loss", False):
+        return f"fused (chunks of {bench.loss_chunk or 1024})"
+    return f"chunked ({bench.loss_chunk})" if bench.loss_chunk else "from full logits"

@@ -4,6 +4,7 @@ generated from its fields), the model built as it says (``build_model``) and pre
 trainer that steps it (``make_trainer``: optimizer, schedule, precision, clipping, data parallelism)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -12,6 +13,7 @@ import torch
 from ..args import ModelArgs
 from ..generation import SEED_PROMPTS
 from ..lora import apply_lora_to_llama
+from ..loss import DEFAULT_FUSED_CHUNK, linear_cross_entropy
 from ..model import Transformer, checkpoint_policy_layers, init_weights
 from ..tokenizer import Tokenizer, default_tokenizer_path
 from .optim import make_optimizer, make_scheduler
@@ -52,7 +54,10 @@ class TrainConfig:
     gc: bool = option("gradient checkpointing", default=False)
     gc_policy: str = option("which blocks: all, seed (i %% 3 != 0) or every:K", default="all")
     loss_chunk: int = option("compute the loss this many positions at a time, each chunk's logits recomputed in "
-                             "backward instead of kept (0: full logits)", default=0)
+                             "backward instead of kept (0: full logits; with --fused-loss its chunk size, 0: 1024)",
+                             default=0)
+    fused_loss: bool = option("fuse the output projection into the loss (llama_ref.loss.linear_cross_entropy): the "
+                              "logits never exist whole; backward recomputes them a chunk at a time", default=False)
     # optimisation
     batch_size: int = option("sequences per micro-batch", default=1)
     lr: float = option("learning rate", default=1e-3)
@@ -164,7 +169,8 @@ def make_trainer(cfg: TrainConfig, model: Transformer, *, total_steps: Optional[
                  trainer_cls: Optional[type[Trainer]] = None, device_type: Optional[str] = None,
                  foreach: Optional[bool] = None, one_process: bool = False) -> Trainer:
     """The trainer ``cfg`` describes for ``model`` (built by ``build_model``): ``make_optimizer``'s optimizer,
-    ``cfg.mp``, clipping at ``cfg.clip`` (0: none), ``cfg.loss_chunk`` (0: full logits). ``total_steps``: the
+    ``cfg.mp``, clipping at ``cfg.clip`` (0: none), the loss of ``cfg.loss_chunk`` and ``cfg.fused_loss``
+    (:func:`loss_options`). ``total_steps``: the
     run's length, over which ``cfg.schedule`` runs (None: no schedule, the LR stays ``cfg.lr``).
 
     With ``cfg.dist`` (inside a process group): ``model`` wrapped by ``distributed.wrap`` before the optimizer is
@@ -185,5 +191,12 @@ def make_trainer(cfg: TrainConfig, model: Transformer, *, total_steps: Optional[
     scheduler = (make_scheduler(optimizer, cfg.schedule, total_steps, cfg.warmup_steps)
                  if total_steps is not None else None)
     return (trainer_cls or Trainer)(net, optimizer, scheduler=scheduler, precision=precision,
-                                    clip=cfg.clip or None, device_type=device_type,
-                                    loss_chunk=cfg.loss_chunk or None)
+                                    clip=cfg.clip or None, device_type=device_type, **loss_options(cfg))
+
+
+def loss_options(cfg: TrainConfig) -> dict:
+    """The Trainer's loss keywords for ``cfg``: ``loss_chunk`` (0: full logits), or with ``fused_loss`` a
+    ``loss_kernel``, the fused linear cross-entropy in chunks of ``loss_chunk`` positions (0: its default)."""
+    if not cfg.fused_loss:
+        return {"loss_chunk": cfg.loss_chunk or None}
+    return {"loss_kernel": functools.partial(linear_cross_entropy, chunk_size=cfg.loss_chunk or DEFAULT_FUSED_CHUNK)}

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ..loss import count_target_tokens, token_loss_sum
+from ..loss import LossKernel, count_target_tokens, token_loss_sum
 
 PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = dict[str, torch.Tensor]
@@ -67,7 +67,7 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, precision: str = "off",
                  clip: Optional[float] = None, device_type: Optional[str] = None,
-                 loss_chunk: Optional[int] = None):
+                 loss_chunk: Optional[int] = None, loss_kernel: Optional[LossKernel] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISIONS)}")
         if clip is not None and not clip > 0:
@@ -76,8 +76,11 @@ class Trainer:
         if loss_chunk is not None and not (loss_chunk >= 1 and hasattr(inner, "hidden_states")):
             raise ValueError(f"loss_chunk={loss_chunk!r}: needs a positive number of positions and a model whose "
                              "forward takes labels and loss_chunk (llama_ref.model.Transformer)")
+        if loss_kernel is not None and (loss_chunk is not None or not hasattr(inner, "hidden_states")):
+            raise ValueError("loss_kernel: a model whose forward takes labels and loss_kernel "
+                             "(llama_ref.model.Transformer), and no loss_chunk beside it")
         self.model, self.optimizer, self.scheduler, self.clip = model, optimizer, scheduler, clip
-        self.loss_chunk = loss_chunk
+        self.loss_chunk, self.loss_kernel = loss_chunk, loss_kernel
         self.device_type = device_type or next(model.parameters()).device.type
         self.dtype = PRECISIONS[precision]
         if self.dtype is not None and not autocast_supported(self.device_type, self.dtype):
@@ -99,7 +102,10 @@ class Trainer:
         return loss_sum.detach()
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
-        """The micro-batch's summed token loss (fp32): from full logits, or ``loss_chunk`` positions at a time."""
+        """The micro-batch's summed token loss (fp32): from full logits, ``loss_chunk`` positions at a time, or by
+        ``loss_kernel`` (the output projection fused into the loss)."""
+        if self.loss_kernel is not None:
+            return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_kernel=self.loss_kernel)
         if self.loss_chunk is None:
             return token_loss_sum(self.model(batch["input_ids"], 0), batch["labels"])
         return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_chunk=self.loss_chunk)

@@ -1,8 +1,10 @@
-"""The chunked loss (``--loss-chunk``) is the full-logits loss: the same summed loss and the same gradients for every
-chunk size, padding and prompt masking — and a chunking that drops a tail or forgets the shift is caught."""
+"""The chunked loss (``--loss-chunk``) and the fused one (``--fused-loss``) are the full-logits loss: the same summed
+loss and the same gradients for every chunk size, padding and prompt masking — and a chunking that drops a tail or
+forgets the shift is caught."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 
 from llama_ref.args import ModelArgs
 from llama_ref.train.data import IGNORE_INDEX
-from llama_ref.loss import chunked_token_loss_sum, token_loss_sum
+from llama_ref.loss import chunked_cross_entropy, linear_cross_entropy, token_loss_sum
 from llama_ref.model import Transformer, init_weights
 from llama_ref.train.trainer import Trainer
 
@@ -46,15 +48,23 @@ def _chunked(chunk):
     return lambda model, tokens, labels: model(tokens, 0, labels=labels, loss_chunk=chunk)
 
 
+def _fused(chunk):
+    kernel = functools.partial(linear_cross_entropy, chunk_size=chunk)
+    return lambda model, tokens, labels: model(tokens, 0, labels=labels, loss_kernel=kernel)
+
+
+@pytest.mark.parametrize("path", [_chunked, _fused])
 @pytest.mark.parametrize("chunk", [1, 5, B * T, 64])
-def test_chunked_loss_and_gradients_equal_the_full_logits_ones(chunk):
+def test_chunked_and_fused_loss_and_gradients_equal_the_full_logits_ones(chunk, path):
+    # (Property 8's check, verify.checks.loss_kernel, asks each kernel much more: every reduction, softcap, bias,
+    # accumulation with an external count; this is the model's own path at its shapes.)
     model = _model()
     loss, grads = _loss_and_grads(model, _full)
-    chunked_loss, chunked_grads = _loss_and_grads(model, _chunked(chunk))
+    chunked_loss, chunked_grads = _loss_and_grads(model, path(chunk))
     # Per-token losses and logit gradients are computed row by row either way; only the order of the sums over
     # positions differs (the loss is fp32 by design, the fp64 model's gradients keep fp64 precision).
-    torch.testing.assert_close(chunked_loss, loss)
-    assert chunked_loss.dtype == torch.float32
+    torch.testing.assert_close(chunked_loss.to(loss.dtype), loss)
+    assert chunked_loss.dtype == (torch.float32 if path is _chunked else torch.float64)  # fused: float64 kept
     for name, grad in grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, msg=lambda m: f"{name}: {m}")
 
@@ -65,16 +75,14 @@ def test_labels_without_chunking_return_the_full_logits_loss():
     torch.testing.assert_close(model(tokens, 0, labels=labels), _full(model, tokens, labels), rtol=0, atol=0)
 
 
-def _drops_the_tail(output, hidden, labels, chunk):
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
-    flat = hidden.flatten(0, 1)
-    end = flat.shape[0] - flat.shape[0] % chunk
-    return sum(F.cross_entropy(output(flat[s:s + chunk]).float(), targets[s:s + chunk], ignore_index=IGNORE_INDEX,
-                               reduction="sum") for s in range(0, end, chunk))
+def _drops_the_tail(hidden, weight, labels, *, reduction, chunk_size):
+    end = hidden.shape[0] - hidden.shape[0] % chunk_size
+    return F.cross_entropy(F.linear(hidden[:end], weight).float(), labels[:end], ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
-def _forgets_the_shift(output, hidden, labels, chunk):
-    return F.cross_entropy(output(hidden.flatten(0, 1)).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+def _forgets_the_shift(hidden, weight, labels, *, reduction, chunk_size):  # shifts the shifted labels again
+    return F.cross_entropy(F.linear(hidden[:-1], weight).float(), labels[1:], ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
@@ -84,7 +92,7 @@ def test_the_comparison_catches_a_wrong_chunking(wrong, monkeypatch):
 
     model = _model()
     loss, _ = _loss_and_grads(model, _full)
-    monkeypatch.setattr(M, "chunked_token_loss_sum", wrong)
+    monkeypatch.setattr(M, "chunked_cross_entropy", wrong)
     wrong_loss, _ = _loss_and_grads(model, _chunked(5))
     with pytest.raises(AssertionError):
         torch.testing.assert_close(wrong_loss, loss)
@@ -94,18 +102,21 @@ def test_trainer_step_with_a_chunked_loss_is_the_same_step():
     # fp32 end to end, AdamW + clipping: the step's loss and the updated weights agree to fp32 rounding.
     reference, chunked = _model(torch.float32), _model(torch.float32)
     results, states = [], []
-    for model, loss_chunk in ((reference, None), (chunked, 4)):
+    fused = _model(torch.float32)
+    for model, options in ((reference, {}), (chunked, {"loss_chunk": 4}),
+                           (fused, {"loss_kernel": functools.partial(linear_cross_entropy, chunk_size=4)})):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        trainer = Trainer(model, opt, clip=1.0, loss_chunk=loss_chunk)
+        trainer = Trainer(model, opt, clip=1.0, **options)
         tokens, labels = _batch(1)
         results.append(trainer.step([{"input_ids": tokens, "labels": labels}]))
         states.append(copy.deepcopy(model.state_dict()))
-    assert results[1].loss == pytest.approx(results[0].loss, rel=1e-6)
-    # AdamW's first update and clipping are scale-invariant: the gradient norm catches a gradient off by a factor.
-    assert results[1].grad_norm == pytest.approx(results[0].grad_norm, rel=1e-5)
-    assert results[1].n_tokens == results[0].n_tokens
-    for name, value in states[0].items():
-        torch.testing.assert_close(states[1][name], value, msg=lambda m: f"{name}: {m}")
+    for result, state in zip(results[1:], states[1:]):
+        assert result.loss == pytest.approx(results[0].loss, rel=1e-6)
+        # AdamW's first update and clipping are scale-invariant: the gradient norm catches a gradient off by a factor.
+        assert result.grad_norm == pytest.approx(results[0].grad_norm, rel=1e-5)
+        assert result.n_tokens == results[0].n_tokens
+        for name, value in states[0].items():
+            torch.testing.assert_close(state[name], value, msg=lambda m: f"{name}: {m}")
 
 
 def test_chunked_loss_under_no_grad_needs_no_checkpoint():
@@ -119,8 +130,8 @@ def test_chunked_loss_under_no_grad_needs_no_checkpoint():
 
 @pytest.mark.parametrize("chunk", [0, -2])
 def test_a_chunk_below_one_position_is_refused(chunk):
-    hidden, labels = torch.zeros(1, 4, 8), torch.zeros(1, 4, dtype=torch.int64)
+    hidden, labels = torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64)
     with pytest.raises(ValueError, match="loss chunk must be >= 1"):
-        chunked_token_loss_sum(torch.nn.Linear(8, 3), hidden, labels, chunk)
+        chunked_cross_entropy(hidden, torch.zeros(3, 8), labels, chunk_size=chunk)
     with pytest.raises(ValueError, match="loss_chunk"):
         Trainer(_model(), torch.optim.SGD(_model().parameters(), lr=0.1), loss_chunk=chunk)

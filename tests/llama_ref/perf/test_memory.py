@@ -23,6 +23,7 @@ CONFIGS = {
     "gc": dict(gc=True),
     "lora bf16 gc": dict(lora=True, mp="bf16", gc=True),
     "lora bf16 gc chunked loss": dict(lora=True, mp="bf16", gc=True, loss_chunk=16),
+    "lora bf16 gc fused loss": dict(lora=True, mp="bf16", gc=True, fused_loss=True, loss_chunk=16),
     "ga 4 sgd": dict(ga=4, optimizer="sgd"),  # measured over 4 micro-batches, predicted over 2
     "ga 3 lora bf16 gc": dict(ga=3, lora=True, mp="bf16", gc=True),
 }
