@@ -15,6 +15,7 @@ IGNORE_INDEX = -100  # the label of a position nothing is learned at; torch.nn.f
 # shifted (row i predicts labels[i]), IGNORE_INDEX where nothing is learned (``Transformer.forward(loss_kernel=)``).
 LossKernel = Callable[..., torch.Tensor]
 REDUCTIONS = ("mean", "sum", "none")  # torch.nn.functional.cross_entropy's
+DEFAULT_LOSS_CHUNK = 512  # rows per chunk: 512 × 128,256 fp32 logits are 250 MiB at a time
 
 
 def count_target_tokens(labels: torch.Tensor) -> int:
@@ -40,7 +41,7 @@ def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, reduction: str = "mean",
-                          ignore_index: int = IGNORE_INDEX, chunk_size: int,
+                          ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_LOSS_CHUNK,
                           num_items_in_batch: Optional[int] = None) -> torch.Tensor:
     """``cross_entropy(linear(hidden, weight, bias), labels)`` (fp32) without ever holding the logits of more than
     ``chunk_size`` rows (``--loss-chunk``; arguments as :func:`linear_cross_entropy`'s).
@@ -89,7 +90,6 @@ def _reduce(losses: torch.Tensor, labels: torch.Tensor, reduction: str, ignore_i
 
 # ---- the fused output projection + cross-entropy ------------------------------------------------------------------
 
-DEFAULT_FUSED_CHUNK = 512  # rows per chunk: 512 × 128,256 fp32 logits are 250 MiB at a time
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -144,6 +144,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return t * softcap, t
 
     @staticmethod
+    def logit_grad(hidden, weight, bias, labels, lse, grad_losses, softcap, ignore_index, dtype) -> torch.Tensor:
+        """The gradient of the per-token losses of ``hidden`` rows, weighted by ``grad_losses``, with respect to
+        their (pre-softcap) logits: ``(softmax − onehot)·grad`` from the saved log-sum-exp, 0 on ignored rows."""
+        g, t = LinearCrossEntropyFunction.logits(hidden, weight, bias, softcap, dtype)
+        valid = labels != ignore_index
+        g.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in the logits' storage
+        g.scatter_add_(1, torch.where(valid, labels, 0).unsqueeze(1), -torch.ones_like(g[:, :1]))
+        g.mul_(torch.where(valid, grad_losses.to(g.dtype), 0.0).unsqueeze(1))
+        if t is not None:  # d(c·tanh(u/c))/du = 1 − tanh²
+            g.mul_(t.square_().neg_().add_(1.0))
+        return g
+
+    @staticmethod
     def backward(ctx, grad_losses):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -154,15 +167,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
-                h, y = hidden[rows], labels[rows]
-                g, t = LinearCrossEntropyFunction.logits(h, weight, bias, ctx.softcap, dtype)
-                valid = y != ctx.ignore_index
-                g.sub_(lse[rows].unsqueeze(1)).exp_()  # the softmax, in the logits' storage
-                g.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -torch.ones_like(g[:, :1]))
-                g.mul_(torch.where(valid, grad_losses[rows].to(g.dtype), 0.0).unsqueeze(1))
-                if t is not None:  # d(c·tanh(u/c))/du = 1 − tanh²
-                    g.mul_(t.square_().neg_().add_(1.0))
-                    del t
+                h = hidden[rows]
+                g = LinearCrossEntropyFunction.logit_grad(h, weight, bias, labels[rows], lse[rows], grad_losses[rows],
+                                                          ctx.softcap, ctx.ignore_index, dtype)
                 if need_b:
                     grad_b += g.sum(0)
                 g = g.to(dtype)  # what the projection's backward multiplies in (the input's dtype, or autocast's)
@@ -177,7 +184,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, reduction: str = "mean",
-                         ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_FUSED_CHUNK,
+                         ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_LOSS_CHUNK,
                          softcap: Optional[float] = None, num_items_in_batch: Optional[int] = None) -> torch.Tensor:
     """``cross_entropy(linear(hidden, weight, bias), labels)`` without the (N, V) logits: the output projection fused
     into the loss (:class:`LinearCrossEntropyFunction`), ``chunk_size`` rows at a time, in fp32 (float64 for float64

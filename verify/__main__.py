@@ -15,7 +15,7 @@ from .mutants import mutants_for
 from .properties import Inputs, default_names, get
 from .runner import DTYPES, environment, kill_matrix, require, run_checks, run_target_checks, uncaught
 from .table import format_kill_matrix, format_results, format_table, write_json
-from .targets.spec import as_target, load_factory
+from .targets.spec import as_target, load_factory, load_loss_fn
 from .targets.train_step import load_train_step
 
 
@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="PATH.py:FN or package.module:FN: your mixed-precision training step (its own autocast and, "
                         "for fp16, GradScaler), same signature, for the mixed_precision check (default: llama_ref's "
                         "Trainer; a Meta-style model has none)")
+    p.add_argument("--loss-fn", metavar="SPEC",
+                   help="PATH.py:FN or package.module:FN: your loss kernel, fn(hidden, weight, labels, *, "
+                        "reduction='mean', [bias], [chunk_size], [num_items_in_batch], [softcap]) -> loss, checked by "
+                        "loss_kernel beside the target's own kernels (docs/verify-your-model.md)")
     p.add_argument("--preset", help="a model preset with random weights (e.g. llama-3.2-1b: the real shape, seeded "
                                     "weights; nothing downloaded) instead of the embedded default")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
@@ -77,13 +81,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     train_step = load_train_step(args.train_step) if args.train_step else None  # a bad SPEC: exit 2 before any work
     mp_train_step = load_train_step(args.mp_train_step) if args.mp_train_step else None
+    loss_fn = load_loss_fn(args.loss_fn) if args.loss_fn else None
     if args.ckpt_dir and args.preset:
         _parser().error("--ckpt-dir and --preset are two models: give one")
     if args.target != "llama_ref":
         if args.ckpt_dir or args.preset or args.attn_impl or (args.mutants and args.target != HF_SPEC):
             _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --attn-impl (they are llama_ref's), "
                             "nor --mutants except with --target hf")
-        return _main_target(args, train_step, mp_train_step)
+        return _main_target(args, train_step, mp_train_step, loss_fn)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
         from llama_ref.tokenizer import Tokenizer
@@ -114,7 +119,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     # The seed's prompts, cut to 16 tokens: still ragged, and short enough that uncached decoding stays cheap.
     rows = args.max_batch_size if args.preset else factory().params.max_batch_size  # no 1B model just to read it
     prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:rows]
-    inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step, mp_train_step=mp_train_step)
+    inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step, mp_train_step=mp_train_step,
+                    loss_fn=loss_fn)
     checks = args.check or default_names()
     args.device = args.device or "cpu"
     env = environment(args.device)
@@ -176,7 +182,7 @@ HF_SPEC = "hf"  # --target hf: the embedded default in transformers' LlamaForCau
 
 
 def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]],
-                 mp_train_step: Optional[Callable[..., float]]) -> int:
+                 mp_train_step: Optional[Callable[..., float]], loss_fn: Any = None) -> int:
     factory = load_factory("verify.oracle_hf:default_hf_model" if args.target == HF_SPEC else args.target)
     try:
         probe = factory()
@@ -192,7 +198,8 @@ def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., fl
     print(f"llama-verify on {args.target}: {description}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print()
-    results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step, mp_train_step=mp_train_step),
+    results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step, mp_train_step=mp_train_step,
+                                                loss_fn=loss_fn),
                                 checks=checks, dtypes=args.dtype or [None],
                                 device=args.device, asked=bool(args.check))
     print(format_results(results))

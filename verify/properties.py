@@ -17,7 +17,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -28,15 +28,17 @@ from .checks.gradient_checkpointing import check_gradient_checkpointing
 from .checks.grad_accum import check_grad_accumulation
 from .checks.kv_cache import check_kv_cache
 from .checks.lora_merge import check_lora_merge
+from .checks.loss_kernel import check_loss_kernel
 from .checks.mixed_precision import autocast_dtype, check_mixed_precision
 from .mutants import distributed as distributed_mutants
 from .mutants import grad_accum as grad_accum_mutants
 from .mutants import gradient_checkpointing as gradient_checkpointing_mutants
 from .mutants import kv_cache as kv_cache_mutants
 from .mutants import lora_merge as lora_merge_mutants
+from .mutants import loss_kernel as loss_kernel_mutants
 from .mutants import mixed_precision as mixed_precision_mutants
 from .result import CheckResult
-from .checks import distributed, gradient_checkpointing, grad_accum, kv_cache, lora_merge, mixed_precision
+from .checks import distributed, gradient_checkpointing, grad_accum, kv_cache, lora_merge, loss_kernel, mixed_precision
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Inputs:
     fail_fast: bool = False  # the checks that can stop at their first failing case do (a verdict, not a report)
     train_step: Optional[Callable[..., float]] = None  # the user's training step, for GA (verify.targets.base.TrainStep)
     mp_train_step: Optional[Callable[..., float]] = None  # the user's mixed-precision step (its autocast), for MP
+    loss_fn: Optional[Any] = None  # the user's loss kernel (verify.targets.loss_kernel.LossKernel), for property 8
 
 
 # Above this many parameters a model is "real-size": GA and checkpointing check LoRA on a frozen base only, and MP
@@ -62,7 +65,20 @@ def is_large(model: Any) -> bool:
     return isinstance(module, torch.nn.Module) and sum(p.numel() for p in module.parameters()) > LARGE_MODEL_PARAMS
 
 
-Run = Callable[..., CheckResult]  # run(model_or_target, inputs, **components) -> CheckResult
+# run(model_or_target, inputs, **components) -> a CheckResult, or one per case of a property that checks several
+# implementations of one model (property 8: each of its loss kernels) — see :func:`results_of`
+Run = Callable[..., Union[CheckResult, list[CheckResult]]]
+
+
+def results_of(outcome: Union[CheckResult, list[CheckResult]]) -> list[CheckResult]:
+    """A property run's results as a list."""
+    return outcome if isinstance(outcome, list) else [outcome]
+
+
+def worst_of(outcome: Union[CheckResult, list[CheckResult]]) -> CheckResult:
+    """One result for a property run: its first failure, else its first pass, else its first (N/A)."""
+    results = results_of(outcome)
+    return next((r for r in results if not r.ok), next((r for r in results if not r.not_applicable), results[0]))
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,7 @@ class Property:
     run: Optional[Run] = None  # how a run of the checks calls it (default: check(model, seed=inputs.seed, **parts))
     parts: frozenset[str] = field(default_factory=frozenset)  # keyword arguments naming replaceable components
     opt_in: Optional[str] = None  # not in the default run: the flag that asks for it (property 6: --distributed)
+    per_attn_impl: bool = True  # run once per attention path (False: the path changes nothing it checks)
 
     def __post_init__(self) -> None:
         params = inspect.signature(self.check).parameters
@@ -94,7 +111,7 @@ class Property:
         """Its mutants (empty without a zoo module)."""
         return list(getattr(self.mutants, "ZOO", ())) if self.mutants is not None else []
 
-    def __call__(self, model: Any, inputs: Inputs, **components: Any) -> CheckResult:
+    def __call__(self, model: Any, inputs: Inputs, **components: Any) -> Union[CheckResult, list[CheckResult]]:
         """The check as a run of the checks calls it, with ``components`` (a mutant's parts) in place."""
         unknown = sorted(set(components) - self.parts)
         if unknown:
@@ -121,6 +138,21 @@ def _mixed_precision(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
 
 def _gradient_checkpointing(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
     return check_gradient_checkpointing(model, seed=inputs.seed, full_finetune=not is_large(model), **parts)
+
+
+def _loss_kernel(model: Any, inputs: Inputs, **parts: Any) -> Union[CheckResult, list[CheckResult]]:
+    """Each of the target's loss kernels (and the user's ``--loss-fn``), a result each; a component (a zoo mutant's
+    kernel) alone."""
+    if parts:
+        return check_loss_kernel(model, seed=inputs.seed, **parts)
+    from .targets.spec import as_target
+    target = as_target(model)
+    kernels = getattr(target, "loss_kernels", None)
+    names = list(kernels()) if callable(kernels) else [None]  # without: the check says why it is not applicable
+    if inputs.loss_fn is not None and callable(kernels):
+        return [check_loss_kernel(target, kernel=name, seed=inputs.seed) for name in names] + [
+            check_loss_kernel(target, loss_kernel=inputs.loss_fn, seed=inputs.seed)]
+    return [check_loss_kernel(target, kernel=name, seed=inputs.seed) for name in names or [None]]
 
 
 def _distributed(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
@@ -157,6 +189,12 @@ RECORDS: tuple[Property, ...] = (
              "checkpointed blocks really were recomputed",
              check_gradient_checkpointing, gradient_checkpointing.PROTOCOLS, gradient_checkpointing_mutants,
              "assert_gradient_checkpointing_equivalent", _gradient_checkpointing, frozenset({"block_runner"})),
+    Property("loss_kernel", "chunked / fused loss",
+             "a chunked or fused cross-entropy gives the plain loss and gradients (hidden states, output weight, "
+             "bias) for every reduction, chunking and softcap, under accumulation with the window's count, and in "
+             "the model in place of its loss",
+             check_loss_kernel, loss_kernel.PROTOCOLS, loss_kernel_mutants, "assert_loss_kernel_equivalent",
+             _loss_kernel, frozenset({"loss_kernel"}), per_attn_impl=False),
     Property("distributed", "DDP / FSDP2",
              "on N ranks the gradients each rank steps with, the loss, the pre-clip norm and the parameters after "
              "every step equal one process accumulating the same micro-batches",

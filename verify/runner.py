@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .mutants import Mutant
-from .properties import PROPERTIES, Inputs, default_names, get
+from .properties import PROPERTIES, Inputs, default_names, get, results_of, worst_of
 from .result import CheckResult
 from .targets.base import cast_floating, why_not
 from .targets.protocols import missing_members
@@ -45,11 +45,11 @@ def run_checks(factory: ModelFactory, inputs: Inputs, *, checks: Optional[Sequen
     for name in checks if checks is not None else default_names():
         prop = get(name)
         for dtype in dtypes:
-            for impl in attn_impls:
+            for impl in attn_impls if prop.per_attn_impl else attn_impls[:1]:
                 model = factory(attn_impl=impl).to(device=device, dtype=DTYPES[dtype])
-                result = prop(model, inputs)
-                result.case = f"{impl} {result.case}"
-                results.append(result)
+                for result in results_of(prop(model, inputs)):
+                    result.case = f"{impl} {result.case}"
+                    results.append(result)
     return results
 
 
@@ -78,7 +78,7 @@ def run_target_checks(factory: Callable[[], Any], inputs: Inputs, *, checks: Opt
             why = why_not(target, name, prop.protocols)
             if why and asked:
                 require(target, [name])  # a member missing: a usage error naming it (else the target's own why)
-            results.append(CheckResult.na(name, why, str(target)) if why else prop(target, inputs))
+            results.extend([CheckResult.na(name, why, str(target))] if why else results_of(prop(target, inputs)))
     return results
 
 
@@ -107,7 +107,7 @@ def kill_matrix(factory: ModelFactory, inputs: Inputs, mutants: Sequence[Mutant]
             components = {k: v for k, v in m.components.items() if k in prop.parts}
             with m.applied(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the wrong code's own complaints (e.g. scheduler order)
-                row[name] = prop(model, inputs, **components)
+                row[name] = worst_of(prop(model, inputs, **components))
         matrix[m.name] = row
     return matrix
 

@@ -98,6 +98,11 @@ def _mp(**kwargs: Any) -> CheckResult:
     return check_mixed_precision(_model(), **kwargs)
 
 
+def _loss(**kwargs: Any) -> CheckResult:
+    from .checks.loss_kernel import check_loss_kernel
+    return check_loss_kernel(_model(), **{"kernel": "fused", **kwargs})
+
+
 def _dist(**kwargs: Any) -> CheckResult:
     from .checks.distributed import Case, check_distributed
     return check_distributed(_model(), **{"world_sizes": (2,), "cases": [Case("ddp", "full")], **kwargs})
@@ -105,7 +110,7 @@ def _dist(**kwargs: Any) -> CheckResult:
 
 RUNS: dict[str, Callable[..., CheckResult]] = {
     "kv_cache": _kv(torch.float32), "kv_cache bf16": _kv(torch.bfloat16), "grad_accum": _ga, "lora_merge": _lora,
-    "gradient_checkpointing": _gc, "mixed_precision": _mp, "distributed": _dist,
+    "gradient_checkpointing": _gc, "mixed_precision": _mp, "loss_kernel": _loss, "distributed": _dist,
 }
 _LOGITS = "max(|expected|, the row's largest |logit|)"
 _LARGE = "‖one large batch − float64‖"
@@ -168,6 +173,18 @@ CLAIMS: tuple[Claim, ...] = (
           baseline="‖fp32 from half-rounded weights − fp32‖", run="mixed_precision"),
     Claim("mixed_precision.step", "gradients", "a foreign step's gradients (llama_ref's Trainer as one), flattened",
           (0,), "the first element", factor="mixed_precision", run="mixed_precision", kwargs={"full": False}),
+    Claim("loss_kernel.loss", r"reduction=.* loss", "the kernel's loss (per token for none) vs cross_entropy in "
+          "float64, every reduction, chunking and softcap", None, "its largest |expected|", factor="loss_kernel",
+          baseline="‖plain cross_entropy − float64‖", run="loss_kernel"),
+    Claim("loss_kernel.grads", r"reduction=.* grad [HWb]", "the gradients of H, W and b, the same way", None,
+          "each gradient's largest element", factor="loss_kernel", baseline="‖plain − float64‖",
+          run="loss_kernel"),
+    Claim("loss_kernel.accumulation", r"accumulation .*", "three micro-batches with num_items_in_batch: summed "
+          "losses and accumulated gradients vs the window's", None, "the largest element", factor="loss_kernel",
+          baseline="‖plain − float64‖", run="loss_kernel"),
+    Claim("loss_kernel.model", r"the kernel in the model: .*", "the model with the kernel in place: its loss and "
+          "every trainable gradient vs its plain forward's, against float64", None, "the largest element",
+          factor="loss_kernel", baseline="‖plain forward − float64‖", run="loss_kernel"),
     Claim("distributed.loss", "loss", "each rank's window loss vs the single process's float64 loss (DDP, 2 ranks)",
           (), "the scalar, every rank", run="distributed"),
     Claim("distributed.grads", "grads", "each rank's stepped gradients vs the single process's large batch", (-1,),

@@ -22,12 +22,12 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from ..args import ModelArgs
-from ..model import Transformer
+from ..model import Transformer, init_weights
 from ..train.config import TrainConfig, build_model, make_trainer, prepare_for_training
 from ..train.rng import seeded
 from ..train.trainer import Trainer
@@ -59,9 +59,11 @@ def random_batch(vocab: int, batch_size: int, seq_len: int, device: Any, seed: i
     return {"input_ids": tokens, "labels": tokens.clone()}
 
 
-def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, steps: int = 2) -> MemoryReport:
+def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, steps: int = 2,
+                        args: Optional[ModelArgs] = None) -> MemoryReport:
     """Build the model as llama-finetune does, run ``steps`` Trainer steps (each a window of ``cfg.ga``
-    micro-batches) on random tokens, measure the last.
+    micro-batches) on random tokens, measure the last. ``args``: a model of that shape with seeded weights instead
+    of ``cfg``'s preset or checkpoint (as :func:`predict_step_memory` takes a ModelArgs).
 
     CPU: MemTracker's peak (every tensor's storage, by category). CUDA: ``torch.cuda.max_memory_allocated`` over
     the last step (after ``reset_peak_memory_stats``), with MemTracker's breakdown when available.
@@ -73,11 +75,16 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
         raise ValueError(f"seq_len {seq_len} exceeds the config's max_seq_len {cfg.max_seq_len}")
     t0 = time.perf_counter()
     with seeded(cfg.seed, cfg.device):
-        return _measure(cfg, batch_size, seq_len, steps, t0)
+        return _measure(cfg, batch_size, seq_len, steps, t0, args)
 
 
-def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: float) -> MemoryReport:
-    model, _ = build_model(cfg)
+def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: float,
+             args: Optional[ModelArgs] = None) -> MemoryReport:
+    if args is None:
+        model, _ = build_model(cfg)
+    else:
+        args = args.replace(max_batch_size=max(batch_size, args.max_batch_size))
+        model = prepare_for_training(init_weights(Transformer(args), cfg.seed).to(cfg.device), cfg)
     if seq_len > model.params.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
     device = torch.device(cfg.device)

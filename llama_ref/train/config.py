@@ -13,7 +13,7 @@ import torch
 from ..args import ModelArgs
 from ..generation import SEED_PROMPTS
 from ..lora import apply_lora_to_llama
-from ..loss import DEFAULT_FUSED_CHUNK, linear_cross_entropy
+from ..loss import DEFAULT_LOSS_CHUNK, linear_cross_entropy
 from ..model import Transformer, checkpoint_policy_layers, init_weights
 from ..tokenizer import Tokenizer, default_tokenizer_path
 from .optim import make_optimizer, make_scheduler
@@ -199,4 +199,4 @@ def loss_options(cfg: TrainConfig) -> dict:
     ``loss_kernel``, the fused linear cross-entropy in chunks of ``loss_chunk`` positions (0: its default)."""
     if not cfg.fused_loss:
         return {"loss_chunk": cfg.loss_chunk or None}
-    return {"loss_kernel": functools.partial(linear_cross_entropy, chunk_size=cfg.loss_chunk or DEFAULT_FUSED_CHUNK)}
+    return {"loss_kernel": functools.partial(linear_cross_entropy, chunk_size=cfg.loss_chunk or DEFAULT_LOSS_CHUNK)}

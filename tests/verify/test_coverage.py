@@ -16,6 +16,7 @@ from verify.checks.grad_accum import check_grad_accumulation
 from verify.checks.gradient_checkpointing import check_gradient_checkpointing
 from verify.checks.kv_cache import check_kv_cache
 from verify.checks.lora_merge import check_lora_merge
+from verify.checks.loss_kernel import ROWS, SPLIT, chunk_sizes, check_loss_kernel
 from verify.checks.mixed_precision import check_mixed_precision
 from verify.compare import Probe, probing
 from verify.targets.spec import as_target
@@ -23,7 +24,7 @@ from verify.thresholds import CLAIMS
 
 
 # The runs of verify.thresholds.RUNS that these tests make (with its default model), so test_thresholds skips them.
-COVERED = ("kv_cache", "grad_accum", "lora_merge", "gradient_checkpointing", "mixed_precision")
+COVERED = ("kv_cache", "grad_accum", "lora_merge", "gradient_checkpointing", "mixed_precision", "loss_kernel")
 
 
 def _recorded(run_key, run):
@@ -116,3 +117,22 @@ def test_mixed_precision_judges_every_claim_in_both_half_dtypes(model):
     assert counts["grad_norm"] == counts["clipped update"] == 1  # GradScaler, fp16
     n_grads = len(list(model.parameters())) + 3 * 2 * model.params.n_layers
     assert sum(n.startswith("grad ") for n in counts.elements()) == n_grads  # every trainable parameter, both runs
+
+
+def test_loss_kernel_compares_every_reduction_chunking_softcap_the_accumulation_and_the_model(model):
+    result, hits = _recorded("loss_kernel", lambda: check_loss_kernel(model, kernel="fused"))
+    assert "reductions=mean,sum,none chunks=1,5,36,37,48,own softcap=" in result.case
+    assert "bias accumulation K=3 model B=2 L=16" in result.case
+    shapes = {h.name: h.shape for h in hits}
+    vocab, dim = model.output.weight.shape
+    for reduction in ("mean", "sum", "none"):
+        for chunk in [c or "own" for c in chunk_sizes()]:
+            for cap in ("", *{re.search(r"softcap=(\S+)", result.case)[0]}):
+                label = f"reduction={reduction} chunk={chunk}{' ' + cap if cap else ''}"
+                assert shapes[f"{label} loss"] == (() if reduction != "none" else (ROWS,)), label
+                assert shapes[f"{label} grad H"] == (ROWS, dim) and shapes[f"{label} grad W"] == (vocab, dim)
+                assert shapes[f"{label} grad b"] == (vocab,), label
+    accumulated = [n for n in shapes if n.startswith(f"accumulation over {len(SPLIT)} micro-batches")]
+    assert len(accumulated) == 4  # loss, H, W, b
+    in_model = [n for n in shapes if n.startswith("the kernel in the model: ")]
+    assert len(in_model) == 1 + len(list(model.parameters()))  # the loss and every trainable parameter

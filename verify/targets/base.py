@@ -126,6 +126,32 @@ class Target:
         """MixedPrecisionTarget: no mixed-precision step of its own."""
         return None
 
+    def loss_kernels(self) -> dict[str, Any]:
+        """LossKernelTarget: no loss kernel of its own (a user's is checked with ``--loss-fn``)."""
+        return {}
+
+    def output_weight(self) -> torch.Tensor:
+        """LossKernelTarget: the weight of the model's vocabulary projection — its ``output`` (Meta's name) or
+        ``lm_head`` (transformers'), else its last Linear whose output is the vocabulary."""
+        model = getattr(self, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise NotImplementedError("the target holds no model whose output projection could be found")
+        for name in ("output", "lm_head"):
+            head = getattr(unwrapped(model), name, None)
+            if isinstance(head, torch.nn.Linear):
+                return head.weight
+        vocab = self.limits.vocab_size  # type: ignore[attr-defined]
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == vocab]
+        if not heads:
+            raise NotImplementedError(f"no Linear of {vocab} outputs (the vocabulary) in the model")
+        return heads[-1].weight
+
+    def kernel_model_loss(self, tokens: torch.Tensor, labels: torch.Tensor, kernel: Optional[Any], *,
+                          float64: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """LossKernelTarget: the model takes no loss kernel in place of its loss (claim 6 is then not checked)."""
+        raise NotImplementedError("the model has no seam to put a loss kernel in place of its loss "
+                                  "(llama_ref's forward(labels=, loss_kernel=) has one)")
+
     def __str__(self) -> str:
         return self.description
 

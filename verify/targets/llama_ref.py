@@ -18,6 +18,7 @@ import torch
 from llama_ref.generation import Llama
 from llama_ref.kv_cache import KVCache
 from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama
+from llama_ref.loss import chunked_cross_entropy, linear_cross_entropy, token_loss_sum
 from llama_ref.model import BlockRunner, Transformer
 from llama_ref.train.optim import make_scheduler
 from llama_ref.train.trainer import Trainer
@@ -25,6 +26,7 @@ from llama_ref.train.trainer import Trainer
 from .base import Target, copy_sharing_weights
 from .protocols import Batch, Limits, Reported
 from .lora import LoralibTarget
+from .loss_kernel import LossKernel, torch_linear_cross_entropy
 
 
 def is_llama_ref(obj: Any) -> bool:
@@ -176,6 +178,31 @@ class LlamaRefTarget(Target):
                 scales[id(model)] = trainer.scaler.state_dict()
             return loss
         return step
+
+
+    # ---- property 8 ----------------------------------------------------------------------------------------------
+
+    def loss_kernels(self) -> dict[str, LossKernel]:
+        """llama_ref's chunked loss (``--loss-chunk``), its fused one (``--fused-loss``) and torch's
+        ``linear_cross_entropy`` (unavailable below torch 2.13)."""
+        return {"chunked": LossKernel.from_function(chunked_cross_entropy, "llama_ref chunked (--loss-chunk)"),
+                "fused": LossKernel.from_function(linear_cross_entropy, "llama_ref fused (--fused-loss)"),
+                "torch": torch_linear_cross_entropy()}
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.output.weight
+
+    def kernel_model_loss(self, tokens: torch.Tensor, labels: torch.Tensor, kernel: Optional[Callable[..., Any]], *,
+                          float64: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = self._copy(copy.deepcopy(self.model)).train()
+        if float64:
+            model.double()
+        if kernel is None:
+            loss = token_loss_sum(model(tokens, 0), labels)
+        else:
+            loss = model(tokens, 0, labels=labels, loss_kernel=kernel)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 class _TrainerDriver:

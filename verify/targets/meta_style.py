@@ -140,6 +140,8 @@ class MetaStyleTarget(Target):
             return None  # with the user's training step (the check says so when there is none)
         if prop == "mixed_precision":
             return None  # with the user's training step (the check says so when there is none)
+        if prop == "loss_kernel":
+            return None  # with the user's kernel (--loss-fn) and the model's output weight
         return f"the Meta-style adapter offers no operations for {prop}"
 
     def _forward_without_gradient(self) -> bool:

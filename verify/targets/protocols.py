@@ -1,3 +1,4 @@
+# Over 350 lines: one Protocol per property, declared together (the registry, adapters and docs table read them).
 """What each check reads of a target, declared: one ``typing.Protocol`` per property, every member documented.
 
 A check reads a target through these members and nothing else (``tests/verify/test_protocols.py`` runs every check
@@ -301,6 +302,33 @@ class DistributedTarget(Applicability, Protocol):
     """Property 6 (DDP / FSDP2 equal one process): llama_ref's model, trained by its ``DistributedTrainer``."""
 
     model: Any  # llama_ref's Transformer
+
+
+@runtime_checkable
+class LossKernelTarget(Applicability, Protocol):
+    """Property 8 (a chunked or fused loss equals the plain one)."""
+
+    @property
+    def limits(self) -> Limits:
+        """Vocabulary, weights' dtype and device (the kernel-level cases are drawn in that dtype, on that device)."""
+        ...
+
+    def loss_kernels(self) -> dict[str, Any]:
+        """The loss kernels this model can compute its loss with, by name (:class:`verify.targets.loss_kernel.
+        LossKernel`; one that cannot run here says why in its ``unavailable``)."""
+        ...
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection's weight (V, D): the kernel-level cases project with a copy of it."""
+        ...
+
+    def kernel_model_loss(self, tokens: torch.Tensor, labels: torch.Tensor, kernel: Optional[Any], *,
+                          float64: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """On a fresh copy of the model: its summed next-token loss of ``tokens`` (B, T) with ``labels`` (B, T,
+        unshifted, -100 where ignored) and the gradients of its trainable parameters, by name — with ``kernel``
+        (``kernel(hidden (N, D), weight (V, D), shifted labels (N,), reduction="sum")``) in place of its loss, or
+        its plain forward where ``kernel`` is None; with ``float64``, the plain forward of a float64 copy."""
+        ...
 
 
 def members(protocol: type) -> dict[str, str]:

@@ -84,3 +84,10 @@ def load_factory(spec: str, what: str = "target") -> Callable[..., Any]:
     if not callable(factory):
         raise ValueError(f"{what} {spec!r}: {name} is a {type(factory).__name__}, not a callable")
     return factory
+
+
+def load_loss_fn(spec: str) -> Any:
+    """``PATH.py:FN`` or ``package.module:FN``: the user's loss kernel (:class:`verify.targets.loss_kernel.LossKernel`,
+    its keywords read from its signature); ValueError or TypeError naming what is wrong."""
+    from .loss_kernel import LossKernel
+    return LossKernel.from_function(load_factory(spec, "loss function"), name=spec)
