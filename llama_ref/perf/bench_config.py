@@ -35,7 +35,7 @@ class BenchConfig:
     mp: str = shared("mp", default="bf16", help="the half dtype of the MP cells", choices=("bf16", "fp16"))
     gc_policy: str = shared("gc_policy", help="which blocks the GC cells recompute: all, seed or every:K")
     loss_chunk: int = shared("loss_chunk", help="loss computed this many positions at a time in every cell "
-                                                "(0: full logits; with --fused-loss its chunk size, 0: 1024)")
+                                                "(0: full logits; with --fused-loss its chunk size, 0: 512)")
     fused_loss: bool = shared("fused_loss", help="every cell's loss by the fused linear cross-entropy "
                                                  "(llama_ref.loss.linear_cross_entropy)")
     optimizer: str = shared("optimizer", default="sgd", help="optimizer (the seed's peaks are plain SGD's)")

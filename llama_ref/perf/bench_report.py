@@ -215,5 +215,6 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> list[Path]:
 def _loss_path(bench: Any) -> str:
     """How the cells computed the loss: full logits, chunked, or fused (with its chunk size)."""
     if getattr(bench, "fused_loss", False):
-        return f"fused (chunks of {bench.loss_chunk or 1024})"
+        from ..loss import DEFAULT_LOSS_CHUNK
+        return f"fused (chunks of {bench.loss_chunk or DEFAULT_LOSS_CHUNK})"
     return f"chunked ({bench.loss_chunk})" if bench.loss_chunk else "from full logits"

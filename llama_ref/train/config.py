@@ -54,7 +54,7 @@ class TrainConfig:
     gc: bool = option("gradient checkpointing", default=False)
     gc_policy: str = option("which blocks: all, seed (i %% 3 != 0) or every:K", default="all")
     loss_chunk: int = option("compute the loss this many positions at a time, each chunk's logits recomputed in "
-                             "backward instead of kept (0: full logits; with --fused-loss its chunk size, 0: 1024)",
+                             "backward instead of kept (0: full logits; with --fused-loss its chunk size, 0: 512)",
                              default=0)
     fused_loss: bool = option("fuse the output projection into the loss (llama_ref.loss.linear_cross_entropy): the "
                               "logits never exist whole; backward recomputes them a chunk at a time", default=False)

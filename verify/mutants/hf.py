@@ -1,5 +1,6 @@
 """The bug zoo against the transformers + PEFT target: wrong caches, a wrong merge, reentrant checkpointing under a
-frozen base, the accumulation of transformers before its October 2024 fix and of the fix's first releases.
+frozen base, the accumulation of transformers before its October 2024 fix and of the fix's first releases, a patched
+forward that drops num_items_in_batch.
 
 Not in :data:`verify.mutants.MUTANTS` (whose mutants are parts of llama_ref): each is applied to a
 :class:`verify.targets.hf.HFTarget` — its ``components`` are the target's keyword arguments (``cache_cls``,
@@ -124,6 +125,22 @@ _add("hf_ga_counts_unshifted_labels", "grad_accum",
      "loss never predicts): the window loss divided by too many tokens",
      "the count transformers' Trainer made of labels[...] instead of labels[..., 1:] in releases after the 4.46 fix",
      trainer_cls=_LazyTrainer("unshifted"))
+
+
+def _forward_drops_num_items():
+    from transformers import LlamaForCausalLM
+    original = LlamaForCausalLM.forward
+
+    def forward(self, *args, num_items_in_batch=None, **kwargs):  # taken, and not passed on to the loss
+        return original(self, *args, **kwargs)
+    return [(LlamaForCausalLM, "forward", forward)]
+
+
+_add("hf_forward_drops_num_items_in_batch", "loss_kernel",
+     "a patched LlamaForCausalLM.forward that takes num_items_in_batch and does not pass it to its loss: the loss "
+     "is each micro-batch's own mean (the window's loss x the accumulation steps under the Trainer)",
+     "linkedin/Liger-Kernel#802: the fused-loss patch of the forward ignored num_items_in_batch",
+     patches=_forward_drops_num_items)
 
 
 def resolved(mutant: Mutant) -> dict[str, Any]:

@@ -110,7 +110,8 @@ class HFTarget(Target):
         if prop == "gradient_checkpointing" and not getattr(pretrained(self.model), "supports_gradient_checkpointing",
                                                             False):
             return f"{type(pretrained(self.model)).__name__} does not support gradient checkpointing"
-        if prop in ("kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum", "mixed_precision"):
+        if prop in ("kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum", "mixed_precision",
+                    "loss_kernel"):
             return None
         return f"the transformers adapter offers no operations for {prop}"
 
@@ -262,3 +263,55 @@ class HFTarget(Target):
     def mp_step(self, precision: str = "bf16"):
         from .hf_trainer import TrainerStep
         return TrainerStep(precision=precision, trainer_cls=self.trainer_cls)
+
+    # ---- property 8 ----------------------------------------------------------------------------------------------
+
+    def loss_kernels(self) -> dict[str, Any]:
+        """transformers' causal-LM loss (its ``fixed_cross_entropy``, with ``num_items_in_batch``)."""
+        from .loss_kernel import transformers_causal_lm_loss
+        return {"transformers": transformers_causal_lm_loss()}
+
+    def kernel_model_loss(self, tokens: torch.Tensor, labels: torch.Tensor, kernel: Optional[Any], *,
+                          float64: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Plain: the logits of ``model(input_ids=…)`` and the summed next-token cross-entropy formed here. With
+        ``kernel``: the model's own loss path — ``model(input_ids=…, labels=…, num_items_in_batch=1)``, so that its
+        loss is the sum — with its ``loss_function`` replaced by one that calls ``kernel`` on the hidden states its
+        ``lm_head`` receives, as a fused-loss patch does; a forward that drops ``num_items_in_batch`` shows as a
+        mean."""
+        model = copy.deepcopy(self.model).eval()  # eval: no dropout, so the two paths see the same function
+        if float64:
+            model.double()
+        inner = pretrained(model)
+        if kernel is None:
+            logits = model(input_ids=tokens).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                     ignore_index=-100, reduction="sum")
+        else:
+            head = inner.get_output_embeddings()
+            if not isinstance(head, nn.Linear):
+                raise NotImplementedError(f"its output head is a {type(head).__qualname__}, not a Linear")
+            if not (_forward_takes(model, "num_items_in_batch") or _forward_takes_kwargs(model)):
+                raise NotImplementedError("its forward takes no num_items_in_batch (transformers 4.46+)")
+            seen: dict[str, torch.Tensor] = {}
+            hook = head.register_forward_hook(lambda m, args, out: seen.__setitem__("hidden", args[0]))
+
+            def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+                shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index).flatten()
+                total = kernel(seen["hidden"].flatten(0, 1), head.weight, shifted, reduction="sum")
+                count = num_items_in_batch if num_items_in_batch is not None else (shifted != ignore_index).sum()
+                return total / count
+            inner.loss_function = loss_function
+            try:
+                loss = model(input_ids=tokens, labels=labels, num_items_in_batch=1).loss
+            finally:
+                hook.remove()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _forward_takes_kwargs(model: nn.Module) -> bool:
+    try:
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(pretrained(model).forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+

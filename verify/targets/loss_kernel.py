@@ -84,3 +84,29 @@ def torch_linear_cross_entropy() -> LossKernel:
         return fn(hidden, weight, labels, linear_bias=bias, reduction=reduction, ignore_index=IGNORE_INDEX,
                   options=options() if chunk_size is None else options(batch_chunk_size=chunk_size))
     return LossKernel(name, kernel, frozenset({"bias", "chunk_size"}))
+
+
+def transformers_causal_lm_loss() -> LossKernel:
+    """transformers' causal-LM loss as its models compute it: the logits upcast to fp32 and its
+    ``fixed_cross_entropy`` — the mean over the targets, or with ``num_items_in_batch`` their sum over that count
+    (``ForCausalLMLoss``, transformers 4.46+); the labels given already shifted. Unavailable without it."""
+    name = "transformers fixed_cross_entropy (ForCausalLMLoss)"
+    try:
+        from transformers.loss.loss_utils import fixed_cross_entropy
+    except ImportError:
+        import importlib.metadata as md
+        try:
+            version = md.version("transformers")
+        except md.PackageNotFoundError:
+            return LossKernel(name, None, unavailable="transformers is not installed")
+        return LossKernel(name, None, unavailable=f"transformers {version} has no loss_utils.fixed_cross_entropy "
+                                                  "(num_items_in_batch arrived in 4.46)")
+
+    def kernel(hidden, weight, labels, *, reduction="mean", bias=None, num_items_in_batch=None):
+        if reduction != "mean":
+            raise NotImplementedError("transformers' causal-LM loss is the mean over the targets (or their sum over "
+                                      "num_items_in_batch)")
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        return fixed_cross_entropy(logits, labels, num_items_in_batch=num_items_in_batch, ignore_index=IGNORE_INDEX)
+    return LossKernel(name, kernel, frozenset({"bias", "num_items_in_batch"}))
+

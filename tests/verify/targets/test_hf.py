@@ -16,6 +16,7 @@ from verify.checks.grad_accum import check_grad_accumulation  # noqa: E402
 from verify.checks.gradient_checkpointing import check_gradient_checkpointing  # noqa: E402
 from verify.checks.kv_cache import check_kv_cache  # noqa: E402
 from verify.checks.lora_merge import check_lora_merge  # noqa: E402
+from verify.checks.loss_kernel import check_loss_kernel  # noqa: E402
 from verify.mutants.hf import HF_ZOO, hf_target  # noqa: E402
 from verify.oracle_hf import default_hf_model  # noqa: E402
 from verify.targets.hf import HFTarget  # noqa: E402
@@ -105,6 +106,8 @@ def _hook_missing(mutant) -> str:
     """Why ``mutant`` says nothing on this transformers, or ''."""
     if mutant.prop == "grad_accum" and TRANSFORMERS < Version("5"):
         return f"transformers {TRANSFORMERS}'s own Trainer already fails grad_accum (the xfail above)"
+    if mutant.prop == "loss_kernel" and TRANSFORMERS < Version("4.46"):
+        return f"transformers {TRANSFORMERS} has no num_items_in_batch loss to drop (4.46 added it)"
     return ""
 
 
@@ -116,10 +119,12 @@ REASONS = {
     "hf_reentrant_frozen_base": "use_reentrant=True",
     "hf_ga_mean_of_micro_means": "not a multiple of the large batch's",
     "hf_ga_counts_unshifted_labels": "the logged loss is not the window's token mean",
+    "hf_forward_drops_num_items_in_batch": "the kernel in the model: loss",
 }
 CHECKS = {"kv_cache": check_kv_cache, "lora_merge": check_lora_merge,
           "gradient_checkpointing": lambda t: check_gradient_checkpointing(t, policies=("all",), autocast_dtype=None),
-          "grad_accum": lambda t: check_grad_accumulation(t, n_sequences=4, steps=2, optimizer="sgd", fail_fast=True)}
+          "grad_accum": lambda t: check_grad_accumulation(t, n_sequences=4, steps=2, optimizer="sgd", fail_fast=True),
+          "loss_kernel": lambda t: check_loss_kernel(t, kernel="transformers")}
 
 
 @pytest.mark.parametrize("mutant", HF_ZOO, ids=[m.name for m in HF_ZOO])
@@ -135,6 +140,18 @@ def test_every_mutant_of_the_hf_zoo_is_caught_for_its_reason(hf_model, mutant):
         assert not any("chunks=1x24" in d for d in result.details), _explain(result)
     if mutant.name == "hf_reentrant_frozen_base":
         assert not any("use_reentrant=False" in d for d in result.details), _explain(result)
+
+
+def test_its_causal_lm_loss_with_num_items_in_batch_equals_the_plain_loss(hf_model):
+    # transformers' fixed_cross_entropy as a kernel (mean, and the sum over num_items_in_batch under accumulation),
+    # and the model's own loss path with num_items_in_batch, its loss_function calling the kernel on the hidden
+    # states its lm_head receives; sum and none are not transformers' to give (said, not checked).
+    result = check_loss_kernel(hf_model, kernel="transformers")
+    if TRANSFORMERS < Version("4.46"):
+        assert result.verdict == "N/A" and "4.46" in result.not_applicable, _explain(result)
+        return
+    assert result.verdict == "PASS" and "reductions=mean" in result.case, _explain(result)
+    assert "accumulation K=3 model B=2 L=16" in result.case, _explain(result)
 
 
 def test_llama_verify_target_hf_runs_on_transformers(capsys):
