@@ -96,7 +96,9 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype the projection runs in: autocast's where it is on for the tensor's device, else the input's."""
     kind = hidden.device.type
     if torch.is_autocast_enabled(kind) and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return torch.get_autocast_dtype(kind)
+        if hasattr(torch, "get_autocast_dtype"):
+            return torch.get_autocast_dtype(kind)
+        return torch.get_autocast_cpu_dtype() if kind == "cpu" else torch.get_autocast_gpu_dtype()  # before 2.4
     return hidden.dtype
 
 
