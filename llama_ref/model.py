@@ -1,3 +1,4 @@
+# Over 350 lines: Meta's model.py made trainable — its parts, the forward with its cache, packing and loss paths.
 """The Llama 2 / 3.x transformer, after Meta's reference ``model.py``, made trainable and device-agnostic.
 
 Notation used for tensor shapes: B batch, T new tokens, S keys (cached + new), D dim, H query heads,
@@ -69,10 +70,11 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled:
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate interleaved pairs ``(x[2k], x[2k+1])`` by ``freqs_cis`` (T, Dh/2); xq (B, T, H, Dh), xk (B, T, Hkv, Dh)."""
+    """Rotate interleaved pairs ``(x[2k], x[2k+1])`` by ``freqs_cis`` (T, Dh/2), or (B, T, Dh/2) with a position per
+    token (packed rows); xq (B, T, H, Dh), xk (B, T, Hkv, Dh)."""
     xq_ = torch.view_as_complex(upcast(xq).reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, Dh/2)
     xk_ = torch.view_as_complex(upcast(xk).reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = freqs_cis[None, :, None, :]  # (1, T, 1, Dh/2)
+    freqs_cis = freqs_cis[:, :, None, :] if freqs_cis.dim() == 3 else freqs_cis[None, :, None, :]  # (B|1, T, 1, Dh/2)
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
@@ -98,6 +100,15 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device, dtype: torch.dtyp
         return None
     mask = torch.full((q_len, kv_len), float("-inf"), device=device, dtype=dtype)
     return torch.triu(mask, diagonal=kv_len - q_len + 1)
+
+
+def document_mask(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive (B, 1, T, T) mask of packed rows: query i sees key j ≤ i of its own document only
+    (``document_ids`` (B, T): the document of each token; a row's padding is a document of its own)."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril()
+    mask = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~(same & causal), float("-inf"))
+    return mask[:, None]
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -273,12 +284,20 @@ class Transformer(nn.Module):
         return self._freqs_cis[key][start_pos:start_pos + seqlen]
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, labels: Optional[torch.Tensor] = None,
-                loss_chunk: Optional[int] = None, loss_kernel: Optional[LossKernel] = None) -> torch.Tensor:
+                loss_chunk: Optional[int] = None, loss_kernel: Optional[LossKernel] = None,
+                positions: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
         """Logits (B, T, V); with ``labels`` (B, T), the summed next-token loss instead (fp32 scalar, see
         ``llama_ref.loss``): from full logits; with ``loss_chunk``, never more than that many positions' logits at
         once; with ``loss_kernel`` (e.g. ``llama_ref.loss.linear_cross_entropy``), by that function of the final
-        hidden states (B·T, D), the output weight (V, D) and the shifted labels (B·T,), ``reduction="sum"``."""
-        hidden = self.hidden_states(tokens, start_pos)
+        hidden states (B·T, D), the output weight (V, D) and the shifted labels (B·T,), ``reduction="sum"``.
+
+        Packed rows (several documents per row, ``llama_ref.train.data.pack``): ``positions`` (B, T) the RoPE
+        position of each token (restarting at 0 in each document) and ``document_ids`` (B, T) its document —
+        attention stays inside each document. Without them, positions run ``start_pos …`` and attention is causal
+        over the row, as before. A packed row's labels ignore each document's first token (the loss never
+        predicts it from the document before)."""
+        hidden = self.hidden_states(tokens, start_pos, positions=positions, document_ids=document_ids)
         if labels is None:
             return upcast(self.output(hidden))
         if loss_chunk is not None:
@@ -293,7 +312,8 @@ class Transformer(nn.Module):
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # position t predicts t+1
         return loss_kernel(hidden.flatten(0, 1), self.output.weight, targets, reduction="sum")
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, *, positions: Optional[torch.Tensor] = None,
+                      document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The final normed hidden states (B, T, D) that ``output`` projects to logits: what a loss that projects
         a few positions at a time (``llama_ref.loss.chunked_cross_entropy``, ``linear_cross_entropy``) starts from."""
         if tokens.dim() != 2:
@@ -305,12 +325,35 @@ class Transformer(nn.Module):
         if self.kv_caching and bsz > p.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={p.max_batch_size} of the KV cache")
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        freqs_cis = self.rotary_freqs(start_pos, seqlen, h.device, h.dtype)
-        kv_len = start_pos + seqlen if self.kv_caching else seqlen
-        mask = causal_mask(seqlen, kv_len, h.device)
+        if positions is None and document_ids is None:
+            freqs_cis = self.rotary_freqs(start_pos, seqlen, h.device, h.dtype)
+            kv_len = start_pos + seqlen if self.kv_caching else seqlen
+            mask = causal_mask(seqlen, kv_len, h.device)
+        else:
+            freqs_cis, mask = self._packed(tokens, start_pos, positions, document_ids, h)
         for i, layer in enumerate(self.layers):
             h = self.block_runner(layer, h, start_pos, freqs_cis, mask, i in self.checkpointed_layers)
         return self.norm(h)
+
+    def _packed(self, tokens: torch.Tensor, start_pos: int, positions: Optional[torch.Tensor],
+                document_ids: Optional[torch.Tensor], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE factors by each token's position (B, T, Dh/2) and the document mask of packed rows."""
+        if self.kv_caching or start_pos:
+            raise ValueError("positions / document_ids are for packed training rows: a KV cache and start_pos > 0 "
+                             "are not (switch kv_caching off)")
+        for name, t in (("positions", positions), ("document_ids", document_ids)):
+            if t is not None and t.shape != tokens.shape:
+                raise ValueError(f"{name} must be (batch, seq_len) like tokens {tuple(tokens.shape)}, got "
+                                 f"{tuple(t.shape)}")
+        seqlen = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(seqlen, device=tokens.device).expand_as(tokens)
+        elif bool((positions < 0).any()) or bool((positions >= self.params.max_seq_len).any()):
+            raise ValueError(f"positions must lie in 0..{self.params.max_seq_len - 1} (max_seq_len)")
+        table = self.rotary_freqs(0, self.params.max_seq_len, h.device, h.dtype)
+        if document_ids is None:
+            return table[positions], causal_mask(seqlen, seqlen, h.device)
+        return table[positions], document_mask(document_ids)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from ..perf.peak import MemTrackerUnavailable, PeakTracker, peak_memory_mb
 from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig, build_model, make_trainer
 from ..train.data import InstructionDataset, collate, default_dataset_path, load_records
+from ..train.packing import packed_micro_batches
 from ..train.trainer import Batch, NonFiniteLossError, Trainer, windows
 from . import resume
 from .progress import progress as make_progress
@@ -60,13 +61,32 @@ class Run:
         return Path(self.cfg.out) if self.cfg.out and self.rank == 0 else None
 
 
-def micro_batches(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int) -> Iterator[Batch]:
+def example_batches(dataset: InstructionDataset, cfg: TrainConfig) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Every epoch's examples in an order drawn from ``seed + epoch`` (not the global RNG), ``batch_size`` at a time."""
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         for i in range(0, len(order), cfg.batch_size):
-            batch = collate([dataset[j] for j in order[i:i + cfg.batch_size]], pad_id)
-            yield {k: v.to(cfg.device) for k, v in batch.items()}
+            yield [dataset[j] for j in order[i:i + cfg.batch_size]]
+
+
+def micro_batches(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int) -> Iterator[Batch]:
+    """:func:`example_batches` padded on the right (``collate``), on the device."""
+    for examples in example_batches(dataset, cfg):
+        yield {k: v.to(cfg.device) for k, v in collate(examples, pad_id).items()}
+
+
+def train_windows(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int, size: int) -> Iterator[list[Batch]]:
+    """The run's windows of ``size`` micro-batches; with ``--pack``, each window's examples (the same ones, in the
+    same windows, as without it) packed into rows of ``--pack-len`` and dealt into at most ``size`` micro-batches
+    (``llama_ref.train.packing``): its loss is the same mean over the same targets."""
+    if not cfg.pack:
+        yield from windows(micro_batches(dataset, cfg, pad_id), size)
+        return
+    seq_len = cfg.pack_len or dataset.max_seq_len
+    for group in windows(example_batches(dataset, cfg), size):
+        examples = [e for batch in group for e in batch]
+        yield [{k: v.to(cfg.device) for k, v in b.items()}
+               for b in packed_micro_batches(examples, seq_len, size, pad_id, split=cfg.split_long)]
 
 
 def build(cfg: TrainConfig, rank: int = 0, world: int = 1) -> Run:
@@ -110,7 +130,7 @@ def loop(run: Run) -> None:
     pad_id = max(run.tokenizer.pad_id, 0)
     run.step, t0 = run.start, time.perf_counter()
     try:
-        for index, window in enumerate(windows(micro_batches(run.dataset, cfg, pad_id), run.window_size)):
+        for index, window in enumerate(train_windows(run.dataset, cfg, pad_id, run.window_size)):
             if index < run.start:
                 continue  # already trained before --resume: the data order is a function of the seed
             if run.step >= run.total_steps or (cfg.stop_after is not None and run.step >= cfg.stop_after):

@@ -56,6 +56,13 @@ class TrainConfig:
     loss_chunk: int = option("compute the loss this many positions at a time, each chunk's logits recomputed in "
                              "backward instead of kept (0: full logits; with --fused-loss its chunk size, 0: 512)",
                              default=0)
+    pack: bool = option("pack several examples into each row (padding-free): positions restart and attention stays "
+                        "inside each example; each window's examples are the ones it has without --pack",
+                        default=False)
+    pack_len: Optional[int] = option("with --pack, the tokens of a packed row (default: --max-seq-len, the model's)",
+                                    default=None)
+    split_long: bool = option("with --pack, cut an example longer than a row into pieces (each loses the context "
+                              "before it) instead of refusing it", default=False)
     fused_loss: bool = option("fuse the output projection into the loss (llama_ref.loss.linear_cross_entropy): the "
                               "logits never exist whole; backward recomputes them a chunk at a time", default=False)
     # optimisation
@@ -84,12 +91,14 @@ class TrainConfig:
     progress: bool = option("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        if (self.pack_len is not None or self.split_long) and not self.pack:
+            raise ValueError("--pack-len and --split-long shape packed rows: add --pack")
         if self.loss_chunk < 0:
             raise ValueError(f"--loss-chunk must be >= 0 (0: full logits), got {self.loss_chunk}")
         for name in ("ga", "batch_size", "epochs", "lora_r", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_seq_len", "stop_after", "threads"):
+        for name in ("max_steps", "max_seq_len", "pack_len", "stop_after", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -45,7 +45,7 @@ def split_window(window: Sequence[Batch], rank: int, world: int) -> list[Batch]:
 
 def empty_like(batch: Batch) -> Batch:
     """``batch`` with every label ignored: its loss sum is 0 and its gradient exactly zero."""
-    return {"input_ids": batch["input_ids"], "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+    return {**{k: v for k, v in batch.items() if k != "labels"}, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
 
 
 def init_from_env(device_type: str) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from torch import nn
 from ..loss import LossKernel, count_target_tokens, token_loss_sum
 
 PRECISIONS = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PACKING = ("positions", "document_ids")  # a packed batch's keys the model takes (llama_ref.train.packing)
 Batch = dict[str, torch.Tensor]
 
 
@@ -104,11 +105,12 @@ class Trainer:
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """The micro-batch's summed token loss (fp32): from full logits, ``loss_chunk`` positions at a time, or by
         ``loss_kernel`` (the output projection fused into the loss)."""
+        packed = {k: batch[k] for k in PACKING if k in batch}  # packed rows: positions and documents per token
         if self.loss_kernel is not None:
-            return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_kernel=self.loss_kernel)
+            return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_kernel=self.loss_kernel, **packed)
         if self.loss_chunk is None:
-            return token_loss_sum(self.model(batch["input_ids"], 0), batch["labels"])
-        return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_chunk=self.loss_chunk)
+            return token_loss_sum(self.model(batch["input_ids"], 0, **packed), batch["labels"])
+        return self.model(batch["input_ids"], 0, labels=batch["labels"], loss_chunk=self.loss_chunk, **packed)
 
     def step(self, window: Sequence[Batch]) -> StepResult:
         """Accumulate ``window`` and take one optimizer step (clip after unscale, then schedule).

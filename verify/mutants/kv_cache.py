@@ -152,10 +152,10 @@ def _uncached_no_mask() -> list[Patch]:
     hidden_states, causal_mask = M.Transformer.hidden_states, M.causal_mask
     uncached: list[bool] = []  # the forward under way is uncached
 
-    def forward_hidden(self, tokens, start_pos=0):
+    def forward_hidden(self, tokens, start_pos=0, **packing):
         uncached.append(not self.kv_caching)
         try:
-            return hidden_states(self, tokens, start_pos)
+            return hidden_states(self, tokens, start_pos, **packing)
         finally:
             uncached.pop()
 
