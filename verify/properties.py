@@ -29,6 +29,7 @@ from .checks.grad_accum import check_grad_accumulation
 from .checks.kv_cache import check_kv_cache
 from .checks.lora_merge import check_lora_merge
 from .checks.loss_kernel import check_loss_kernel
+from .checks.packing import check_packing
 from .checks.mixed_precision import autocast_dtype, check_mixed_precision
 from .mutants import distributed as distributed_mutants
 from .mutants import grad_accum as grad_accum_mutants
@@ -36,9 +37,11 @@ from .mutants import gradient_checkpointing as gradient_checkpointing_mutants
 from .mutants import kv_cache as kv_cache_mutants
 from .mutants import lora_merge as lora_merge_mutants
 from .mutants import loss_kernel as loss_kernel_mutants
+from .mutants import packing as packing_mutants
 from .mutants import mixed_precision as mixed_precision_mutants
 from .result import CheckResult
-from .checks import distributed, gradient_checkpointing, grad_accum, kv_cache, lora_merge, loss_kernel, mixed_precision
+from .checks import (distributed, gradient_checkpointing, grad_accum, kv_cache, lora_merge, loss_kernel,
+                     mixed_precision, packing)
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,12 @@ RECORDS: tuple[Property, ...] = (
              "checkpointed blocks really were recomputed",
              check_gradient_checkpointing, gradient_checkpointing.PROTOCOLS, gradient_checkpointing_mutants,
              "assert_gradient_checkpointing_equivalent", _gradient_checkpointing, frozenset({"block_runner"})),
+    Property("packing", "packed batches",
+             "packed rows (positions restarting, attention inside each document) give each document's logits, the "
+             "summed loss, the target count and the gradients of padded rows; a document's tokens never reach "
+             "another's logits; the training loop on packed micro-batches steps as on the padded batch",
+             check_packing, packing.PROTOCOLS, packing_mutants, "assert_packing_equivalent",
+             parts=frozenset({"packer", "trainer_cls"}), per_attn_impl=True),
     Property("loss_kernel", "chunked / fused loss",
              "a chunked or fused cross-entropy gives the plain loss and gradients (hidden states, output weight, "
              "bias) for every reduction, chunking and softcap, under accumulation with the window's count, and in "

@@ -98,6 +98,11 @@ def _mp(**kwargs: Any) -> CheckResult:
     return check_mixed_precision(_model(), **kwargs)
 
 
+def _packing(**kwargs: Any) -> CheckResult:
+    from .checks.packing import check_packing
+    return check_packing(_model(), **kwargs)
+
+
 def _loss(**kwargs: Any) -> CheckResult:
     from .checks.loss_kernel import check_loss_kernel
     return check_loss_kernel(_model(), **{"kernel": "fused", **kwargs})
@@ -110,7 +115,8 @@ def _dist(**kwargs: Any) -> CheckResult:
 
 RUNS: dict[str, Callable[..., CheckResult]] = {
     "kv_cache": _kv(torch.float32), "kv_cache bf16": _kv(torch.bfloat16), "grad_accum": _ga, "lora_merge": _lora,
-    "gradient_checkpointing": _gc, "mixed_precision": _mp, "loss_kernel": _loss, "distributed": _dist,
+    "gradient_checkpointing": _gc, "mixed_precision": _mp, "packing": _packing, "loss_kernel": _loss,
+    "distributed": _dist,
 }
 _LOGITS = "max(|expected|, the row's largest |logit|)"
 _LARGE = "‖one large batch − float64‖"
@@ -173,6 +179,18 @@ CLAIMS: tuple[Claim, ...] = (
           baseline="‖fp32 from half-rounded weights − fp32‖", run="mixed_precision"),
     Claim("mixed_precision.step", "gradients", "a foreign step's gradients (llama_ref's Trainer as one), flattened",
           (0,), "the first element", factor="mixed_precision", run="mixed_precision", kwargs={"full": False}),
+    Claim("packing.logits", "document logits", "each document's logits from the packed rows vs the padded batch, "
+          "against float64", None, "its largest |expected|", factor="packing",
+          baseline="‖padded − float64‖", run="packing"),
+    Claim("packing.isolation", "isolation", "the other documents' logits of a row with one document's tokens changed "
+          "vs unchanged", None, "the largest |expected|", scale=_LOGITS, run="packing"),
+    Claim("packing.loss", "loss", "the packed rows' summed loss vs the padded batch's, against float64", (),
+          "the scalar", factor="packing", baseline="‖padded − float64‖", run="packing"),
+    Claim("packing.grads", "grad .*", "every gradient, from the packed rows and from the training loop's packed "
+          "window, the same way", None, "each gradient's largest element", factor="packing",
+          baseline="‖padded − float64‖", run="packing"),
+    Claim("packing.window_loss", "window loss", "the loop's reported loss over the packed micro-batches vs the "
+          "padded batch's", (), "the scalar", factor="packing", baseline="‖padded − float64‖", run="packing"),
     Claim("loss_kernel.loss", r"reduction=.* loss", "the kernel's loss (per token for none) vs cross_entropy in "
           "float64, every reduction, chunking and softcap", None, "its largest |expected|", factor="loss_kernel",
           baseline="‖plain cross_entropy − float64‖", run="loss_kernel"),

@@ -17,6 +17,7 @@ from verify.checks.gradient_checkpointing import check_gradient_checkpointing
 from verify.checks.kv_cache import check_kv_cache
 from verify.checks.lora_merge import check_lora_merge
 from verify.checks.loss_kernel import ROWS, SPLIT, chunk_sizes, check_loss_kernel
+from verify.checks.packing import LENGTHS, check_packing
 from verify.checks.mixed_precision import check_mixed_precision
 from verify.compare import Probe, probing
 from verify.targets.spec import as_target
@@ -24,7 +25,8 @@ from verify.thresholds import CLAIMS
 
 
 # The runs of verify.thresholds.RUNS that these tests make (with its default model), so test_thresholds skips them.
-COVERED = ("kv_cache", "grad_accum", "lora_merge", "gradient_checkpointing", "mixed_precision", "loss_kernel")
+COVERED = ("kv_cache", "grad_accum", "lora_merge", "gradient_checkpointing", "mixed_precision", "loss_kernel",
+           "packing")
 
 
 def _recorded(run_key, run):
@@ -136,3 +138,14 @@ def test_loss_kernel_compares_every_reduction_chunking_softcap_the_accumulation_
     assert len(accumulated) == 4  # loss, H, W, b
     in_model = [n for n in shapes if n.startswith("the kernel in the model: ")]
     assert len(in_model) == 1 + len(list(model.parameters()))  # the loss and every trainable parameter
+
+
+def test_packing_compares_every_document_row_neighbour_gradient_and_the_loops_window(model):
+    result, hits = _recorded("packing", lambda: check_packing(model))
+    counts = Counter(h.name for h in hits)
+    assert counts["document logits"] == len(LENGTHS)  # every document, from its packed row
+    assert counts["isolation"] >= len(LENGTHS) - 3  # each row's documents after its first (3 rows)
+    assert counts["loss"] == counts["window loss"] == 1
+    n_params = len(list(model.parameters()))
+    assert sum(n.startswith("grad ") for n in counts.elements()) == 2 * n_params  # the batch's and the loop's
+    assert f"{len(LENGTHS)} documents" in result.case and "rows of 24" in result.case

@@ -21,7 +21,8 @@ from llama_ref.lora import ALL_TARGETS, LoRALinear, apply_lora_to_llama
 from llama_ref.loss import chunked_cross_entropy, linear_cross_entropy, token_loss_sum
 from llama_ref.model import BlockRunner, Transformer
 from llama_ref.train.optim import make_scheduler
-from llama_ref.train.trainer import Trainer
+from llama_ref.train.packing import packed_micro_batches
+from llama_ref.train.trainer import PACKING, Trainer
 
 from .base import Target, copy_sharing_weights
 from .protocols import Batch, Limits, Reported
@@ -203,6 +204,40 @@ class LlamaRefTarget(Target):
             loss = model(tokens, 0, labels=labels, loss_kernel=kernel)
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+    # ---- property 7 ----------------------------------------------------------------------------------------------
+
+    def pack(self, documents: Sequence[dict[str, torch.Tensor]], row_len: int, n_micro: int
+             ) -> list[dict[str, torch.Tensor]]:
+        """llama_ref's packer (``llama_ref.train.packing``)."""
+        return packed_micro_batches(list(documents), row_len, n_micro)
+
+    def batch_logits(self, batch: dict[str, torch.Tensor], *, float64: bool = False) -> torch.Tensor:
+        model = self._training_copy(float64).eval()
+        with torch.no_grad():
+            return model(batch["input_ids"], 0, **{k: batch[k] for k in PACKING if k in batch})
+
+    def batch_loss_and_grads(self, batch: dict[str, torch.Tensor], *, float64: bool = False
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = self._training_copy(float64)
+        loss = self.trainer_cls(model, torch.optim.SGD(model.parameters(), lr=0.0)).loss_sum(batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    def train_window(self, window: Sequence[dict[str, torch.Tensor]], *, float64: bool = False
+                     ) -> tuple[float, int, dict[str, torch.Tensor]]:
+        """Its ``Trainer`` (``trainer_cls``), one step of SGD at learning rate 1 without clipping: the gradient it
+        stepped with is the parameters' change."""
+        model = self._training_copy(float64)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        result = self.trainer_cls(model, torch.optim.SGD(model.parameters(), lr=1.0)).step(list(window))
+        after = dict(model.named_parameters())
+        return result.loss, result.n_tokens, {n: before[n] - after[n].detach() for n in before}
+
+    def _training_copy(self, float64: bool) -> Transformer:
+        model = self._copy(copy.deepcopy(self.model)).train()
+        return model.double() if float64 else model
 
 
 class _TrainerDriver:

@@ -305,6 +305,40 @@ class DistributedTarget(Applicability, Protocol):
 
 
 @runtime_checkable
+class PackingTarget(Applicability, Protocol):
+    """Property 7 (packed rows equal padded ones). A batch is a dict of (B, T) tensors: ``input_ids``, ``labels``
+    (unshifted, -100 where ignored) and, packed, ``positions`` (each token's position in its document) and optionally
+    ``document_ids`` (its document; -1 for padding)."""
+
+    @property
+    def limits(self) -> Limits:
+        """Vocabulary, weights' dtype and device."""
+        ...
+
+    def pack(self, documents: Sequence[dict[str, torch.Tensor]], row_len: int, n_micro: int
+             ) -> list[dict[str, torch.Tensor]]:
+        """The target's own packer: ``documents`` (each ``input_ids``, ``labels``) in rows of ``row_len`` tokens,
+        dealt into at most ``n_micro`` micro-batches."""
+        ...
+
+    def batch_logits(self, batch: dict[str, torch.Tensor], *, float64: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) of ``batch`` (packed or padded), without gradient; ``float64``: on a float64 copy."""
+        ...
+
+    def batch_loss_and_grads(self, batch: dict[str, torch.Tensor], *, float64: bool = False
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """On a fresh copy: the summed next-token loss of ``batch`` as its training loop computes it, and the
+        gradients of the trainable parameters, by name."""
+        ...
+
+    def train_window(self, window: Sequence[dict[str, torch.Tensor]], *, float64: bool = False
+                     ) -> tuple[float, int, dict[str, torch.Tensor]]:
+        """On a fresh copy, one step of the target's own loop over ``window``: the loss it reports, the target
+        tokens it counted, and the gradients it stepped with (by name)."""
+        ...
+
+
+@runtime_checkable
 class LossKernelTarget(Applicability, Protocol):
     """Property 8 (a chunked or fused loss equals the plain one)."""
 

@@ -11,7 +11,7 @@ from verify.mutants import MUTANTS, inject, mutants_for
 from verify.properties import PROPERTIES, Inputs, default_names, get, worst_of
 
 @pytest.mark.parametrize("prop", ["kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum",
-                                  "mixed_precision", "loss_kernel"])
+                                  "mixed_precision", "loss_kernel", "packing"])
 def test_the_zoo_holds_at_least_six_bugs_per_property(prop):
     assert len(mutants_for(prop)) >= 6
 
@@ -22,7 +22,7 @@ def test_every_mutant_targets_a_registered_check():
     # and a trainer goes to every check that drives one.
     assert all(set(m.components) <= PROPERTIES[m.prop].parts for m in MUTANTS.values())
     assert {p.name for p in PROPERTIES.values() if "trainer_cls" in p.parts} == {"grad_accum", "mixed_precision",
-                                                                               "distributed"}
+                                                                               "packing", "distributed"}
 
 
 # What the failure of each mutant must say: the claim that catches it (for the properties whose checks make several
