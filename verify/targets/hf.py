@@ -1,3 +1,4 @@
+# Over 350 lines: one adapter for one stack — each property through transformers' and PEFT's own code paths.
 """The target for the stack most users fine-tune with: a transformers causal LM (``PreTrainedModel``) or a PEFT
 ``PeftModel`` around one.
 
@@ -91,11 +92,15 @@ class HFTarget(Target):
     mp_step_label = "transformers' Trainer (bf16=True: accelerate's autocast)"
 
     def __init__(self, model: nn.Module, *, cache_cls: Optional[type] = None, trainer_cls: Optional[type] = None,
-                 input_require_grads: bool = True, max_batch_size: int = 8):
+                 input_require_grads: bool = True, max_batch_size: int = 8, packed_mask: Optional[str] = None):
         if not is_hf_model(model):
             raise TypeError(f"{type(model).__qualname__} is neither a transformers PreTrainedModel nor a PeftModel")
         self.model, self.cache_cls, self.trainer_cls = model, cache_cls, trainer_cls
         self.input_require_grads = input_require_grads
+        if packed_mask not in (None, "all-ones"):
+            raise ValueError(f"packed_mask is None (no attention mask beside position_ids) or 'all-ones', "
+                             f"got {packed_mask!r}")
+        self.packed_mask = packed_mask  # property 7: what goes beside the packed rows' position_ids
         self._max_batch_size = max_batch_size
         self._cache = None
         inner = pretrained(model)
@@ -110,8 +115,10 @@ class HFTarget(Target):
         if prop == "gradient_checkpointing" and not getattr(pretrained(self.model), "supports_gradient_checkpointing",
                                                             False):
             return f"{type(pretrained(self.model)).__name__} does not support gradient checkpointing"
+        if prop == "packing" and not _forward_takes(self.model, "position_ids"):
+            return f"{type(pretrained(self.model)).__name__}.forward takes no position_ids: no padding-free path"
         if prop in ("kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum", "mixed_precision",
-                    "loss_kernel"):
+                    "loss_kernel", "packing"):
             return None
         return f"the transformers adapter offers no operations for {prop}"
 
@@ -263,6 +270,63 @@ class HFTarget(Target):
     def mp_step(self, precision: str = "bf16"):
         from .hf_trainer import TrainerStep
         return TrainerStep(precision=precision, trainer_cls=self.trainer_cls)
+
+    # ---- property 7 ----------------------------------------------------------------------------------------------
+
+    def pack(self, documents: Sequence[dict[str, torch.Tensor]], row_len: int, n_micro: int
+             ) -> list[dict[str, torch.Tensor]]:
+        """transformers' own padding-free collator, ``DataCollatorWithFlattening``: each micro-batch's documents
+        (the window's, in order, dealt into ``n_micro`` groups) flattened into one row with ``position_ids``
+        restarting per document and each document's first label replaced by -100. It knows no row length."""
+        from transformers import DataCollatorWithFlattening
+        collator = DataCollatorWithFlattening(return_position_ids=True)
+        docs = list(documents)
+        n = min(n_micro, len(docs))
+        base, extra = divmod(len(docs), n)
+        out, start = [], 0
+        for m in range(n):
+            take = base + (m < extra)
+            flat = collator([{"input_ids": d["input_ids"].tolist(), "labels": d["labels"].tolist()}
+                             for d in docs[start:start + take]], return_tensors="pt")
+            out.append({"input_ids": flat["input_ids"], "labels": flat["labels"],
+                        "positions": flat["position_ids"]})
+            start += take
+        return out
+
+    def _packed_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        # use_cache=False, as in training: with a cache made for the call transformers does not look for packed rows
+        inputs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+        if "positions" in batch:  # the padding-free path: position_ids, and no mask or an all-ones one beside them
+            inputs["position_ids"] = batch["positions"].to(device)
+            if self.packed_mask == "all-ones":
+                inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return inputs
+
+    def batch_logits(self, batch: dict[str, torch.Tensor], *, float64: bool = False) -> torch.Tensor:
+        model = copy.deepcopy(self.model).eval()
+        if float64:
+            model.double()
+        with torch.no_grad():
+            return model(**self._packed_inputs(batch)).logits
+
+    def batch_loss_and_grads(self, batch: dict[str, torch.Tensor], *, float64: bool = False
+                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The model's own loss of the batch, ``labels`` given and ``num_items_in_batch=1`` (so the sum)."""
+        model = copy.deepcopy(self.model).eval()
+        if float64:
+            model.double()
+        kwargs = {"num_items_in_batch": 1} if (_forward_takes(model, "num_items_in_batch")
+                                               or _forward_takes_kwargs(model)) else {}
+        out = model(**self._packed_inputs(batch), labels=batch["labels"].to(next(model.parameters()).device),
+                    **kwargs)
+        loss = out.loss if kwargs else out.loss * int((batch["labels"][:, 1:] != -100).sum())
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    def train_window(self, window: Sequence[dict[str, torch.Tensor]], *, float64: bool = False
+                     ) -> tuple[float, int, dict[str, torch.Tensor]]:
+        raise NotImplementedError("transformers' Trainer over packed micro-batches is not driven here yet")
 
     # ---- property 8 ----------------------------------------------------------------------------------------------
 

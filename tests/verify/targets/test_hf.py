@@ -17,6 +17,7 @@ from verify.checks.gradient_checkpointing import check_gradient_checkpointing  #
 from verify.checks.kv_cache import check_kv_cache  # noqa: E402
 from verify.checks.lora_merge import check_lora_merge  # noqa: E402
 from verify.checks.loss_kernel import check_loss_kernel  # noqa: E402
+from verify.checks.packing import check_packing  # noqa: E402
 from verify.mutants.hf import HF_ZOO, hf_target  # noqa: E402
 from verify.oracle_hf import default_hf_model  # noqa: E402
 from verify.targets.hf import HFTarget  # noqa: E402
@@ -152,6 +153,35 @@ def test_its_causal_lm_loss_with_num_items_in_batch_equals_the_plain_loss(hf_mod
         return
     assert result.verdict == "PASS" and "reductions=mean" in result.case, _explain(result)
     assert "accumulation K=3 model B=2 L=16" in result.case, _explain(result)
+
+
+def _finds_packed_rows() -> bool:
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_its_padding_free_path_keeps_documents_apart_without_a_mask(attn):
+    # DataCollatorWithFlattening's rows: position_ids restarting per document and no attention mask (use_cache off,
+    # as in training). transformers builds the block-causal mask from the position resets.
+    model = default_hf_model()
+    model.config._attn_implementation = attn
+    result = check_packing(HFTarget(model))
+    if not _finds_packed_rows():  # before masking_utils' packed detection, eager and SDPA had no padding-free path
+        assert not result.ok and any("isolation" in d for d in result.details), _explain(result)
+        return
+    assert result.verdict == "PASS", _explain(result)
+    assert any("training loop on packed micro-batches not checked" in d for d in result.details)
+
+
+@pytest.mark.xfail(strict=True, reason="transformers#46634: beside packed position_ids, an all-ones 2D attention mask "
+                                       "takes the plain causal path and documents attend to each other")
+def test_an_all_ones_mask_beside_packed_position_ids_keeps_documents_apart():
+    result = check_packing(HFTarget(default_hf_model(), packed_mask="all-ones"))
+    assert result.ok, _explain(result)
 
 
 def test_llama_verify_target_hf_runs_on_transformers(capsys):
