@@ -25,18 +25,21 @@ def count_target_tokens(labels: torch.Tensor) -> int:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies (fp32) over the targets ``labels[:, 1:] != IGNORE_INDEX``.
+    """Sum of next-token cross-entropies (fp32; float64 for float64 logits) over the targets
+    ``labels[:, 1:] != IGNORE_INDEX``.
 
     ``logits`` (B, T, V) predict position t+1 from position t; ``labels`` (B, T) are the unshifted token ids.
     """
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    shifted = logits[:, :-1].flatten(0, 1)
+    return F.cross_entropy(shifted if shifted.dtype == torch.float64 else shifted.float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                   ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=ignore_index,
-                           reduction="none")
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), targets,
+                           ignore_index=ignore_index, reduction="none")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

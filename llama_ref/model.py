@@ -349,10 +349,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(seqlen, device=tokens.device).expand_as(tokens)
         elif bool((positions < 0).any()) or bool((positions >= self.params.max_seq_len).any()):
-            raise ValueError(f"positions must lie in 0..{self.params.max_seq_len - 1} (max_seq_len)")
+            raise ValueError(f"positions must lie in 0..{self.params.max_seq_len - 1} (max_seq_len), got "
+                             f"{int(positions.min())}..{int(positions.max())}")
+        if document_ids is None:  # the documents from the positions: a new one wherever they do not count up by 1
+            step = torch.diff(positions, dim=1, prepend=positions[:, :1] - 1)
+            document_ids = (step != 1).cumsum(dim=1)
         table = self.rotary_freqs(0, self.params.max_seq_len, h.device, h.dtype)
-        if document_ids is None:
-            return table[positions], causal_mask(seqlen, seqlen, h.device)
         return table[positions], document_mask(document_ids)
 
 

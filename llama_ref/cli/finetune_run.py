@@ -22,7 +22,7 @@ from ..model import Transformer
 from ..perf.peak import MemTrackerUnavailable, PeakTracker, peak_memory_mb
 from ..tokenizer import Tokenizer
 from ..train.config import TrainConfig, build_model, make_trainer
-from ..train.data import InstructionDataset, collate, default_dataset_path, load_records
+from ..train.data import DataError, InstructionDataset, collate, default_dataset_path, load_records
 from ..train.packing import packed_micro_batches
 from ..train.trainer import Batch, NonFiniteLossError, Trainer, windows
 from . import resume
@@ -75,6 +75,21 @@ def micro_batches(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int) ->
         yield {k: v.to(cfg.device) for k, v in collate(examples, pad_id).items()}
 
 
+def check_packable(dataset: InstructionDataset, cfg: TrainConfig, max_seq_len: int) -> None:
+    """Before any step: ``--pack-len`` within the model's positions, and (without ``--split-long``) every example
+    within a row — a DataError naming the first that is not by its index in the data file."""
+    if cfg.pack_len is not None and cfg.pack_len > max_seq_len:
+        raise ValueError(f"--pack-len {cfg.pack_len} exceeds the model's max_seq_len {max_seq_len}")
+    row = cfg.pack_len or dataset.max_seq_len
+    if cfg.split_long:
+        return
+    for i, example in enumerate(dataset.examples):
+        if len(example["input_ids"]) > row:
+            raise DataError(f"record {dataset.indices[i]} of the data has {len(example['input_ids'])} tokens, more "
+                            f"than a packed row of {row} (--pack-len): raise --pack-len, or cut such examples "
+                            "into pieces with --split-long")
+
+
 def train_windows(dataset: InstructionDataset, cfg: TrainConfig, pad_id: int, size: int) -> Iterator[list[Batch]]:
     """The run's windows of ``size`` micro-batches; with ``--pack``, each window's examples (the same ones, in the
     same windows, as without it) packed into rows of ``--pack-len`` and dealt into at most ``size`` micro-batches
@@ -101,6 +116,8 @@ def build(cfg: TrainConfig, rank: int = 0, world: int = 1) -> Run:
     metrics["parameters"] = {"trainable": trainable, "total": total, "percent": percent}
     dataset = InstructionDataset(load_records(cfg.data or default_dataset_path()), tokenizer,
                                  cfg.max_seq_len or model.params.max_seq_len)
+    if cfg.pack:
+        check_packable(dataset, cfg, model.params.max_seq_len)
     n_micro = cfg.epochs * math.ceil(len(dataset) / cfg.batch_size)
     total_steps = min(math.ceil(n_micro / (cfg.ga * world)), cfg.max_steps or sys.maxsize)
     trainer = make_trainer(cfg, model, total_steps=total_steps)

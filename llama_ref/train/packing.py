@@ -24,7 +24,8 @@ from .data import DataError
 def pack(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     """First-fit decreasing: the indices of the documents in each row of ``seq_len`` tokens (longest first; a row
     takes the next document that fits, rows in the order they were opened, documents within a row in the order
-    placed). DataError naming the first document longer than a row."""
+    placed). DataError naming the first document longer than a row (by its index in ``lengths``; llama-finetune
+    checks its data before the first step, naming the record)."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     for i, n in enumerate(lengths):

@@ -24,7 +24,8 @@ def _packer(change):
 
 
 def _positions_by_column(b):
-    return {**b, "positions": torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"]).clone()}
+    rows = {k: v for k, v in b.items() if k != "document_ids"}  # the documents known from the positions alone
+    return {**rows, "positions": torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"]).clone()}
 
 
 def _first_tokens_labelled(b):
@@ -33,7 +34,8 @@ def _first_tokens_labelled(b):
     return {**b, "labels": torch.where(starts, b["input_ids"], b["labels"])}
 
 
-mutant("pack_positions_continue", "positions count the row's columns instead of restarting in each document",
+mutant("pack_positions_continue", "positions count the row's columns instead of restarting in each document, and "
+       "the documents are read from the positions (as transformers reads position_ids): no boundary is left",
        "hiyouga/LlamaFactory#7318: packed sequences whose position ids were not reset per document",
        component="packer")(_packer(_positions_by_column))
 mutant("pack_first_token_labelled", "each document's first token keeps its label: predicted from the end of the "

@@ -347,8 +347,8 @@ class HFTarget(Target):
             model.double()
         inner = pretrained(model)
         if kernel is None:
-            logits = model(input_ids=tokens).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+            logits = model(input_ids=tokens).logits[:, :-1].flatten(0, 1)
+            loss = torch.nn.functional.cross_entropy(logits if float64 else logits.float(), labels[:, 1:].flatten(),
                                                      ignore_index=-100, reduction="sum")
         else:
             head = inner.get_output_embeddings()
@@ -364,7 +364,10 @@ class HFTarget(Target):
                 total = kernel(seen["hidden"].flatten(0, 1), head.weight, shifted, reduction="sum")
                 count = num_items_in_batch if num_items_in_batch is not None else (shifted != ignore_index).sum()
                 return total / count
-            inner.loss_function = loss_function
+            try:
+                inner.loss_function = loss_function
+            except AttributeError:  # a transformers whose loss_function property has no setter
+                raise NotImplementedError(f"transformers {_version()}'s loss_function cannot be replaced") from None
             try:
                 loss = model(input_ids=tokens, labels=labels, num_items_in_batch=1).loss
             finally:
@@ -378,4 +381,9 @@ def _forward_takes_kwargs(model: nn.Module) -> bool:
         return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(pretrained(model).forward).parameters.values())
     except (TypeError, ValueError):
         return False
+
+
+def _version() -> str:
+    import transformers
+    return transformers.__version__
 

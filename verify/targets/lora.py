@@ -82,7 +82,10 @@ class LoRALayerView:
             return None
         if self.merged:
             raise ValueError(f"{self.name} is merged: its update is measured on the unmerged layer")
-        m = copy.deepcopy(self.module).double().eval()
+        m = copy.deepcopy(self.module).double()
+        if getattr(m, "merge_weights", None) is True:
+            m.merge_weights = False  # eval() must not fold the update into W: it is what is measured
+        m.eval()
         if absolute:
             m.lora_A.abs_()
             m.lora_B.abs_()

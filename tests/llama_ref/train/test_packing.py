@@ -96,3 +96,20 @@ def test_finetune_pack_trains_the_same_first_window_and_refuses_pack_options_wit
     assert runs["packed"]["loss"] == pytest.approx(runs["padded"]["loss"], rel=1e-6)
     with pytest.raises(SystemExit):
         main(["--pack-len", "64"])
+
+
+def test_positions_alone_mark_the_documents_where_they_restart():
+    # transformers' reading of position_ids: without document ids, a document starts where positions reset.
+    model = init_weights(Transformer(ModelArgs.preset("tiny", n_layers=1)), 0).double()
+    model.kv_caching = False
+    batch = collate_packed([_examples([5, 7])], pad_id=0)
+    with_ids = model(batch["input_ids"], positions=batch["positions"], document_ids=batch["document_ids"])
+    torch.testing.assert_close(model(batch["input_ids"], positions=batch["positions"]), with_ids)
+
+
+def test_finetune_refuses_a_pack_len_beyond_the_model_and_names_a_record_longer_than_a_row(capsys):
+    from llama_ref.cli.finetune import main
+    assert main(["--pack", "--pack-len", "9999", "--max-steps", "1", "--no-progress"]) == 2
+    assert "--pack-len 9999 exceeds the model's max_seq_len 256" in capsys.readouterr().err
+    assert main(["--pack", "--pack-len", "64", "--max-steps", "1", "--no-progress"]) == 2
+    assert "record 0 of the data has 108 tokens, more than a packed row of 64" in capsys.readouterr().err

@@ -141,3 +141,17 @@ def test_a_foreign_model_has_no_kernel_of_its_own_but_a_users_is_checked_with_it
     result = check_loss_kernel(model, loss_kernel=LossKernel.from_function(_user_kernel, "mine"))
     assert result.verdict == "PASS" and f"V={model.output.out_features} D={model.output.in_features}" in result.case
     assert any("the kernel in the model not checked: the model has no seam" in d for d in result.details)
+
+
+def test_a_kernel_declining_only_the_softcap_is_checked_for_the_rest_and_says_so(model):
+    from llama_ref.loss import linear_cross_entropy
+
+    def no_softcap(hidden, weight, labels, *, reduction="mean", chunk_size=16, softcap=None):
+        if softcap is not None:
+            raise NotImplementedError("no softcap here")
+        return linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=chunk_size)
+    result = check_loss_kernel(model, loss_kernel=LossKernel.from_function(no_softcap, "no softcap"))
+    assert result.verdict == "PASS" and "reductions=mean,sum,none" in result.case, str(result)
+    assert "softcap=" not in result.case and "(18 cases declined)" in result.case
+    assert all("softcap=" in d and "not checked" in d for d in result.details if "declined" not in d and
+               "NotImplementedError" in d)

@@ -46,3 +46,14 @@ def test_a_mask_leak_is_named_per_document_and_by_the_isolation_claim():
 def test_a_model_that_cannot_take_packed_rows_is_not_applicable_naming_the_member():
     result = check_packing(seed_style.make())
     assert result.verdict == "N/A" and "PackingTarget" in result.not_applicable, str(result)
+
+
+def test_a_packer_putting_one_document_per_row_is_said_to_leave_isolation_unexamined():
+    from llama_ref.default import default_model
+    from llama_ref.train.packing import collate_packed
+
+    def one_per_row(documents, row_len, n_micro):
+        return [collate_packed([[d] for d in documents])]
+    result = check_packing(default_model(), packer=one_per_row)
+    assert result.ok and "0 shared rows" in result.case, str(result)
+    assert "note: isolation not examined: no packed row holds two documents" in result.details
