@@ -4,7 +4,8 @@ memory and the window losses, on the bundled instruction data and on a length di
 Both runs train the same windows of examples (``--pack`` packs each window's own examples), so their window losses
 must agree to fp32 rounding; the bench model (``--preset bench``, CPU, one thread), LoRA without dropout (its
 random masks would differ between the two layouts), SGD. Peak memory by MemTracker over one step (the largest
-window); tokens/s counts the examples' real tokens. Run:
+window); tokens/s counts the examples' real tokens. Then the seed's 1B shape, padded and packed, predicted on fake
+tensors (``llama_ref.perf.memory.predict_step_memory(..., packed=rows)``). Run:
     python scripts/bench_packing.py [--steps 8] [--batch 4] [--ga 2]
 """
 from __future__ import annotations
@@ -93,6 +94,30 @@ def main() -> None:
                   f"{diff:.1e} |" if label == "packed" else
                   f"| {name} | {label} | {r['rows']} | {r['padding']:.1%} | {r['tokens/s']:,.0f} | {r['peak']:.1f} | — |",
                   flush=True)
+    predict_1b()
+
+
+def predict_1b(n_docs: int = 16) -> None:
+    """The seed's 1B shape (LoRA + GC + bf16, AdamW), one micro-batch of ``n_docs`` Alpaca-like examples: padded to
+    the longest, and packed into rows of 512 and of 2,048 tokens — predicted on fake tensors."""
+    from llama_ref.perf.memory import predict_step_memory
+    from llama_ref.train.packing import pack
+    lengths = [len(e["input_ids"]) for e in alpaca_like(n_docs, seed=1)]
+    big = ModelArgs.preset("llama-3.2-1b")
+    setting = dict(lora=True, mp="bf16", gc=True, optimizer="adamw")
+    print(f"\nllama-3.2-1b, LoRA + GC + bf16, one micro-batch of {n_docs} Alpaca-like examples ({sum(lengths)} tokens, "
+          f"the longest {max(lengths)}), predicted:\n")
+    print("| batch | rows x tokens | padding | predicted peak MiB |")
+    print("|---|---|---|---|")
+    r = predict_step_memory(big, n_docs, max(lengths), **setting)
+    print(f"| padded | {n_docs} x {max(lengths)} | {1 - sum(lengths) / (n_docs * max(lengths)):.1%} | "
+          f"{r.peak_mb:,.1f} |", flush=True)
+    for row_len in (512, 2048):
+        rows = [[lengths[i] for i in row] for row in pack(lengths, row_len)]
+        width = max(sum(row) for row in rows)
+        r = predict_step_memory(big, len(rows), width, packed=rows, **setting)
+        print(f"| packed, rows of {row_len} | {len(rows)} x {width} | {1 - sum(lengths) / (len(rows) * width):.1%} | "
+              f"{r.peak_mb:,.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -60,10 +60,12 @@ def random_batch(vocab: int, batch_size: int, seq_len: int, device: Any, seed: i
 
 
 def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, steps: int = 2,
-                        args: Optional[ModelArgs] = None) -> MemoryReport:
+                        args: Optional[ModelArgs] = None, packed: Optional[Sequence[Sequence[int]]] = None
+                        ) -> MemoryReport:
     """Build the model as llama-finetune does, run ``steps`` Trainer steps (each a window of ``cfg.ga``
     micro-batches) on random tokens, measure the last. ``args``: a model of that shape with seeded weights instead
-    of ``cfg``'s preset or checkpoint (as :func:`predict_step_memory` takes a ModelArgs).
+    of ``cfg``'s preset or checkpoint (as :func:`predict_step_memory` takes a ModelArgs); ``packed``: packed rows, as
+    :func:`predict_step_memory` takes them.
 
     CPU: MemTracker's peak (every tensor's storage, by category). CUDA: ``torch.cuda.max_memory_allocated`` over
     the last step (after ``reset_peak_memory_stats``), with MemTracker's breakdown when available.
@@ -75,11 +77,11 @@ def measure_step_memory(cfg: TrainConfig, batch_size: int, seq_len: int, *, step
         raise ValueError(f"seq_len {seq_len} exceeds the config's max_seq_len {cfg.max_seq_len}")
     t0 = time.perf_counter()
     with seeded(cfg.seed, cfg.device):
-        return _measure(cfg, batch_size, seq_len, steps, t0, args)
+        return _measure(cfg, batch_size, seq_len, steps, t0, args, packed)
 
 
 def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: float,
-             args: Optional[ModelArgs] = None) -> MemoryReport:
+             args: Optional[ModelArgs] = None, packed: Optional[Sequence[Sequence[int]]] = None) -> MemoryReport:
     if args is None:
         model, _ = build_model(cfg)
     else:
@@ -90,6 +92,8 @@ def _measure(cfg: TrainConfig, batch_size: int, seq_len: int, steps: int, t0: fl
     device = torch.device(cfg.device)
     trainer = make_trainer(cfg, model, one_process=True)
     batch = random_batch(model.vocab_size, batch_size, seq_len, device, cfg.seed)
+    if packed is not None:
+        batch.update({k: v.to(device) for k, v in _packed_rows(packed, batch_size, seq_len).items()})
     window = [batch] * cfg.ga  # a whole accumulation window per step
     for _ in range(steps - 1):  # warm-up: lazily created state (optimizer moments, RoPE table) exists before
         trainer.step(window)
@@ -159,7 +163,8 @@ class _FakeTensorTrainer(Trainer):
 
 
 def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: int, seq_len: int, *,
-                        steps: int = 2, **options: Any) -> MemoryReport:
+                        steps: int = 2, packed: Optional[Sequence[Sequence[int]]] = None,
+                        **options: Any) -> MemoryReport:
     """Peak memory (MiB) of the last of ``steps`` training steps, by category, without allocating anything.
 
     ``cfg_or_args``: a TrainConfig (its preset, checkpoint's params.json or max_seq_len give the shape; ``options``
@@ -168,6 +173,8 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
     build, autocast, loss, backward, clipping and the optimizer on fake tensors, on CPU kernels' dtype rules
     (autocast "cpu"), with MemTracker counting their storages. The first step creates state the later ones keep
     (AdamW's moments, GradScaler's scale); the default predicts the second, as ``measure_step_memory`` measures it.
+    ``packed``: the micro-batch is ``batch_size`` packed rows of ``seq_len`` tokens, row i holding documents of
+    ``packed[i]`` tokens (``llama_ref.train.packing``: positions restarting, a document mask).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -189,6 +196,8 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
                                foreach=True if target.type == "cuda" else None, one_process=True)
         tokens = torch.zeros((batch_size, seq_len), dtype=torch.int64)
         batch = {"input_ids": tokens, "labels": tokens.clone()}
+        if packed is not None:  # packed rows: each row's documents' lengths (positions and documents per token)
+            batch.update(_packed_rows(packed, batch_size, seq_len))
         # Accumulation: from the second micro-batch on, every micro-batch allocates what the second did (the
         # gradients exist and are added to); two are the peak of any longer window.
         micro_batches = min(cfg.ga, 2)
@@ -198,6 +207,20 @@ def predict_step_memory(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: 
             trainer.step([batch] * micro_batches)
     return MemoryReport(tracker.peak_mb, tracker.breakdown_mb, f"{target} (predicted on fake CPU tensors)",
                         "MemTracker on FakeTensorMode", time.perf_counter() - t0, tracker.category_peaks_mb)
+
+
+def _packed_rows(rows: Sequence[Sequence[int]], batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """``positions`` and ``document_ids`` (batch_size, seq_len) of packed rows of documents of the given lengths (the
+    rest of a row padding, a document of its own)."""
+    if len(rows) != batch_size or any(sum(r) > seq_len for r in rows):
+        raise ValueError(f"packed: {batch_size} rows of at most {seq_len} tokens expected, got lengths {rows}")
+    positions, documents = [], []
+    for row in rows:
+        pos = [i for n in row for i in range(n)] + list(range(seq_len - sum(row)))
+        doc = [d for d, n in enumerate(row) for _ in range(n)] + [-1] * (seq_len - sum(row))
+        positions.append(pos)
+        documents.append(doc)
+    return {"positions": torch.tensor(positions), "document_ids": torch.tensor(documents)}
 
 
 def predict_step_flops(cfg_or_args: Union[TrainConfig, ModelArgs], batch_size: int, seq_len: int,

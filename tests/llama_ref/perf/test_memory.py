@@ -53,6 +53,16 @@ def test_prediction_matches_measurement(name):
     assert sum(measured.breakdown_mb.values()) == pytest.approx(measured.peak_mb, rel=1e-6)
 
 
+@needs_memtracker
+def test_a_packed_step_is_predicted_as_measured():
+    # Packed rows add per-token positions and a (B, 1, T, T) document mask: the prediction runs the same code.
+    cfg = TrainConfig(preset="tiny", lora=True, mp="bf16", gc=True, pack=True)
+    rows = [[30, 20, 14], [64]]
+    measured = measure_step_memory(cfg, 2, 64, packed=rows)
+    predicted = predict_step_memory(cfg, 2, 64, packed=rows)
+    assert predicted.peak_mb == pytest.approx(measured.peak_mb, rel=0.02)
+
+
 # The configurations the tests below compare (AdamW; 128 tokens: at 64, GC's peak is the optimizer step's).
 BENCH = ("full fp32 adamw", "lora", "lora bf16 half base", "gc", "lora bf16 gc")
 
