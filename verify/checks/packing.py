@@ -154,13 +154,17 @@ def check_packing(model: Any, *, seed: int = 0, packer: Optional[Any] = None,
             return found.result(NAME, case, tol, f"calibrated <= {factor:g}x the padded path's distance from "
                                                  f"float64; isolation {tol}")
         exact_step = target.train_window([pad], float64=True)
-        if step[1] != pad_step[1]:
+        n_targets = targets(pad["labels"])
+        if step[1] is None or pad_step[1] is None:
+            found.not_applicable("the training loop's target count not compared: it reports none")
+        elif step[1] != pad_step[1]:
+            wrong = " and ".join(side for side, n in (("packed", step[1]), ("padded", pad_step[1])) if n != n_targets)
             found.fail(f"the training loop's window: {step[1]} target tokens counted over the packed micro-batches, "
-                       f"{pad_step[1]} over the padded batch")
+                       f"{pad_step[1]} over the padded batch, of {n_targets} (the {wrong} count wrong)")
         exact_window = torch.tensor(exact_step[0], dtype=torch.float64)
         found.compared("the loop's window loss", compare_calibrated(
             torch.tensor(step[0]), torch.tensor(pad_step[0]), exact_window, factor,
-            floor=_sum_floor(exact_window, lim.dtype, targets(pad["labels"])), name="window loss"))
+            floor=_sum_floor(exact_window, lim.dtype, n_targets), name="window loss"))
         _grads(found, "the loop's ", step[2], pad_step[2], exact_step[2], factor)
         criterion = f"calibrated <= {factor:g}x the padded path's distance from float64; isolation {tol}"
         return found.result(NAME, case, tol, criterion)

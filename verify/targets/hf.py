@@ -326,7 +326,15 @@ class HFTarget(Target):
 
     def train_window(self, window: Sequence[dict[str, torch.Tensor]], *, float64: bool = False
                      ) -> tuple[float, int, dict[str, torch.Tensor]]:
-        raise NotImplementedError("transformers' Trainer over packed micro-batches is not driven here yet")
+        """transformers' ``Trainer`` (``trainer_cls``) over the window's micro-batches (:func:`verify.targets.
+        hf_trainer.packed_window`): the loss it reports, the ``num_items_in_batch`` it counts, the gradient it
+        stepped with."""
+        from .hf_trainer import packed_window
+        model = copy.deepcopy(self.model).train()
+        if float64:
+            model.double()
+        micro = [{**self._packed_inputs(b), "labels": b["labels"]} for b in window]
+        return packed_window(model, micro, trainer_cls=self.trainer_cls)
 
     # ---- property 8 ----------------------------------------------------------------------------------------------
 

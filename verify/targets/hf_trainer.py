@@ -42,11 +42,17 @@ def _one_micro_batch(items: list[Batch]) -> Batch:
     return dict(batch)
 
 
-def _in_order(trainer_cls: type) -> type:
-    """``trainer_cls`` reading its dataset in order (a ``SequentialSampler``; the default shuffles)."""
+def _in_order(trainer_cls: type, counted: Optional[list] = None) -> type:
+    """``trainer_cls`` reading its dataset in order (a ``SequentialSampler``; the default shuffles); the
+    ``num_items_in_batch`` each ``compute_loss`` call is given appended to ``counted``."""
     class InOrder(trainer_cls):  # type: ignore[misc, valid-type]
         def _get_train_sampler(self, *args: Any, **kwargs: Any):
             return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, *args: Any, **kwargs: Any):
+            if counted is not None:
+                counted.append(kwargs.get("num_items_in_batch"))
+            return super().compute_loss(*args, **kwargs)
     InOrder.__name__ = InOrder.__qualname__ = f"InOrder{trainer_cls.__name__}"
     return InOrder
 
@@ -69,9 +75,10 @@ class _Capture:
 
 def train_window(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window: Sequence[Batch], *,
                  ga: int, lr: Optional[float], max_norm: Optional[float], precision: str = "fp32",
-                 trainer_cls: Optional[type] = None) -> Reported:
+                 trainer_cls: Optional[type] = None, counted: Optional[list] = None) -> Reported:
     """One optimizer step of ``transformers.Trainer`` (or ``trainer_cls``) over ``window`` with
-    ``gradient_accumulation_steps=ga``; the global RNG is left as it was (the Trainer seeds it)."""
+    ``gradient_accumulation_steps=ga``; the global RNG is left as it was (the Trainer seeds it). ``counted``: a list
+    the ``num_items_in_batch`` of each micro-batch's ``compute_loss`` is appended to (None where it passes none)."""
     import transformers
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -91,7 +98,7 @@ def train_window(model: torch.nn.Module, optimizer: torch.optim.Optimizer, windo
             max_grad_norm=max_norm if max_norm is not None else 0.0, logging_steps=1, save_strategy="no",
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=device.type == "cpu",
             bf16=precision == "bf16", fp16=precision == "fp16", remove_unused_columns=False, seed=0)
-        trainer = _in_order(trainer_cls or transformers.Trainer)(
+        trainer = _in_order(trainer_cls or transformers.Trainer, counted)(
             model=model, args=args, train_dataset=_Dataset(window), data_collator=_one_micro_batch,
             optimizers=(optimizer, scheduler), callbacks=[capture])
         for quiet in (PrinterCallback, ProgressCallback):
@@ -133,3 +140,18 @@ class TrainerStep:
                  max_norm: Optional[float]) -> float:
         return train_window(model, optimizer, window, ga=len(window), lr=None, max_norm=max_norm,
                             precision=self.precision, trainer_cls=self.trainer_cls).loss
+
+
+def packed_window(model: torch.nn.Module, window: Sequence[Batch], *, trainer_cls: Optional[type] = None
+                  ) -> tuple[float, Optional[int], dict[str, torch.Tensor]]:
+    """Property 7's loop: one ``Trainer.train()`` step over ``window`` (the model's inputs, ``labels`` included) on
+    ``model`` itself, SGD at learning rate 1 without clipping, so the gradient it stepped with is the parameters'
+    change. Returns the loss it reports, the ``num_items_in_batch`` it counted (None where it passes none) and that
+    gradient by name."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    counted: list = []
+    reported = train_window(model, torch.optim.SGD(params.values(), lr=1.0), window, ga=len(window), lr=1.0,
+                            max_norm=None, trainer_cls=trainer_cls, counted=counted)
+    count = None if not counted or counted[0] is None else int(counted[0])
+    return reported.loss, count, {n: before[n] - p.detach() for n, p in params.items()}

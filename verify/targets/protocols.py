@@ -332,9 +332,9 @@ class PackingTarget(Applicability, Protocol):
         ...
 
     def train_window(self, window: Sequence[dict[str, torch.Tensor]], *, float64: bool = False
-                     ) -> tuple[float, int, dict[str, torch.Tensor]]:
+                     ) -> tuple[float, Optional[int], dict[str, torch.Tensor]]:
         """On a fresh copy, one step of the target's own loop over ``window``: the loss it reports, the target
-        tokens it counted, and the gradients it stepped with (by name)."""
+        tokens it counted (None where it counts none), and the gradients it stepped with (by name)."""
         ...
 
 

@@ -18,6 +18,8 @@ from verify.checks.kv_cache import check_kv_cache  # noqa: E402
 from verify.checks.lora_merge import check_lora_merge  # noqa: E402
 from verify.checks.loss_kernel import check_loss_kernel  # noqa: E402
 from verify.checks.packing import check_packing  # noqa: E402
+from verify.compare import Probe, probing  # noqa: E402
+from verify.findings import FAILING  # noqa: E402
 from verify.mutants.hf import HF_ZOO, hf_target  # noqa: E402
 from verify.oracle_hf import default_hf_model  # noqa: E402
 from verify.targets.hf import HFTarget  # noqa: E402
@@ -169,12 +171,33 @@ def test_its_padding_free_path_keeps_documents_apart_without_a_mask(attn):
     # as in training). transformers builds the block-causal mask from the position resets.
     model = default_hf_model()
     model.config._attn_implementation = attn
-    result = check_packing(HFTarget(model))
+    with probing(Probe("window loss|grad .*")) as (seen,):
+        result = check_packing(HFTarget(model))
     if not _finds_packed_rows():  # before masking_utils' packed detection, eager and SDPA had no padding-free path
         assert not result.ok and any("isolation" in d for d in result.details), _explain(result)
         return
+    if Version("4.46") <= TRANSFORMERS < Version("5"):
+        # claims 0-4 hold; the Trainer's padded window counts position 0's labels (OVERCOUNT), its packed one not
+        failing = [f.message for f in result.findings if f.kind in FAILING]
+        assert failing and all("loop" in m for m in failing), _explain(result)
+        assert "(the padded count wrong)" in failing[0], _explain(result)
+        return
     assert result.verdict == "PASS", _explain(result)
-    assert any("training loop on packed micro-batches not checked" in d for d in result.details)
+    # claim 5 through the Trainer: its window loss, its num_items_in_batch and the gradient it stepped with
+    assert not any("not checked" in d or "reports none" in d for d in result.details), _explain(result)
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert [h.name for h in seen.hits].count("window loss") == 1
+    assert sum(h.name.startswith("grad ") for h in seen.hits) == 2 * n_params  # the batch's and the loop's
+
+
+def test_the_trainer_over_packed_micro_batches_is_judged_against_the_padded_batch():
+    # claim 5's teeth through transformers' Trainer: a mean of micro-batch means (transformers before 4.46) differs
+    # on the packed window, whose two micro-batches hold different numbers of targets (before 4.46, the Trainer's own)
+    mutant = next(m for m in HF_ZOO if m.name == "hf_ga_mean_of_micro_means")
+    model = default_hf_model()
+    result = check_packing(HFTarget(model) if TRANSFORMERS < Version("4.46") else hf_target(model, mutant))
+    assert not result.ok and any(d.startswith("the loop's window loss: TOO FAR") for d in result.details), \
+        _explain(result)
 
 
 @pytest.mark.xfail(strict=True, reason="transformers#46634: beside packed position_ids, an all-ones 2D attention mask "
