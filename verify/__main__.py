@@ -15,7 +15,7 @@ from .mutants import mutants_for
 from .properties import Inputs, default_names, get, worst_of
 from .runner import DTYPES, environment, kill_matrix, require, run_checks, run_target_checks, uncaught
 from .table import format_kill_matrix, format_results, format_table, write_json
-from .targets.spec import as_target, load_factory, load_loss_fn
+from .targets.spec import as_target, load_factory, load_loss_fn, load_packed_forward
 from .targets.train_step import load_train_step
 
 
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="PATH.py:FN or package.module:FN: your loss kernel, fn(hidden, weight, labels, *, "
                         "reduction='mean', [bias], [chunk_size], [num_items_in_batch], [softcap]) -> loss, checked by "
                         "loss_kernel beside the target's own kernels (docs/verify-your-model.md)")
+    p.add_argument("--packed-forward", metavar="SPEC",
+                   help="PATH.py:FN or package.module:FN: your packed forward, fn(model, input_ids, *, "
+                        "[positions], [document_ids], [cu_seqlens]) -> logits, checked by packing on the target's "
+                        "model beside its own packed path (docs/verify-your-model.md)")
     p.add_argument("--preset", help="a model preset with random weights (e.g. llama-3.2-1b: the real shape, seeded "
                                     "weights; nothing downloaded) instead of the embedded default")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
@@ -82,13 +86,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     train_step = load_train_step(args.train_step) if args.train_step else None  # a bad SPEC: exit 2 before any work
     mp_train_step = load_train_step(args.mp_train_step) if args.mp_train_step else None
     loss_fn = load_loss_fn(args.loss_fn) if args.loss_fn else None
+    packed_forward = load_packed_forward(args.packed_forward) if args.packed_forward else None
     if args.ckpt_dir and args.preset:
         _parser().error("--ckpt-dir and --preset are two models: give one")
     if args.target != "llama_ref":
         if args.ckpt_dir or args.preset or args.attn_impl or (args.mutants and args.target != HF_SPEC):
             _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --attn-impl (they are llama_ref's), "
                             "nor --mutants except with --target hf")
-        return _main_target(args, train_step, mp_train_step, loss_fn)
+        return _main_target(args, train_step, mp_train_step, loss_fn, packed_forward)
     if args.ckpt_dir:
         from llama_ref.formats.meta import load_model
         from llama_ref.tokenizer import Tokenizer
@@ -120,7 +125,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     rows = args.max_batch_size if args.preset else factory().params.max_batch_size  # no 1B model just to read it
     prompts = [tokenizer.encode(p, bos=True, eos=False)[:16] for p in SEED_PROMPTS][:rows]
     inputs = Inputs(seed=args.seed, prompts=prompts, train_step=train_step, mp_train_step=mp_train_step,
-                    loss_fn=loss_fn)
+                    loss_fn=loss_fn, packed_forward=packed_forward)
     checks = args.check or default_names()
     args.device = args.device or "cpu"
     env = environment(args.device)
@@ -182,7 +187,8 @@ HF_SPEC = "hf"  # --target hf: the embedded default in transformers' LlamaForCau
 
 
 def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]],
-                 mp_train_step: Optional[Callable[..., float]], loss_fn: Any = None) -> int:
+                 mp_train_step: Optional[Callable[..., float]], loss_fn: Any = None,
+                 packed_forward: Optional[Callable[..., Any]] = None) -> int:
     factory = load_factory("verify.oracle_hf:default_hf_model" if args.target == HF_SPEC else args.target)
     try:
         probe = factory()
@@ -199,7 +205,7 @@ def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., fl
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print()
     results = run_target_checks(factory, Inputs(seed=args.seed, train_step=train_step, mp_train_step=mp_train_step,
-                                                loss_fn=loss_fn),
+                                                loss_fn=loss_fn, packed_forward=packed_forward),
                                 checks=checks, dtypes=args.dtype or [None],
                                 device=args.device, asked=bool(args.check))
     print(format_results(results))

@@ -14,6 +14,7 @@ length of a block (a property of a user's own, or a test's).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -54,6 +55,7 @@ class Inputs:
     train_step: Optional[Callable[..., float]] = None  # the user's training step, for GA (verify.targets.base.TrainStep)
     mp_train_step: Optional[Callable[..., float]] = None  # the user's mixed-precision step (its autocast), for MP
     loss_fn: Optional[Any] = None  # the user's loss kernel (verify.targets.loss_kernel.LossKernel), for property 8
+    packed_forward: Optional[Callable[..., Any]] = None  # the user's packed forward, for property 7
 
 
 # Above this many parameters a model is "real-size": GA and checkpointing check LoRA on a frozen base only, and MP
@@ -158,6 +160,23 @@ def _loss_kernel(model: Any, inputs: Inputs, **parts: Any) -> Union[CheckResult,
     return [check_loss_kernel(target, kernel=name, seed=inputs.seed) for name in names or [None]]
 
 
+def _packing(model: Any, inputs: Inputs, **parts: Any) -> Union[CheckResult, list[CheckResult]]:
+    """The target's own packed path and, with ``--packed-forward``, the user's forward on the same model (a
+    result each); a component (a zoo mutant's packer or Trainer) on the target's path alone."""
+    own = check_packing(model, seed=inputs.seed, **parts)
+    if parts or inputs.packed_forward is None:
+        return own
+    from .targets.packed_forward import PackedForwardTarget
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    if not isinstance(module, torch.nn.Module):
+        return [own, CheckResult.na("packing", f"{type(model).__qualname__} holds no model for the packed forward",
+                                    str(model))]
+    forward = inputs.packed_forward
+    name = getattr(forward, "spec", None) or getattr(forward, "__qualname__", "the packed forward")
+    theirs = check_packing(PackedForwardTarget(module, forward, name=name), seed=inputs.seed)
+    return [own, dataclasses.replace(theirs, case=f"{name}: {theirs.case}")]
+
+
 def _distributed(model: Any, inputs: Inputs, **parts: Any) -> CheckResult:
     model = model if isinstance(model, torch.nn.Module) else model.model
     if not isinstance(model, Transformer):
@@ -196,8 +215,8 @@ RECORDS: tuple[Property, ...] = (
              "packed rows (positions restarting, attention inside each document) give each document's logits, the "
              "summed loss, the target count and the gradients of padded rows; a document's tokens never reach "
              "another's logits; the training loop on packed micro-batches steps as on the padded batch",
-             check_packing, packing.PROTOCOLS, packing_mutants, "assert_packing_equivalent",
-             parts=frozenset({"packer", "trainer_cls"}), per_attn_impl=True),
+             check_packing, packing.PROTOCOLS, packing_mutants, "assert_packing_equivalent", _packing,
+             frozenset({"packer", "trainer_cls"})),
     Property("loss_kernel", "chunked / fused loss",
              "a chunked or fused cross-entropy gives the plain loss and gradients (hidden states, output weight, "
              "bias) for every reduction, chunking and softcap, under accumulation with the window's count, and in "

@@ -11,6 +11,7 @@ from typing import Optional, Protocol
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (before pytester's in-process run: tests/verify/test_pytest_plugin.py says why)
 
 import verify.mutants as zoo
 from verify.mutants import mutants_for

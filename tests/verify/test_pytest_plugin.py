@@ -7,6 +7,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401
+# ^ before any pytester run: an in-process run drops from sys.modules what was first imported during it, and
+# torch._dynamo cannot be imported a second time (its trace_rules registers a TORCH_LIBRARY namespace), so a later
+# test whose check reaches it raised "Only a single TORCH_LIBRARY ..." (measured)
 
 SEED_STYLE = Path(__file__).parent / "targets" / "seed_style.py"
 TRAIN_STEPS = Path(__file__).parent / "targets" / "train_steps.py"

@@ -91,3 +91,16 @@ def load_loss_fn(spec: str) -> Any:
     its keywords read from its signature); ValueError or TypeError naming what is wrong."""
     from .loss_kernel import LossKernel
     return LossKernel.from_function(load_factory(spec, "loss function"), name=spec)
+
+
+def load_packed_forward(spec: str) -> Any:
+    """``PATH.py:FN`` or ``package.module:FN``: the user's packed forward (:mod:`verify.targets.packed_forward`),
+    its signature checked now; ValueError or TypeError naming what is wrong."""
+    import functools
+
+    from .packed_forward import packed_keywords
+    fn = load_factory(spec, "packed forward")
+    packed_keywords(fn, spec)
+    wrapped = functools.wraps(fn)(functools.partial(fn))
+    wrapped.spec = spec.replace("\\", "/").rsplit("/", 1)[-1]  # type: ignore[attr-defined]  # FILE.py:FN in results
+    return wrapped
