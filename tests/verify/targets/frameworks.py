@@ -46,6 +46,26 @@ BUILDERS = {"torchtune": torchtune_model, "litgpt": litgpt_model}
 OWN_LOOPS = {"torchtune": None, "litgpt": None}  # filled below: train_steps imports nothing of the frameworks
 
 
+def first_labels_ignored(target):
+    """The target's own packer, then each document's first label set to -100 (what a user fixing torchtune's packed
+    labels would do: its PackedDataset keeps them, and its recipes' shift trains them from the document before)."""
+    from verify.checks.packing import spans
+
+    def pack(docs, row_len, n_micro):
+        window = target.pack(docs, row_len, n_micro)
+        for batch in window:
+            for r, s, _ in spans(batch):
+                batch["labels"][r, s] = -100
+        return window
+    return pack
+
+
+def _packed_with_first_labels_ignored(target):
+    from verify.checks.packing import check_packing
+    fixed = first_labels_ignored(target) if target.not_applicable("packing") is None else None
+    return check_packing(target, packer=fixed)  # without a packed path: N/A, saying why
+
+
 def rows(framework: str) -> list[str]:
     """One Markdown row per property: verdict, worst error, margin, what ran, seconds."""
     from verify.checks.grad_accum import check_grad_accumulation
@@ -53,6 +73,7 @@ def rows(framework: str) -> list[str]:
     from verify.checks.kv_cache import check_kv_cache
     from verify.checks.lora_merge import check_lora_merge
     from verify.checks.mixed_precision import check_mixed_precision
+    from verify.checks.packing import check_packing
     from verify.targets.spec import as_target
 
     from . import train_steps as TS
@@ -67,7 +88,9 @@ def rows(framework: str) -> list[str]:
             ("lora_merge", lambda: check_lora_merge(as_target(make(lora=True)))),
             ("mixed_precision", lambda: check_mixed_precision(as_target(make(lora=True)),
                                                               train_step=TS.through(TS.bf16_step), full=False)),
-            ("gradient_checkpointing", lambda: check_gradient_checkpointing(as_target(make(lora=True))))]
+            ("gradient_checkpointing", lambda: check_gradient_checkpointing(as_target(make(lora=True)))),
+            ("packing", lambda: check_packing(as_target(make()))),
+            ("packing, first labels ignored", lambda: _packed_with_first_labels_ignored(as_target(make())))]
     out = []
     for name, run in runs:
         t0 = time.perf_counter()
@@ -80,7 +103,8 @@ def rows(framework: str) -> list[str]:
             what += " (" + "; ".join(notes) + ")"
         if r.verdict == "FAIL":  # the gradients' line, and its hint
             line = next((d for d in r.details if " grads: " in d), r.details[0])
-            what += " — " + line.split(":", 1)[0] + ": they" + line.split("; they", 1)[1] if "; they" in line else line
+            what += " — " + (line.split(":", 1)[0] + ": they" + line.split("; they", 1)[1] if "; they" in line
+                             else line)
         label = f"`{name}`" if "," not in name else f"`{name.split(',')[0]}`,{name.split(',', 1)[1]}"
         out.append(f"| {framework} | {label} | {r.verdict} | {max_abs} | {margin} | {what} | "
                    f"{time.perf_counter() - t0:.1f} |")

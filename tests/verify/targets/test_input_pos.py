@@ -156,3 +156,10 @@ def test_a_fused_qkv_adapter_that_cannot_unmerge_is_checked_against_its_own_forw
         result = check_lora_merge(as_target(S.with_fused_lora(S.make(S.LitStyle), bug=bug)))
         assert not result.ok and "merged logits vs the float64 unmerged reference" in str(result), (bug, str(result))
         assert any("qkv merged weight vs W + the unmerged layer's update" in d for d in result.details), result.details
+
+
+@pytest.mark.parametrize("style", [S.LitStyle, S.FastStyle], ids=["litgpt", "gpt-fast"])
+def test_litgpt_and_gpt_fast_styles_have_no_packed_path(style):
+    from verify.checks.packing import check_packing
+    result = check_packing(as_target(S.make(style)))
+    assert result.verdict == "N/A" and "no padding-free path" in result.not_applicable, str(result)
