@@ -85,6 +85,15 @@ def copy_sharing_weights(module: torch.nn.Module, which: Optional[set[int]] = No
     return copy.deepcopy(module, memo)
 
 
+def summed_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed next-token cross-entropy of ``logits`` (B, T, V) against ``labels`` (B, T, unshifted, -100 where
+    ignored): row position t predicts label t + 1, computed in at least fp32."""
+    vocab = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).to(torch.promote_types(logits.dtype, torch.float32)),
+        labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100, reduction="sum")
+
+
 class Target:
     """Base of the adapters: a description, per property whether it can be asked, and a documented default for
     every optional member of the protocols (:mod:`verify.targets.protocols`). A target of one's own subclasses it

@@ -12,7 +12,7 @@ document's index within the row (-1 for a row's padding), ``cu_seqlens`` (S + 1,
 the segments of the flattened batch, flash-attn's varlen convention (each row's documents, then its padding as a
 segment of its own). It returns the logits (B, T, V) of every token.
 
-The packer is llama_ref's (first-fit decreasing rows, each document's first label ignored) unless the check is
+The packer is first-fit decreasing (:func:`pack_rows`, each document's first label ignored) unless the check is
 given another; the loss is the summed shifted cross-entropy of the returned logits, the gradients those of the
 model's trainable parameters. There is no training loop here: claim 5 is said not checked.
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import Target, cast_floating
+from .base import Target, cast_floating, summed_next_token_loss
 from .protocols import Limits
 
 KEYWORDS = ("positions", "document_ids", "cu_seqlens")
@@ -66,6 +66,47 @@ def cu_seqlens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int32)
 
 
+def pack_rows(documents: list[dict[str, torch.Tensor]], row_len: int) -> list[list[dict[str, torch.Tensor]]]:
+    """First-fit decreasing: longest document first, each into the first row it fits (rows in the order opened);
+    ValueError naming a document longer than a row."""
+    order = sorted(range(len(documents)), key=lambda i: -len(documents[i]["input_ids"]))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(documents[i]["input_ids"])
+        if n > row_len:
+            raise ValueError(f"document {i} has {n} tokens, more than a row of {row_len}")
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    return [[documents[i] for i in row] for row in rows]
+
+
+def _collate(rows: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Rows of documents → ``input_ids``, ``labels`` (each document's first label ignored), ``positions`` (from 0 in
+    each document) and ``document_ids`` (-1 for padding), right-padded to the longest row (ids 0, positions 0 …)."""
+    width = max(sum(len(d["input_ids"]) for d in row) for row in rows)
+    out = {"input_ids": torch.zeros((len(rows), width), dtype=torch.long),
+           "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+           "positions": torch.arange(width).repeat(len(rows), 1),
+           "document_ids": torch.full((len(rows), width), -1, dtype=torch.long)}
+    for r, row in enumerate(rows):
+        at = 0
+        for k, d in enumerate(row):
+            n = len(d["input_ids"])
+            out["input_ids"][r, at:at + n] = d["input_ids"]
+            out["labels"][r, at + 1:at + n] = d["labels"][1:]
+            out["positions"][r, at:at + n] = torch.arange(n)
+            out["document_ids"][r, at:at + n] = k
+            at += n
+        out["positions"][r, at:] = torch.arange(width - at)
+    return out
+
+
 class PackedForwardTarget(Target):
     """``model`` run by the user's ``forward`` (see the module's doc); ``name`` for the result's case."""
 
@@ -94,10 +135,16 @@ class PackedForwardTarget(Target):
 
     def pack(self, documents: Sequence[dict[str, torch.Tensor]], row_len: int, n_micro: int
              ) -> list[dict[str, torch.Tensor]]:
-        """llama_ref's packer (first-fit decreasing, :mod:`llama_ref.train.packing`)."""
-        from llama_ref.train.packing import packed_micro_batches
-        return [{k: v for k, v in b.items() if k != "lengths"}
-                for b in packed_micro_batches(list(documents), row_len, n_micro)]
+        """First-fit decreasing rows (:func:`pack_rows`), dealt in order into at most ``n_micro`` micro-batches."""
+        rows = pack_rows(list(documents), row_len)
+        n = min(n_micro, len(rows))
+        base, extra = divmod(len(rows), n)
+        out, start = [], 0
+        for m in range(n):
+            take = base + (m < extra)
+            out.append(_collate(rows[start:start + take]))
+            start += take
+        return out
 
     def _copy(self, float64: bool) -> nn.Module:
         model = copy.deepcopy(self.model)
@@ -128,11 +175,7 @@ class PackedForwardTarget(Target):
         gradients (in train mode: a model with dropout should have it off for this check)."""
         model = self._copy(float64).train()
         logits = self._logits(model, batch)
-        labels = batch["labels"].to(logits.device)
-        vocab = logits.shape[-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, vocab).to(torch.promote_types(logits.dtype, torch.float32)),
-            labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = summed_next_token_loss(logits, batch["labels"])
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
