@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-AttnImpl = Literal["math", "sdpa"]
+AttnImpl = Literal["math", "sdpa", "flex"]
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ModelArgs:
     max_seq_len: int = 2048
     kv_caching: bool = True
     tie_embeddings: bool = False  # output.weight shares tok_embeddings.weight
-    attn_impl: AttnImpl = "math"  # "sdpa": F.scaled_dot_product_attention, property-tested against "math"
+    attn_impl: AttnImpl = "math"  # "sdpa": F.scaled_dot_product_attention; "flex": flex_attention (llama_ref.flex)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -64,8 +64,13 @@ class ModelArgs:
                 raise ValueError(f"ModelArgs.{name} must be a positive finite number, got {value!r}")
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
-        if self.attn_impl not in ("math", "sdpa"):
-            raise ValueError(f"ModelArgs.attn_impl must be 'math' or 'sdpa', got {self.attn_impl!r}")
+        if self.attn_impl not in ("math", "sdpa", "flex"):
+            raise ValueError(f"ModelArgs.attn_impl must be 'math', 'sdpa' or 'flex', got {self.attn_impl!r}")
+        if self.attn_impl == "flex":
+            from .flex import flex_available
+            why = flex_available()
+            if why:
+                raise ValueError(f"ModelArgs.attn_impl: {why}")
 
     @property
     def head_dim(self) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
+from .flex import attention_flex, causal_block_mask, document_block_mask
 from .kv_cache import KVCache
 from .loss import IGNORE_INDEX, LossKernel, chunked_cross_entropy, token_loss_sum
 
@@ -125,7 +126,7 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype))
 
 
-ATTENTION_IMPLS = {"math": attention_math, "sdpa": attention_sdpa}
+ATTENTION_IMPLS = {"math": attention_math, "sdpa": attention_sdpa, "flex": attention_flex}
 
 
 class Attention(nn.Module):
@@ -328,7 +329,8 @@ class Transformer(nn.Module):
         if positions is None and document_ids is None:
             freqs_cis = self.rotary_freqs(start_pos, seqlen, h.device, h.dtype)
             kv_len = start_pos + seqlen if self.kv_caching else seqlen
-            mask = causal_mask(seqlen, kv_len, h.device)
+            flex = p.attn_impl == "flex"
+            mask = (causal_block_mask if flex else causal_mask)(seqlen, kv_len, h.device)
         else:
             freqs_cis, mask = self._packed(tokens, start_pos, positions, document_ids, h)
         for i, layer in enumerate(self.layers):
@@ -356,7 +358,8 @@ class Transformer(nn.Module):
             step = torch.diff(positions, dim=1, prepend=positions[:, :1] - 1)
             document_ids = (step != 1).cumsum(dim=1)
         table = self.rotary_freqs(0, self.params.max_seq_len, h.device, h.dtype)
-        return table[positions], document_mask(document_ids)
+        flex = self.params.attn_impl == "flex"
+        return table[positions], (document_block_mask if flex else document_mask)(document_ids)
 
 
 @torch.no_grad()

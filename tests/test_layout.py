@@ -20,7 +20,8 @@ HARD_MAX_LINES = 450  # no reason carries a file past this: split it by concept
 # Layers of llama_ref, lowest first: a module may import its own layer or a lower one, never a higher one. The
 # package façades (``llama_ref/__init__.py``, ``verify/__init__.py``) re-export and are not a layer.
 LAYERS = {
-    0: ("llama_ref.args", "llama_ref.kv_cache", "llama_ref.loss", "llama_ref.model", "llama_ref.tokenizer"),
+    0: ("llama_ref.args", "llama_ref.flex", "llama_ref.kv_cache", "llama_ref.loss", "llama_ref.model",
+        "llama_ref.tokenizer"),
     1: ("llama_ref.formats", "llama_ref.lora", "llama_ref.generation", "llama_ref.default"),
     2: ("llama_ref.train",),
     3: ("llama_ref.perf",),

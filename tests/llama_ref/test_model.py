@@ -81,7 +81,7 @@ def test_from_json_names_an_unknown_key(tmp_path):
     (dict(max_seq_len=-1), "max_seq_len must be a positive int"),
     (dict(vocab_size=0), "vocab_size must be a positive int"),
     (dict(norm_eps=0.0), "norm_eps must be a positive finite number"),
-    (dict(attn_impl="flash"), "attn_impl must be 'math' or 'sdpa'"),
+    (dict(attn_impl="flash"), "attn_impl must be 'math', 'sdpa' or 'flex'"),
 ])
 def test_invalid_args_are_clear_errors(changes, message):
     with pytest.raises(ValueError, match=message):
