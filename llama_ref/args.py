@@ -147,6 +147,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_scale_factor=32.0, max_seq_len=2048, max_batch_size=1, **_LLAMA3),
     "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0,
                          rope_scale_factor=32.0, max_seq_len=2048, max_batch_size=1, **_LLAMA3),
+    # Published with tie_word_embeddings: the output head is the input embedding (1,235,814,400 and 3,212,749,824
+    # parameters; the seed report counted the 1B untied: 1,498,482,688)
+    "llama-3.2-1b-tied": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
+                              ffn_dim_multiplier=1.5, rope_scale_factor=32.0, max_seq_len=2048, max_batch_size=1,
+                              tie_embeddings=True, **_LLAMA3),
+    "llama-3.2-3b-tied": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
+                              ffn_dim_multiplier=1.0, rope_scale_factor=32.0, max_seq_len=2048, max_batch_size=1,
+                              tie_embeddings=True, **_LLAMA3),
     "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3,
                          rope_scale_factor=8.0, max_seq_len=2048, max_batch_size=1, **_LLAMA3),
 }

@@ -253,6 +253,13 @@ class Transformer(nn.Module):
         self.block_runner: BlockRunner = block_runner or run_block
         self.kv_caching = params.kv_caching
 
+    def tie_weights(self) -> None:
+        """Make ``output.weight`` the ``tok_embeddings.weight`` Parameter again where ``params.tie_embeddings`` says
+        tied: after what gives every module a tensor of its own (``to_empty`` from the meta device,
+        ``load_state_dict(assign=True)``), as transformers' ``tie_weights``."""
+        if self.params.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
     def set_gradient_checkpointing(self, policy: Optional[str]) -> None:
         """Recompute the blocks chosen by ``policy`` (see :func:`checkpoint_policy_layers`) in backward."""
         self.checkpointed_layers = checkpoint_policy_layers(policy, self.n_layers)

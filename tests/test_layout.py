@@ -22,7 +22,7 @@ HARD_MAX_LINES = 450  # no reason carries a file past this: split it by concept
 LAYERS = {
     0: ("llama_ref.args", "llama_ref.flex", "llama_ref.kv_cache", "llama_ref.loss", "llama_ref.model",
         "llama_ref.tokenizer"),
-    1: ("llama_ref.formats", "llama_ref.lora", "llama_ref.generation", "llama_ref.default"),
+    1: ("llama_ref.formats", "llama_ref.lora", "llama_ref.generation", "llama_ref.default", "llama_ref.vocab"),
     2: ("llama_ref.train",),
     3: ("llama_ref.perf",),
     4: ("llama_ref.cli",),

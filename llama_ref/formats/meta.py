@@ -109,7 +109,9 @@ def load_model(ckpt_dir: str | Path, *, device: Optional[torch.device | str] = N
     allocated once (on the CPU in the file's dtype they stay memory-mapped, copy-on-write: replace a checkpoint
     with :func:`save_checkpoint`, never rewrite it in place). ``vocab_size`` -1 (Llama 2) is the ``tokenizer``'s
     (see :func:`load_params`), or without one the embedding's rows. Without ``output.weight`` in
-    the file the model is tied, unless ``tie_embeddings=False`` is passed (then the output starts as a copy).
+    the file the model is tied, unless ``tie_embeddings=False`` is passed (then the output starts as a copy); so
+    is one whose ``output.weight`` equals ``tok_embeddings.weight`` exactly where ``params.json`` does not say
+    ``tie_embeddings`` either way (Meta's Llama 3.2 1B and 3B files: tied models saved with both keys).
     """
     ckpt_dir = Path(ckpt_dir)
     args = load_params(ckpt_dir, tokenizer=tokenizer, **overrides)
@@ -119,6 +121,9 @@ def load_model(ckpt_dir: str | Path, *, device: Optional[torch.device | str] = N
         args = args.replace(vocab_size=emb.shape[0])
     if "output.weight" not in state and overrides.get("tie_embeddings", True):
         args = args.replace(tie_embeddings=True)
+    elif (not args.tie_embeddings and "tie_embeddings" not in overrides and not _says_tied(ckpt_dir)
+          and _equal(state.get("output.weight"), emb)):
+        args = args.replace(tie_embeddings=True)  # Meta's Llama 3.2 1B/3B files: the head saved, equal, no key
     state = _validate(state, args, ckpt_dir)
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -135,8 +140,7 @@ def load_model(ckpt_dir: str | Path, *, device: Optional[torch.device | str] = N
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight  # assign=True gave each module its own Parameter
+    model.tie_weights()  # assign=True gave each module its own Parameter
     buffer_dtype = state["tok_embeddings.weight"].dtype
     for module in model.modules():  # the non-persistent KV caches are still on the meta device
         for name, buf in list(module.named_buffers(recurse=False)):
@@ -147,6 +151,18 @@ def load_model(ckpt_dir: str | Path, *, device: Optional[torch.device | str] = N
     if left:
         raise RuntimeError(f"{ckpt_dir}: still on the meta device after loading: {left}")
     return model
+
+
+def _says_tied(ckpt_dir: Path) -> bool:
+    """Whether ``params.json`` states ``tie_embeddings`` at all (true or false: either way it is not inferred)."""
+    try:
+        return "tie_embeddings" in json.loads((ckpt_dir / "params.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _equal(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
 def save_checkpoint(model: Transformer, ckpt_dir: str | Path, *, dtype: Optional[torch.dtype] = None) -> Path:

@@ -88,6 +88,11 @@ def _dropout_p(layer: LoRALinear) -> float:
 def adapter_spec(model: Transformer) -> Optional[AdapterSpec]:
     """The model's adapter hyper-parameters, None without LoRA layers. ValueError when the layers disagree (the
     message names the layers of each variant) or do not cover the same targets in every block."""
+    vocab = [n for n in ("tok_embeddings", "output") if type(getattr(model, n)) not in (torch.nn.Embedding,
+                                                                                         torch.nn.Linear)]
+    if vocab:
+        raise ValueError(f"adapters on {', '.join(vocab)} (the vocabulary matrices) are not written to adapter "
+                         "files: merge_and_unload and save the checkpoint (save_checkpoint) instead")
     layers = dict(lora_layers(model))
     if not layers:
         return None

@@ -18,7 +18,8 @@ from torch import nn
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 FFN_TARGETS = ("w1", "w2", "w3")
-ALL_TARGETS = ATTENTION_TARGETS + FFN_TARGETS
+ALL_TARGETS = ATTENTION_TARGETS + FFN_TARGETS  # the blocks' Linears
+MODEL_TARGETS = ("tok_embeddings", "output")  # the vocabulary matrices (llama_ref.lora.tied), once per model
 
 
 class LoRALayer:
@@ -46,6 +47,8 @@ class LoRALayer:
 
 class LoRALinear(nn.Linear, LoRALayer):
     """A bias-free-or-not ``nn.Linear`` with a trainable low-rank update; the base ``weight`` is frozen."""
+
+    untie_on_merge = False  # set on a tied model's head: merge into a new tensor (llama_ref.lora.tied)
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 16,
                  lora_dropout: float = 0.0, merge_weights: bool = True, use_rslora: bool = False,
@@ -101,18 +104,31 @@ class LoRALinear(nn.Linear, LoRALayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into ``weight``; a second call is a no-op."""
+        """Fold the update into ``weight``; a second call is a no-op. With ``untie_on_merge`` (a base weight shared
+        with another module: a tied model's head or embedding, :mod:`llama_ref.lora.tied`) into a new tensor, the
+        shared one kept aside untouched."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.to(self._accumulation_dtype()) + self.delta_weight()).to(self.weight.dtype))
+        merged = (self.weight.to(self._accumulation_dtype()) + self.delta_weight()).to(self.weight.dtype)
+        if getattr(self, "untie_on_merge", False):
+            self.__dict__["_shared_weight"] = self.weight  # kept aside, not registered: no second state-dict key
+            self.weight = nn.Parameter(merged, requires_grad=False)
+        else:
+            self.weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update out of ``weight`` again; a no-op unless merged."""
+        """Take the update out of ``weight`` again; a no-op unless merged (an untied merge puts the shared weight
+        back, exactly)."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.to(self._accumulation_dtype()) - self.delta_weight()).to(self.weight.dtype))
+        shared = self.__dict__.pop("_shared_weight", None)
+        if shared is not None:
+            self.weight = shared
+        else:
+            self.weight.copy_((self.weight.to(self._accumulation_dtype()) - self.delta_weight())
+                              .to(self.weight.dtype))
         self.merged = False
 
     def train(self, mode: bool = True) -> "LoRALinear":

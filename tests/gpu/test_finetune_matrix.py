@@ -82,8 +82,7 @@ def _empty(args: ModelArgs, device: str) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device)
-    if args.tie_embeddings:  # to_empty gives every parameter its own storage: tie again
-        model.output.weight = model.tok_embeddings.weight
+    model.tie_weights()  # to_empty gives every parameter its own storage: tie again
     return model
 
 
