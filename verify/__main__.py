@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                         "model beside its own packed path (docs/verify-your-model.md)")
     p.add_argument("--preset", help="a model preset with random weights (e.g. llama-3.2-1b: the real shape, seeded "
                                     "weights; nothing downloaded) instead of the embedded default")
+    p.add_argument("--tied", action="store_true",
+                   help="the embedded default (or --preset) built with a tied output head (tie_embeddings): what "
+                        "property 9, tied_embeddings, asks; untied it is not applicable")
     p.add_argument("--tokenizer", help="its tokenizer.model (SentencePiece or tiktoken); needed with --ckpt-dir")
     p.add_argument("--device", help="torch device (default: cpu; a --target model stays where its factory put it "
                    "unless this is given)")
@@ -89,6 +92,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     packed_forward = load_packed_forward(args.packed_forward) if args.packed_forward else None
     if args.ckpt_dir and args.preset:
         _parser().error("--ckpt-dir and --preset are two models: give one")
+    if args.tied and (args.ckpt_dir or args.target != "llama_ref"):
+        _parser().error("--tied builds the embedded default or --preset tied; a checkpoint or --target model is "
+                        "tied or not as it comes")
     if args.target != "llama_ref":
         if args.ckpt_dir or args.preset or args.attn_impl or (args.mutants and args.target != HF_SPEC):
             _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --attn-impl (they are llama_ref's), "
@@ -120,6 +126,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         tokenizer = default_tokenizer()
         factory = functools.partial(default_model, DEFAULT_SEED)
         target = f"embedded default (preset {DEFAULT_PRESET!r}, seed {DEFAULT_SEED})"
+
+    if args.tied:
+        untied_factory = factory
+
+        def factory(**overrides):
+            return untied_factory(**{"tie_embeddings": True, **overrides})
+        target += ", tied"
 
     # The seed's prompts, cut to 16 tokens: still ragged, and short enough that uncached decoding stays cheap.
     rows = args.max_batch_size if args.preset else factory().params.max_batch_size  # no 1B model just to read it

@@ -31,6 +31,7 @@ from .checks.kv_cache import check_kv_cache
 from .checks.lora_merge import check_lora_merge
 from .checks.loss_kernel import check_loss_kernel
 from .checks.packing import check_packing
+from .checks.tied_embeddings import check_tied_embeddings
 from .checks.mixed_precision import autocast_dtype, check_mixed_precision
 from .mutants import distributed as distributed_mutants
 from .mutants import grad_accum as grad_accum_mutants
@@ -39,10 +40,11 @@ from .mutants import kv_cache as kv_cache_mutants
 from .mutants import lora_merge as lora_merge_mutants
 from .mutants import loss_kernel as loss_kernel_mutants
 from .mutants import packing as packing_mutants
+from .mutants import tied_embeddings as tied_embeddings_mutants
 from .mutants import mixed_precision as mixed_precision_mutants
 from .result import CheckResult
 from .checks import (distributed, gradient_checkpointing, grad_accum, kv_cache, lora_merge, loss_kernel,
-                     mixed_precision, packing)
+                     mixed_precision, packing, tied_embeddings)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,12 @@ RECORDS: tuple[Property, ...] = (
              "the model in place of its loss",
              check_loss_kernel, loss_kernel.PROTOCOLS, loss_kernel_mutants, "assert_loss_kernel_equivalent",
              _loss_kernel, frozenset({"loss_kernel"}), per_attn_impl=False),
+    Property("tied_embeddings", "tied embeddings",
+             "a tied model's head and embedding stay one tensor (or are configured untied) through LoRA, merge, "
+             "save/load, materialisation and resize; logits unchanged; the tied gradient is the sum of its two uses; "
+             "an adapter on one matrix leaves the other alone unless kept tied; the tied matrix counted once",
+             check_tied_embeddings, tied_embeddings.PROTOCOLS, tied_embeddings_mutants, "assert_tied_embeddings_right",
+             parts=frozenset({"head_cls"}), per_attn_impl=False),
     Property("distributed", "DDP / FSDP2",
              "on N ranks the gradients each rank steps with, the loss, the pre-clip norm and the parameters after "
              "every step equal one process accumulating the same micro-batches",

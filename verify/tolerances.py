@@ -64,6 +64,11 @@ CALIBRATION_FACTORS: dict[str, float] = {
     # gradients (per-sequence gradients cancel: 1.4e-5 of the tensor's max) and on AdamW updates (lr/eps
     # amplifies rounding). 8 leaves 2x headroom; the GA mutants' ratios are 30 to 1e6.
     "grad_accum": 8.0,
+    # A tied weight's gradient vs the sum of an untied copy's two gradients (embedding use + head use), both against
+    # that untied copy in float64. Measured exactly 1.00 over 100 comparisons (25 seeds x 2 batches x fp32/bf16,
+    # tiny): autograd adds the two uses' contributions as the untied reference's sum does. 8 as the other checks;
+    # the zoo's one-use gradients reach 1e6.
+    "tied_embeddings": 8.0,
     # Data-parallel bf16 (DDP under autocast; FSDP2 with MixedPrecisionPolicy(param_dtype=bf16), which computes with
     # bf16 parameters where autocast keeps norms and upcasts in fp32) vs the single process under bf16 autocast, both
     # against float64. Measured over 4 seeds x W=2,3 x DDP/FSDP2 (fp32 full, LoRA + GC, bf16 full; 3 windows): the

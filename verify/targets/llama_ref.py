@@ -3,8 +3,9 @@
 The only module of ``verify/`` that the checks reach ``llama_ref`` through. The parts under test can be swapped
 for another implementation's (the bug zoo's components): ``cache_cls`` (a ``KVCache`` subclass),
 ``generator_cls`` (a ``Llama`` subclass, whose ``step_logits`` feeds each decode step to the model) and
-``block_runner`` (how a block is run, checkpointed or not) and ``trainer_cls`` (a ``Trainer`` subclass: the
-training loop the GA check drives).
+``block_runner`` (how a block is run, checkpointed or not), ``trainer_cls`` (a ``Trainer`` subclass: the
+training loop the GA check drives) and ``head_cls`` (an ``nn.Linear`` subclass for the output head, given the tied
+weight: property 9's).
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ class LlamaRefTarget(Target):
 
     def __init__(self, model: Transformer, *, cache_cls: Optional[type[KVCache]] = None,
                  generator_cls: Optional[type[Llama]] = None, block_runner: Optional[BlockRunner] = None,
-                 trainer_cls: Optional[type[Trainer]] = None):
+                 trainer_cls: Optional[type[Trainer]] = None, head_cls: Optional[type[torch.nn.Linear]] = None):
         self.model = model
+        self.head_cls = head_cls
         self.block_runner = block_runner
         self.trainer_cls = trainer_cls or Trainer
         self.cache_cls = cache_cls
@@ -239,6 +241,94 @@ class LlamaRefTarget(Target):
         model = self._copy(copy.deepcopy(self.model)).train()
         return model.double() if float64 else model
 
+
+    # ---- property 9 ----------------------------------------------------------------------------------------------
+
+    def tied_model(self) -> Transformer:
+        model = self._copy(copy.deepcopy(self.model)).train()
+        if self.head_cls is not None:
+            head = self.head_cls(model.params.dim, model.vocab_size, bias=False, device="meta")
+            head.weight = model.output.weight
+            model.output = head
+        return model
+
+    def vocab_matrices(self, model: Transformer) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        return model.tok_embeddings.weight, model.output.weight, model.params.tie_embeddings
+
+    def embed(self, model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.tok_embeddings(tokens.to(model.tok_embeddings.weight.device))
+
+    def head(self, model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.output(hidden)
+
+    def tied_logits(self, model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+        model.train()  # adapters unmerged; llama_ref has no dropout but LoRA's, which the transforms set to 0
+        with torch.no_grad():
+            return model(tokens.to(model.tok_embeddings.weight.device), 0)
+
+    def tied_grads(self, model: Transformer, tokens: torch.Tensor, *, untie: bool = False, float64: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed next-token loss's gradients of ``tok_embeddings.weight`` and ``output.weight``; ``untie``: the
+        head a plain ``nn.Linear`` holding a copy of the weight."""
+        m = copy.deepcopy(model).train()
+        if untie:
+            head = torch.nn.Linear(m.params.dim, m.vocab_size, bias=False, device="meta")
+            head.weight = torch.nn.Parameter(m.tok_embeddings.weight.detach().clone())
+            m.output = head
+        if float64:
+            m.double()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        tokens = tokens.to(m.tok_embeddings.weight.device)
+        m(tokens, 0, labels=tokens).backward()
+        return m.tok_embeddings.weight.grad, m.output.weight.grad
+
+    def transform(self, model: Transformer, name: str) -> Transformer:
+        """llama_ref's own: ``save_load`` (``save_checkpoint`` → ``load_model``), ``materialize`` (built on the meta
+        device, ``to_empty``, ``tie_weights``, the state loaded), ``resize`` (``resize_token_embeddings`` to 8 more
+        tokens), ``lora:output`` / ``lora:tok_embeddings`` (``:kept``: ``keep_tied``; rank 4, alpha 8, no dropout,
+        the adapters drawn non-zero), ``merge`` (``merge_and_unload``)."""
+        import tempfile
+
+        from llama_ref.formats import meta as meta_format
+        from llama_ref.lora import apply as lora_apply
+        from llama_ref.vocab import resize_token_embeddings
+        if name == "save_load":
+            with tempfile.TemporaryDirectory() as d:
+                meta_format.save_checkpoint(model, d)
+                out = meta_format.load_model(d, max_seq_len=model.params.max_seq_len,
+                                             max_batch_size=model.params.max_batch_size,
+                                             attn_impl=model.params.attn_impl)
+        elif name == "materialize":
+            w = model.tok_embeddings.weight
+            with torch.device("meta"):
+                out = Transformer(model.params.replace(kv_caching=False)).to(w.dtype)
+            out = out.to_empty(device=w.device)
+            out.tie_weights()
+            out.load_state_dict(model.state_dict())
+        elif name == "resize":
+            out = resize_token_embeddings(copy.deepcopy(model), model.vocab_size + 8)
+        elif name.startswith("lora:"):
+            out = copy.deepcopy(model)
+            g = torch.Generator().manual_seed(0)
+            lora_apply.apply_lora_to_llama(out, 4, 8, 0.0, (name.split(":")[1],), keep_tied=name.endswith(":kept"),
+                                           generator=g)
+            with torch.no_grad():
+                for n, p in out.named_parameters():
+                    if "lora_" in n:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        elif name == "merge":
+            out = lora_apply.merge_and_unload(copy.deepcopy(model))
+        else:
+            raise NotImplementedError(f"no transform {name!r} here")
+        out.kv_caching = False
+        return out.train()
+
+    def parameter_count(self, model: Transformer) -> int:
+        from llama_ref.lora import apply as lora_apply
+        return lora_apply.count_parameters(model)[1]
 
 class _TrainerDriver:
     """``Trainer`` as the GA check drives it: its own ``windows`` and its own schedule (the check's ``lr`` is only

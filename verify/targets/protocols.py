@@ -365,6 +365,55 @@ class LossKernelTarget(Applicability, Protocol):
         ...
 
 
+@runtime_checkable
+class TiedEmbeddingsTarget(Applicability, Protocol):
+    """Property 9 (tied embeddings stay tied and trained right). A model here is the target's own kind (what
+    ``tied_model`` returns); a transform returns the model after it and leaves the one given as it was."""
+
+    @property
+    def limits(self) -> Limits:
+        """Vocabulary, weights' dtype and device."""
+        ...
+
+    def tied_model(self) -> Any:
+        """A fresh copy of the model, configured tied."""
+        ...
+
+    def vocab_matrices(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The input embedding's and the output head's base weights (V, D) — under an adapter, the weight it adapts —
+        and whether the model's configuration says they are tied."""
+        ...
+
+    def embed(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """The input embedding's output (B, T, D) for ``tokens``, without gradient."""
+        ...
+
+    def head(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head's logits (…, V) for ``hidden`` (…, D), without gradient."""
+        ...
+
+    def tied_logits(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's logits (B, T, V) as it trains (adapters unmerged, no dropout), without gradient."""
+        ...
+
+    def tied_grads(self, model: Any, tokens: torch.Tensor, *, untie: bool = False, float64: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """On a copy, every parameter trainable: the summed next-token loss of ``tokens`` backpropagated, and the
+        gradients of the embedding's and the head's weights (one tensor's twice where they are one); ``untie``: a copy
+        whose head has a separate copy of the weight (the reference: the sum of the two uses)."""
+        ...
+
+    def transform(self, model: Any, name: str) -> Any:
+        """``model`` after transform ``name`` (:data:`verify.checks.tied_embeddings.TRANSFORMS`): LoRA on one
+        vocabulary matrix, untied or kept tied (adapters drawn non-zero, no dropout), merge and unload, save → load,
+        resize, materialise from the meta device. NotImplementedError saying why where the target has none."""
+        ...
+
+    def parameter_count(self, model: Any) -> int:
+        """The parameter count the target's own tools report for ``model``."""
+        ...
+
+
 def members(protocol: type) -> dict[str, str]:
     """Every member ``protocol`` declares (its bases' included) → the protocol that declares it."""
     out: dict[str, str] = {}

@@ -11,7 +11,7 @@ from verify.mutants import MUTANTS, inject, mutants_for
 from verify.properties import PROPERTIES, Inputs, default_names, get, worst_of
 
 @pytest.mark.parametrize("prop", ["kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum",
-                                  "mixed_precision", "loss_kernel", "packing"])
+                                  "mixed_precision", "loss_kernel", "packing", "tied_embeddings"])
 def test_the_zoo_holds_at_least_six_bugs_per_property(prop):
     assert len(mutants_for(prop)) >= 6
 
@@ -41,6 +41,14 @@ REASONS = {
         "mp_frozen_base_kept_fp32": "frozen base not stored in bfloat16",
         "mp_schedule_advances_on_skipped_step": "the LR schedule does not count optimizer steps actually taken",
         "mp_rope_angles_in_half": "RoPE angles formed in bf16?",
+    },
+    "tied_embeddings": {
+        "tied_head_adapter_merged_into_embedding": "the embedding unchanged by an untied adapter",
+        "tied_config_left_tied_after_untying_merge": "configured tied, but the embedding and the head are two",
+        "tied_head_dropped_at_save": "logits after lora:output + merge + save_load",
+        "tied_fresh_storage_after_to_empty": "two parameters over one storage",
+        "tied_gradient_from_one_use": "the model: the tied weight's gradient",
+        "tied_counted_twice": "(the tied matrix counted twice)",
     },
 }
 REASON = {name: text for table in REASONS.values() for name, text in table.items()}

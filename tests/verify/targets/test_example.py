@@ -27,6 +27,6 @@ def test_the_worked_example_gives_the_verdicts_the_doc_explains(tmp_path, capsys
                 for r in json.loads(out.read_text())["results"]}
     assert code == 1 and verdicts == {"kv_cache": "PASS", "grad_accum": "PASS", "lora_merge": "PASS",
                                       "mixed_precision": "PASS", "gradient_checkpointing": "FAIL",
-                                      "packing": "N/A", "loss_kernel": "N/A"}
+                                      "packing": "N/A", "loss_kernel": "N/A", "tied_embeddings": "N/A"}
     text = capsys.readouterr().out
     assert "policy=every:2: checkpoint silently not applied" in text  # the seed's reentrant checkpoint

@@ -162,9 +162,9 @@ def test_cli_target_exits_1_on_the_seed_model_and_0_on_the_fixed_one_listing_wha
     assert "kv_cache" in out and "FAIL" in out and "1 failed, 1 not applicable" in out
     assert main(["--target", "tests.verify.targets.seed_style:make_fixed"]) == 0
     out = capsys.readouterr().out
-    assert "1/7 checks passed, 0 failed, 6 not applicable" in out  # packing, loss_kernel: not for this model
+    assert "1/8 checks passed, 0 failed, 7 not applicable" in out  # packing, loss_kernel, tied: not for this model
     table = out.split("\n\n")[1].splitlines()  # after the header lines, before the notes
-    assert sum(line.endswith(" N/A") for line in table) == 6 and max(map(len, table)) <= 120
+    assert sum(line.endswith(" N/A") for line in table) == 7 and max(map(len, table)) <= 120
     assert "not applicable: the forward runs under torch.inference_mode()" in out
 
 
