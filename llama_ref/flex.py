@@ -23,7 +23,8 @@ def flex_available() -> Optional[str]:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
-        return f"attn_impl 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention); this is torch {torch.__version__}"
+        return (f"attn_impl 'flex' needs torch >= 2.5 (torch.nn.attention.flex_attention); this is torch "
+                f"{torch.__version__}")
     return None
 
 
@@ -63,8 +64,9 @@ def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     if q.is_cuda:
         return _compiled()(q, k, v, block_mask=mask)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise ValueError(f"attn_impl 'flex' trains on CUDA only: torch's FlexAttention has no backward on {q.device.type}"
-                         " (use 'sdpa' or 'math' there; 'flex' runs forward-only, e.g. generation, off CUDA)")
+        raise ValueError(f"attn_impl 'flex' trains on CUDA only: torch's FlexAttention has no backward on "
+                         f"{q.device.type} (use 'sdpa' or 'math' there; 'flex' runs forward-only, e.g. generation, "
+                         "off CUDA)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=mask)
