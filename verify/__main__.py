@@ -92,9 +92,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     packed_forward = load_packed_forward(args.packed_forward) if args.packed_forward else None
     if args.ckpt_dir and args.preset:
         _parser().error("--ckpt-dir and --preset are two models: give one")
-    if args.tied and (args.ckpt_dir or args.target != "llama_ref"):
-        _parser().error("--tied builds the embedded default or --preset tied; a checkpoint or --target model is "
-                        "tied or not as it comes")
+    if args.tied and (args.ckpt_dir or args.target not in ("llama_ref", HF_SPEC)):
+        _parser().error("--tied builds the embedded default (--target hf: its transformers model) or --preset tied; "
+                        "a checkpoint or --target model is tied or not as it comes")
     if args.target != "llama_ref":
         if args.ckpt_dir or args.preset or args.attn_impl or (args.mutants and args.target != HF_SPEC):
             _parser().error("--target SPEC takes none of --ckpt-dir, --preset, --attn-impl (they are llama_ref's), "
@@ -202,7 +202,8 @@ HF_SPEC = "hf"  # --target hf: the embedded default in transformers' LlamaForCau
 def _main_target(args: argparse.Namespace, train_step: Optional[Callable[..., float]],
                  mp_train_step: Optional[Callable[..., float]], loss_fn: Any = None,
                  packed_forward: Optional[Callable[..., Any]] = None) -> int:
-    factory = load_factory("verify.oracle_hf:default_hf_model" if args.target == HF_SPEC else args.target)
+    hf_factory = "verify.oracle_hf:default_tied_hf_model" if args.tied else "verify.oracle_hf:default_hf_model"
+    factory = load_factory(hf_factory if args.target == HF_SPEC else args.target)
     try:
         probe = factory()
     except Exception as e:

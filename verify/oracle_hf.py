@@ -159,8 +159,14 @@ def hf_logits(hf_model: "transformers.LlamaForCausalLM", tokens: torch.Tensor) -
     return hf_model(input_ids=tokens, use_cache=False).logits.float()
 
 
-def default_hf_model() -> "transformers.LlamaForCausalLM":
+def default_hf_model(tie_embeddings: bool = False) -> "transformers.LlamaForCausalLM":
     """The embedded default model's weights in transformers' ``LlamaForCausalLM`` (fp32, eager attention, eval mode):
-    ``llama-verify --target hf``."""
+    ``llama-verify --target hf``; ``tie_embeddings``: the default built tied (``tie_word_embeddings``),
+    ``llama-verify --target hf --tied``."""
     from llama_ref.default import default_model
-    return build_hf_model(default_model())
+    return build_hf_model(default_model(tie_embeddings=tie_embeddings))
+
+
+def default_tied_hf_model() -> "transformers.LlamaForCausalLM":
+    """:func:`default_hf_model` tied: the factory of ``llama-verify --target hf --tied``."""
+    return default_hf_model(tie_embeddings=True)

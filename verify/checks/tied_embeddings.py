@@ -177,12 +177,12 @@ def _lora(target: Any, found: Findings, base: Any, name: str, tokens: torch.Tens
     _follows(target, found, f"after {name}", base, adapted, tokens, on_head, kept, tol)
     if not merge:
         return True
+    before = target.tied_logits(adapted, tokens)  # before the merge: a target may merge in place (PEFT's views)
     merged = _transform(target, found, adapted, "merge")
     if merged is None:
         return False
     _tie(found, f"after {name} + merge", *target.vocab_matrices(merged), must_share=kept)
     _follows(target, found, f"after {name} + merge", base, merged, tokens, on_head, kept, tol)
-    before = target.tied_logits(adapted, tokens)
     found.compared(f"logits after {name} + merge", compare(target.tied_logits(merged, tokens), before, tol,
                                                           "tied logits", scale=row_scale(before)))
     saved = _transform(target, found, merged, "save_load")

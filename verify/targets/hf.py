@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .base import Target, copy_sharing_weights, parametrised_child
+from .hf_tied import HFTiedEmbeddings
 from .protocols import Limits
 from .peft import PeftLoRALayerView, PeftLoRATarget, is_peft_model, apply_peft_lora, peft_layers
 
@@ -80,7 +81,7 @@ def _every_n_layers_supported(model: nn.Module) -> bool:
         return False
 
 
-class HFTarget(Target):
+class HFTarget(HFTiedEmbeddings, Target):
     """A transformers causal LM or a PeftModel; ``cache_cls`` the KV cache class under test (default
     transformers' ``DynamicCache``), ``trainer_cls`` the ``transformers.Trainer`` (sub)class the GA and MP checks run,
     ``input_require_grads``: what transformers does for a reentrant checkpoint under a frozen embedding (its
@@ -118,7 +119,7 @@ class HFTarget(Target):
         if prop == "packing" and not _forward_takes(self.model, "position_ids"):
             return f"{type(pretrained(self.model)).__name__}.forward takes no position_ids: no padding-free path"
         if prop in ("kv_cache", "lora_merge", "gradient_checkpointing", "grad_accum", "mixed_precision",
-                    "loss_kernel", "packing"):
+                    "loss_kernel", "packing", "tied_embeddings"):
             return None
         return f"the transformers adapter offers no operations for {prop}"
 

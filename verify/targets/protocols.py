@@ -368,7 +368,8 @@ class LossKernelTarget(Applicability, Protocol):
 @runtime_checkable
 class TiedEmbeddingsTarget(Applicability, Protocol):
     """Property 9 (tied embeddings stay tied and trained right). A model here is the target's own kind (what
-    ``tied_model`` returns); a transform returns the model after it and leaves the one given as it was."""
+    ``tied_model`` returns); a transform returns the model after it and leaves the one given as it was (a merge
+    may be done in place where the adapted model cannot be copied: the check reads nothing of it afterwards)."""
 
     @property
     def limits(self) -> Limits:

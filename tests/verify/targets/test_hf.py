@@ -18,10 +18,11 @@ from verify.checks.kv_cache import check_kv_cache  # noqa: E402
 from verify.checks.lora_merge import check_lora_merge  # noqa: E402
 from verify.checks.loss_kernel import check_loss_kernel  # noqa: E402
 from verify.checks.packing import check_packing  # noqa: E402
+from verify.checks.tied_embeddings import LORA, check_tied_embeddings  # noqa: E402
 from verify.compare import Probe, probing  # noqa: E402
 from verify.findings import FAILING  # noqa: E402
 from verify.mutants.hf import HF_ZOO, hf_target  # noqa: E402
-from verify.oracle_hf import default_hf_model  # noqa: E402
+from verify.oracle_hf import default_hf_model, default_tied_hf_model  # noqa: E402
 from verify.targets.hf import HFTarget  # noqa: E402
 
 TRANSFORMERS = Version(transformers.__version__)
@@ -246,3 +247,33 @@ def test_the_uncached_path_never_touches_a_cache(hf_model, monkeypatch):
         target.logits(tokens, 0, kv_caching=False)
         target.generate([[1, 5, 9], [1, 7]], 3, kv_caching=False)
     assert updates == []
+
+
+# ---- property 9: a tie_word_embeddings model through transformers' and PEFT's own code ---------------------------------
+
+def test_a_tied_model_stays_tied_through_save_load_materialise_and_resize():
+    result = check_tied_embeddings(default_tied_hf_model(), transforms=("save_load", "materialize", "resize"))
+    assert result.verdict == "PASS", _explain(result)
+    assert result.case.endswith("transforms: save_load, materialize, resize")
+
+
+def test_peft_merges_a_tied_models_adapter_into_the_shared_matrix():
+    # Measured on PEFT 0.13.2 and 0.21.2: merge_and_unload folds an lm_head (or embed_tokens) adapter into the tensor
+    # both modules share (huggingface/peft#2018: PEFT warns, and merges), so the other use changes too; with
+    # ensure_weight_tying (PEFT >= 0.18) each tied module merges the one update, and the shared matrix gets it twice.
+    # Before the merge every adapter behaves: the other module is untouched, or, kept tied, follows.
+    result = check_tied_embeddings(default_tied_hf_model(), transforms=LORA + ("merge",))
+    failing = [f.message for f in result.findings if f.kind in FAILING]
+    assert not result.ok and all("+ merge" in m for m in failing), _explain(result)
+    for what, other in (("output", "embedding"), ("tok_embeddings", "head")):
+        assert any(m.startswith(f"after lora:{what} + merge: the {other} unchanged by an untied adapter")
+                   for m in failing), _explain(result)
+    import peft
+    if Version(peft.__version__) >= Version("0.18"):
+        assert any(m.startswith("logits after lora:tok_embeddings:kept + merge") for m in failing), _explain(result)
+        assert "lora:tok_embeddings:kept+merge" in result.case
+
+
+def test_llama_verify_target_hf_tied_shows_property_9(capsys):
+    assert main(["--target", "hf", "--tied", "--check", "tied_embeddings"]) == 1  # PEFT's merges (above)
+    assert "tied_embeddings" in capsys.readouterr().out
