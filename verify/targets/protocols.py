@@ -405,9 +405,8 @@ class TiedEmbeddingsTarget(Applicability, Protocol):
         ...
 
     def transform(self, model: Any, name: str) -> Any:
-        """``model`` after transform ``name`` (:data:`verify.checks.tied_embeddings.TRANSFORMS`): LoRA on one
-        vocabulary matrix, untied or kept tied (adapters drawn non-zero, no dropout), merge and unload, save → load,
-        resize, materialise from the meta device. NotImplementedError saying why where the target has none."""
+        """``model`` after transform ``name`` (:data:`verify.checks.tied_embeddings.TRANSFORMS`); NotImplementedError
+        saying why where the target has none."""
         ...
 
     def parameter_count(self, model: Any) -> int:
