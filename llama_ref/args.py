@@ -138,6 +138,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The embedded default: its vocabulary is the bundled SentencePiece model's (512 pieces).
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
                  rope_theta=10000.0, max_batch_size=8, max_seq_len=256),
+    # The embedded default's shape with the head tied to the embedding, as the small published models are
+    "tiny-tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                      rope_theta=10000.0, max_batch_size=8, max_seq_len=256, tie_embeddings=True),
     # The default bench model: big enough that matmuls, not Python, dominate a step.
     "bench": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=64,
                   rope_theta=10000.0, max_batch_size=8, max_seq_len=1024),

@@ -196,3 +196,27 @@ def test_merge_and_unload_is_a_plain_checkpoint(tmp_path):
     for key, t in plain.state_dict().items():
         exact(loaded.state_dict()[key], t)
     exact(logits_of(loaded, tokens), merged)
+
+
+@quiet_peft
+def test_a_tied_preset_trains_saves_reloads_and_exports_to_peft_with_the_tie(tmp_path):
+    # llama-finetune --lora on a tied preset: the frozen shared matrix stays one parameter through training, the
+    # adapter files, a reload and PEFT's loader on transformers' tied LlamaForCausalLM, which computes our logits
+    from llama_ref.cli.finetune import run
+    from llama_ref.lora.adapter import load_adapter
+    from llama_ref.model import init_weights
+    from llama_ref.args import ModelArgs
+    from llama_ref.train.config import TrainConfig
+
+    run(TrainConfig(preset="tiny-tied", lora=True, lora_dropout=0.0, max_steps=2, lr=1e-2, out=str(tmp_path),
+                    progress=False, log_every=1000))
+    model = load_adapter(init_weights(Transformer(ModelArgs.preset("tiny-tied")), 0), tmp_path / "adapter")
+    assert model.output.weight is model.tok_embeddings.weight and model.params.tie_embeddings
+    assert any(float(layer.lora_B.abs().max()) > 0 for _, layer in lora_layers(model))  # trained: B left zero
+    model.kv_caching = False
+    d = export_peft_adapter(model, tmp_path / "peft")
+    tokens = random_tokens(4)
+    theirs, peft_model = _peft_logits(init_weights(Transformer(ModelArgs.preset("tiny-tied")), 0), d, tokens)
+    inner = peft_model.get_base_model()
+    assert inner.config.tie_word_embeddings and inner.lm_head.weight is inner.model.embed_tokens.weight
+    assert_peft_close(logits_of(model.eval(), tokens), theirs)
