@@ -30,7 +30,8 @@ def resize_token_embeddings(model: Transformer, vocab_size: int) -> Transformer:
     carry adapters (merge and unload them first)."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    if type(model.tok_embeddings) is not nn.Embedding or type(model.output) is not nn.Linear:
+    adapted = any(hasattr(m, a) for m in (model.tok_embeddings, model.output) for a in ("lora_A", "leader"))
+    if adapted or not (isinstance(model.tok_embeddings, nn.Embedding) and isinstance(model.output, nn.Linear)):
         raise ValueError(f"resize_token_embeddings: the vocabulary matrices are a {type(model.tok_embeddings).__name__}"
                          f" and a {type(model.output).__name__}; merge and unload their adapters first")
     tied = model.output.weight is model.tok_embeddings.weight

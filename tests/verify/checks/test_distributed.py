@@ -69,6 +69,19 @@ def test_data_parallel_on_three_ranks_equals_the_single_process(three_ranks, kin
     assert f"{kind} lora" in three_ranks.case and f"{kind} full bf16" in three_ranks.case
 
 
+@pytest.mark.slow  # a spawn of its own
+@pytest.mark.xfail(FSDP2_DOUBLES, strict=True, reason=f"torch {torch.__version__}: FSDP2 on CPU/gloo returns "
+                   "world-size-multiplied gradients (pytorch#162338)")
+def test_a_tied_model_steps_every_rank_with_the_single_process_tied_gradient():
+    # Property 9's claim 3 under property 6: the shared matrix is one parameter in DDP's buckets and FSDP2's root
+    # group, so every rank steps with the single process's gradient of it — itself the sum of its two uses
+    # (tests/verify/checks/test_tied_embeddings.py) — in every case, full fine-tune and bf16 included.
+    from llama_ref.default import default_model
+    result = check_distributed(default_model(tie_embeddings=True), world_sizes=(2,))
+    assert result.error is None and result.verdict == "PASS", str(result)
+    assert "fsdp2 full" in result.case or fsdp2_unavailable()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_correct_trainer_passes_on_two_ranks(zoo_results, kind):
     result = zoo_results["correct"]
