@@ -113,10 +113,17 @@ def _dist(**kwargs: Any) -> CheckResult:
     return check_distributed(_model(), **{"world_sizes": (2,), "cases": [Case("ddp", "full")], **kwargs})
 
 
+def _tied(**kwargs: Any) -> CheckResult:
+    from llama_ref.default import default_model
+
+    from .checks.tied_embeddings import check_tied_embeddings
+    return check_tied_embeddings(default_model(tie_embeddings=True), **kwargs)
+
+
 RUNS: dict[str, Callable[..., CheckResult]] = {
     "kv_cache": _kv(torch.float32), "kv_cache bf16": _kv(torch.bfloat16), "grad_accum": _ga, "lora_merge": _lora,
     "gradient_checkpointing": _gc, "mixed_precision": _mp, "packing": _packing, "loss_kernel": _loss,
-    "distributed": _dist,
+    "tied_embeddings": _tied, "distributed": _dist,
 }
 _LOGITS = "max(|expected|, the row's largest |logit|)"
 _LARGE = "‖one large batch − float64‖"
@@ -203,6 +210,15 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("loss_kernel.model", r"the kernel in the model: .*", "the model with the kernel in place: its loss and "
           "every trainable gradient vs its plain forward's, against float64", None, "the largest element",
           factor="loss_kernel", baseline="‖plain forward − float64‖", run="loss_kernel"),
+    Claim("tied_embeddings.gradient", "tied gradient", "the tied weight's gradient vs an untied copy's two uses "
+          "summed, against that copy in float64 (the model, after save/load, materialise, resize)", None,
+          "its largest |expected|", factor="tied_embeddings", baseline="‖untied copy − float64‖",
+          run="tied_embeddings"),
+    Claim("tied_embeddings.logits", "tied logits", "logits after a merge vs before it, and of the old vocabulary after "
+          "a resize", (0, 0, 0), "row 0, position 0, logit 0", scale=_LOGITS, run="tied_embeddings"),
+    Claim("tied_embeddings.follower", "tied follower", "a kept-tied adapter's other module vs the adapted one, row "
+          "by row (before and after the merge)", (0, 0), "row 0, element 0",
+          scale="max(|expected|, the row's largest |element|)", run="tied_embeddings"),
     Claim("distributed.loss", "loss", "each rank's window loss vs the single process's float64 loss (DDP, 2 ranks)",
           (), "the scalar, every rank", run="distributed"),
     Claim("distributed.grads", "grads", "each rank's stepped gradients vs the single process's large batch", (-1,),

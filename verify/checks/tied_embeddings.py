@@ -108,7 +108,7 @@ def check_tied_embeddings(model: Any, *, seed: int = 0, transforms: Optional[tup
                 found.compared("logits of the old vocabulary after resize", compare(
                     new[..., :lim.vocab_size], logits, tol, "tied logits", scale=row_scale(logits)))
             else:
-                found.compared(f"logits after {name}", compare(new, logits, EXACT, "tied logits"))
+                found.compared(f"logits after {name}", compare(new, logits, EXACT, "tied logits exact"))
             _grads(target, found, f"after {name}", after, tokens, factor)
         for name in LORA:
             if name in asked and _lora(target, found, base, name, tokens, tol, "merge" in asked):
@@ -189,7 +189,7 @@ def _lora(target: Any, found: Findings, base: Any, name: str, tokens: torch.Tens
     if saved is not None:
         _tie(found, f"after {name} + merge + save_load", *target.vocab_matrices(saved))
         found.compared(f"logits after {name} + merge + save_load", compare(
-            target.tied_logits(saved, tokens), target.tied_logits(merged, tokens), EXACT, "tied logits"))
+            target.tied_logits(saved, tokens), target.tied_logits(merged, tokens), EXACT, "tied logits exact"))
     return True
 
 
