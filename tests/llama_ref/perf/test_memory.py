@@ -63,6 +63,18 @@ def test_a_packed_step_is_predicted_as_measured():
     assert predicted.peak_mb == pytest.approx(measured.peak_mb, rel=0.02)
 
 
+@needs_memtracker
+def test_a_tied_model_counts_its_matrix_once_predicted_as_measured():
+    # The shared matrix is one parameter: its bytes once (the untied model's less one vocabulary matrix); a full
+    # fine-tune's step predicted as MemTracker measures it on real tensors
+    cfg = TrainConfig(preset="tiny-tied", optimizer="sgd")
+    measured, predicted = measure_step_memory(cfg, 2, 32), predict_step_memory(cfg, 2, 32)
+    untied = predict_step_memory(TrainConfig(preset="tiny", optimizer="sgd"), 2, 32)
+    matrix_mb = 512 * 64 * 4 / 2 ** 20
+    assert predicted.breakdown_mb["parameter"] == pytest.approx(untied.breakdown_mb["parameter"] - matrix_mb, abs=1e-3)
+    assert predicted.peak_mb == pytest.approx(measured.peak_mb, rel=0.02)
+
+
 # The configurations the tests below compare (AdamW; 128 tokens: at 64, GC's peak is the optimizer step's).
 BENCH = ("full fp32 adamw", "lora", "lora bf16 half base", "gc", "lora bf16 gc")
 
