@@ -12,9 +12,10 @@ A tied model's output head *is* its input embedding. On the target's tied model 
 3. **the gradient**: the tied weight's equals the embedding-path gradient plus the head-path gradient, from an untied
    copy (calibrated against that copy in float64, ``CALIBRATION_FACTORS["tied_embeddings"]``) — on the model, after
    save → load, materialisation and resize;
-4. **an adapter on one matrix**: leaves the other module unchanged (bit-exact) unless kept tied, where the other
-   follows it (the embedding looks up the head's adapted rows, or the head projects with the adapted table) — before
-   and after the merge;
+4. **an adapter on one matrix** (LoRA, or a trainable copy of the module, PEFT's ``modules_to_save``, changed as
+   training would): leaves the other module unchanged (bit-exact) unless kept tied, where the other follows it (the
+   embedding looks up the head's adapted rows, or the head projects with the adapted table) — before and after the
+   merge;
 5. **the parameter count** counts a tied tensor once.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ NAME = "tied_embeddings"
 PROTOCOLS = (TiedEmbeddingsTarget,)
 EXACT = Tolerance(0.0, 0.0)
 LORA = tuple(f"lora:{m}{k}" for m in ("output", "tok_embeddings") for k in ("", ":kept"))
-TRANSFORMS = ("save_load", "materialize", "resize") + LORA + ("merge",)
+FULL = ("full:output", "full:tok_embeddings")  # a trainable copy of one matrix (PEFT's modules_to_save), trained
+TRANSFORMS = ("save_load", "materialize", "resize") + LORA + FULL + ("merge",)
 GROW = 8  # tokens a resize adds
 
 
@@ -110,7 +112,7 @@ def check_tied_embeddings(model: Any, *, seed: int = 0, transforms: Optional[tup
             else:
                 found.compared(f"logits after {name}", compare(new, logits, EXACT, "tied logits exact"))
             _grads(target, found, f"after {name}", after, tokens, factor)
-        for name in LORA:
+        for name in LORA + FULL:
             if name in asked and _lora(target, found, base, name, tokens, tol, "merge" in asked):
                 ran.append(name + ("+merge" if "merge" in asked else ""))
         case += f" B=2 T=12, transforms: {', '.join(ran) or 'none'}"

@@ -25,8 +25,11 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def _base(module: nn.Module) -> nn.Module:
-    """The module a PEFT layer wraps (itself where it wraps none)."""
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    """The module a PEFT layer wraps (a LoRA layer's base layer, a ``ModulesToSaveWrapper``'s original module;
+    itself where it wraps none)."""
+    if hasattr(module, "get_base_layer"):
+        return module.get_base_layer()
+    return getattr(module, "original_module", module)
 
 
 class HFTiedEmbeddings:
@@ -78,7 +81,8 @@ class HFTiedEmbeddings:
         (its class built on the meta device, ``to_empty``, ``tie_weights``, the state loaded), ``resize``
         (``resize_token_embeddings``, 8 more tokens), ``lora:output`` / ``lora:tok_embeddings`` (``get_peft_model``
         on ``lm_head`` / ``embed_tokens``, rank 4, alpha 8, no dropout, adapters drawn non-zero; ``:kept`` with
-        ``ensure_weight_tying``), ``merge`` (``merge_and_unload``; on the model itself where PEFT's tied adapters,
+        ``ensure_weight_tying``), ``full:output`` / ``full:tok_embeddings`` (``modules_to_save``, the copy moved as
+        training would), ``merge`` (``merge_and_unload``; on the model itself where PEFT's tied adapters,
         views of each other, cannot be deep-copied)."""
         inner = _inner(model)
         if name == "save_load":
@@ -101,6 +105,8 @@ class HFTiedEmbeddings:
             out.resize_token_embeddings(out.config.vocab_size + 8)
         elif name.startswith("lora:"):
             out = self._lora(model, name)
+        elif name.startswith("full:"):
+            out = self._modules_to_save(model, TIED_LORA[name.split(":")[1]])
         elif name == "merge":
             if not is_peft_model(model):
                 raise NotImplementedError("merge_and_unload is PEFT's: the model has no adapters")
@@ -133,6 +139,21 @@ class HFTiedEmbeddings:
             for n, p in out.named_parameters():
                 if "lora_" in n:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return out
+
+    def _modules_to_save(self, model: nn.Module, module: str) -> nn.Module:
+        """PEFT's ``modules_to_save=[module]`` (a trainable copy of the whole module; a fresh LoRA adapter on
+        ``q_proj``, which changes nothing, beside it), the copy moved as training would move it."""
+        from peft import LoraConfig, get_peft_model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                  target_modules=["q_proj"], modules_to_save=[module]))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in out.named_parameters():
+                if ".modules_to_save." in n:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
         return out
 
     def parameter_count(self, model: nn.Module) -> int:

@@ -321,6 +321,10 @@ class LlamaRefTarget(Target):
                         p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         elif name == "merge":
             out = lora_apply.merge_and_unload(copy.deepcopy(model))
+        elif name.startswith("full:"):
+            raise NotImplementedError("llama_ref trains a vocabulary matrix through LoRA (targets output, "
+                                      "tok_embeddings) or with the whole model; a trainable copy of one module is "
+                                      "PEFT's modules_to_save")
         else:
             raise NotImplementedError(f"no transform {name!r} here")
         out.kv_caching = False

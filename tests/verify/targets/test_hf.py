@@ -274,6 +274,27 @@ def test_peft_merges_a_tied_models_adapter_into_the_shared_matrix():
         assert "lora:tok_embeddings:kept+merge" in result.case
 
 
+def test_a_trained_modules_to_save_copy_unties_at_merge_on_recent_peft_only():
+    # modules_to_save=["lm_head"] (or embed_tokens) on a tied model: PEFT trains a copy of the module. Measured: PEFT
+    # 0.21.2 unties at merge_and_unload (config tie_word_embeddings false, both matrices kept); 0.13.2 leaves the
+    # configuration tied, so a save and reload overwrites the trained head with the embedding
+    # (huggingface/transformers#45127, peft#2972).
+    import peft
+    version = Version(peft.__version__)
+    if Version("0.14") <= version < Version("0.21"):
+        pytest.skip(f"PEFT {version}: not measured")
+    result = check_tied_embeddings(default_tied_hf_model(), transforms=("full:output", "full:tok_embeddings",
+                                                                       "merge"))
+    if version >= Version("0.21"):
+        assert result.verdict == "PASS", _explain(result)
+        return
+    failing = [f.message for f in result.findings if f.kind in FAILING]
+    for what in ("output", "tok_embeddings"):
+        assert f"after full:{what} + merge: configured tied, but the embedding and the head are two parameters " \
+               "whose weights differ" in failing, _explain(result)
+        assert any(m.startswith(f"logits after full:{what} + merge + save_load") for m in failing), _explain(result)
+
+
 def test_llama_verify_target_hf_tied_shows_property_9(capsys):
     assert main(["--target", "hf", "--tied", "--check", "tied_embeddings"]) == 1  # PEFT's merges (above)
     assert "tied_embeddings" in capsys.readouterr().out
