@@ -42,7 +42,8 @@ from ..formats.hf import hf_to_meta_module, meta_to_hf_module, permute_rotary, r
 from ..formats.meta import key_problems, listing
 from ..model import Transformer
 from .apply import apply_lora_to_llama, lora_layers
-from .layer import ALL_TARGETS, ATTENTION_TARGETS, LoRALinear
+from .layer import ALL_TARGETS, ATTENTION_TARGETS, LoRALayer, LoRALinear
+from .tied import TiedEmbedding, TiedHead
 
 __all__ = ["AdapterError", "AdapterSpec", "adapter_spec", "save_adapter", "load_adapter", "export_peft_adapter",
            "import_peft_adapter", "ADAPTER_WEIGHTS", "PEFT_WEIGHTS", "CONFIG_FILE"]
@@ -85,15 +86,24 @@ def _dropout_p(layer: LoRALinear) -> float:
     return float(layer.lora_dropout.p) if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
-def adapter_spec(model: Transformer) -> Optional[AdapterSpec]:
+_VOCAB = ("tok_embeddings", "output")
+
+
+def _vocab_adapted(model: Transformer) -> list[str]:
+    """The vocabulary matrices carrying an adapter (or following one kept tied)."""
+    return [n for n in _VOCAB if type(getattr(model, n)) not in (torch.nn.Embedding, torch.nn.Linear)]
+
+
+def adapter_spec(model: Transformer, *, vocabulary: bool = False) -> Optional[AdapterSpec]:
     """The model's adapter hyper-parameters, None without LoRA layers. ValueError when the layers disagree (the
-    message names the layers of each variant) or do not cover the same targets in every block."""
-    vocab = [n for n in ("tok_embeddings", "output") if type(getattr(model, n)) not in (torch.nn.Embedding,
-                                                                                         torch.nn.Linear)]
-    if vocab:
-        raise ValueError(f"adapters on {', '.join(vocab)} (the vocabulary matrices) are not written to adapter "
-                         "files: merge_and_unload and save the checkpoint (save_checkpoint) instead")
-    layers = dict(lora_layers(model))
+    message names the layers of each variant) or do not cover the same targets in every block; and, unless
+    ``vocabulary`` (PEFT's export writes them), when the vocabulary matrices carry adapters."""
+    vocab = _vocab_adapted(model)
+    if vocab and not vocabulary:
+        raise ValueError(f"adapters on {', '.join(vocab)} (the vocabulary matrices) are not written to our adapter "
+                         "files: export_peft_adapter writes them in PEFT's format; or merge_and_unload and save the "
+                         "checkpoint (save_checkpoint)")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     if not layers:
         return None
     variants: dict[tuple, list[str]] = {}
@@ -106,7 +116,8 @@ def adapter_spec(model: Transformer) -> Optional[AdapterSpec]:
                          + "\n  ".join(lines))
     targets = tuple(t for t in ALL_TARGETS if _module_name(0, t) in layers)
     expected = {_module_name(i, t) for i in range(model.params.n_layers) for t in targets}
-    missing, unexpected = sorted(expected - set(layers)), sorted(set(layers) - expected)
+    blocks = set(layers) - set(_VOCAB)
+    missing, unexpected = sorted(expected - blocks), sorted(blocks - expected)
     if missing or unexpected:
         raise ValueError(f"LoRA layers must cover the same targets {list(targets)} in every block: "
                          + "; ".join(f"{what} {listing(names)}" for what, names in
@@ -115,11 +126,12 @@ def adapter_spec(model: Transformer) -> Optional[AdapterSpec]:
     return AdapterSpec(r, alpha, dropout, rslora, targets)
 
 
-def _require_spec(model: Transformer) -> tuple[AdapterSpec, dict[str, LoRALinear]]:
-    spec = adapter_spec(model)
+def _require_spec(model: Transformer, *, vocabulary: bool = False) -> tuple[AdapterSpec, dict[str, LoRALinear]]:
+    """The spec and the blocks' LoRA layers by name."""
+    spec = adapter_spec(model, vocabulary=vocabulary)
     if spec is None:
         raise ValueError("the model has no LoRA layers: apply_lora_to_llama first (nothing to save)")
-    return spec, dict(lora_layers(model))
+    return spec, {n: m for n, m in lora_layers(model) if n not in _VOCAB}
 
 
 # --- writing --------------------------------------------------------------------------------------------------
@@ -155,8 +167,14 @@ def save_adapter(model: Transformer, out_dir: str | Path) -> Path:
 
 
 def _peft_state(model: Transformer, *, permute_rows: bool) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
-    spec, layers = _require_spec(model)
+    spec, layers = _require_spec(model, vocabulary=True)
     tensors: dict[str, torch.Tensor] = {}
+    if isinstance(model.output, LoRALinear):  # the head's: PEFT's lm_head adapter (no rotary rows)
+        tensors[f"{_PEFT_PREFIX}lm_head.lora_A.weight"] = _cpu(model.output.lora_A)
+        tensors[f"{_PEFT_PREFIX}lm_head.lora_B.weight"] = _cpu(model.output.lora_B)
+    if isinstance(model.tok_embeddings, LoRALayer):  # PEFT's embedding adapter: A (r, V), B (D, r), as ours
+        tensors[f"{_PEFT_PREFIX}model.embed_tokens.lora_embedding_A"] = _cpu(model.tok_embeddings.lora_A)
+        tensors[f"{_PEFT_PREFIX}model.embed_tokens.lora_embedding_B"] = _cpu(model.tok_embeddings.lora_B)
     for name, layer in layers.items():
         prefix = _PEFT_PREFIX + meta_to_hf_module(name)
         b = layer.lora_B.detach()
@@ -169,11 +187,18 @@ def _peft_state(model: Transformer, *, permute_rows: bool) -> tuple[AdapterSpec,
 
 
 def _write_peft(model: Transformer, out_dir: str | Path, *, permute_rows: bool) -> Path:
+    if isinstance(model.tok_embeddings, TiedEmbedding):
+        raise ValueError("an adapter on output kept tied has no PEFT form: PEFT keeps a tie from the embedding's "
+                         "side only (ensure_weight_tying with embed_tokens targeted)")
     spec, tensors = _peft_state(model, permute_rows=permute_rows)
+    vocab = [hf for ours, hf in (("tok_embeddings", "embed_tokens"), ("output", "lm_head"))
+             if isinstance(getattr(model, ours), LoRALayer)]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True,
               "r": spec.r, "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout,
-              "target_modules": [meta_to_hf_module(_module_name(0, t)).rsplit(".", 1)[1] for t in spec.targets],
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": spec.use_rslora}
+              "target_modules": [meta_to_hf_module(_module_name(0, t)).rsplit(".", 1)[1] for t in spec.targets]
+              + vocab, "bias": "none", "fan_in_fan_out": False, "use_rslora": spec.use_rslora}
+    if isinstance(model.output, TiedHead):  # the embedding's adapter kept tied: PEFT ties lm_head's to it
+        config["ensure_weight_tying"] = True
     return _write_files(Path(out_dir), {PEFT_WEIGHTS: _safetensors_bytes(tensors, metadata={"format": "pt"}),
                                         CONFIG_FILE: _json_bytes(config)}, other_format=ADAPTER_WEIGHTS)
 
@@ -181,8 +206,10 @@ def _write_peft(model: Transformer, out_dir: str | Path, *, permute_rows: bool) 
 def export_peft_adapter(model: Transformer, out_dir: str | Path) -> Path:
     """Write the adapters as PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir``
     (atomically; tensors in their own dtype) so that ``PeftModel.from_pretrained(build_hf_model(base), out_dir)``
-    gives our logits. ``lora_B`` rows of ``wq``/``wk`` are permuted to transformers' rotate-half order. Same
-    ValueErrors as :func:`save_adapter`."""
+    gives our logits. ``lora_B`` rows of ``wq``/``wk`` are permuted to transformers' rotate-half order. Adapters on
+    the vocabulary matrices are written as PEFT's ``lm_head`` and ``embed_tokens`` adapters (an embedding's kept tied:
+    ``ensure_weight_tying``, PEFT tying ``lm_head``'s to it; a head's kept tied has no PEFT form: ValueError). Same
+    ValueErrors as :func:`save_adapter` otherwise."""
     return _write_peft(model, out_dir, permute_rows=True)
 
 

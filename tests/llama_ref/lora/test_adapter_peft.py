@@ -212,7 +212,7 @@ def test_a_tied_preset_trains_saves_reloads_and_exports_to_peft_with_the_tie(tmp
                     progress=False, log_every=1000))
     model = load_adapter(init_weights(Transformer(ModelArgs.preset("tiny-tied")), 0), tmp_path / "adapter")
     assert model.output.weight is model.tok_embeddings.weight and model.params.tie_embeddings
-    assert any(float(layer.lora_B.abs().max()) > 0 for _, layer in lora_layers(model))  # trained: B left zero
+    assert any(float(layer.lora_B.detach().abs().max()) > 0 for _, layer in lora_layers(model))  # trained: B moved
     model.kv_caching = False
     d = export_peft_adapter(model, tmp_path / "peft")
     tokens = random_tokens(4)
@@ -220,3 +220,39 @@ def test_a_tied_preset_trains_saves_reloads_and_exports_to_peft_with_the_tie(tmp
     inner = peft_model.get_base_model()
     assert inner.config.tie_word_embeddings and inner.lm_head.weight is inner.model.embed_tokens.weight
     assert_peft_close(logits_of(model.eval(), tokens), theirs)
+
+
+@quiet_peft
+@pytest.mark.parametrize("targets, keep_tied", [(("wq", "output"), False), (("wv", "tok_embeddings"), False),
+                                                (("tok_embeddings",), True)])
+def test_vocabulary_adapters_of_a_tied_model_export_to_peft(tmp_path, targets, keep_tied):
+    # PEFT's lm_head and embed_tokens adapters (kept tied: ensure_weight_tying) on transformers' tied model give our
+    # logits, unmerged; a head adapter kept tied has no PEFT form and is refused
+    import warnings
+
+    from llama_ref.args import ModelArgs
+    from llama_ref.lora import apply_lora_to_llama
+    from llama_ref.model import init_weights
+    base = init_weights(Transformer(ModelArgs.preset("tiny-tied")), 0)
+    model = copy.deepcopy(base)
+    apply_lora_to_llama(model, 4, 8, 0.0, targets, keep_tied=keep_tied, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.kv_caching = False
+    d = export_peft_adapter(model, tmp_path / "peft")
+    config = json.loads((d / CONFIG_FILE).read_text())
+    assert config.get("ensure_weight_tying", False) is keep_tied
+    tokens = random_tokens(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's warnings about adapters on tied layers
+        theirs, _ = _peft_logits(base, d, tokens)
+    model.train()  # unmerged (eval would merge; the merge is property 9's)
+    assert_peft_close(logits_of(model, tokens), theirs)
+    assert (theirs - logits_of(base.eval(), tokens)).abs().max() > 0.1  # the vocabulary adapters took effect
+    kept_head = copy.deepcopy(base)
+    apply_lora_to_llama(kept_head, 4, 8, 0.0, ("output",), keep_tied=True)
+    with pytest.raises(ValueError, match="kept tied has no PEFT form"):
+        export_peft_adapter(kept_head, tmp_path / "refused")
