@@ -40,6 +40,12 @@ OVERRIDES: dict[tuple[str, torch.dtype], Tolerance] = {
     # stays ~10x below the smallest mutant's error (> 0.25 of max|logit|).
     ("kv_cache", torch.bfloat16): Tolerance(4 * torch.finfo(torch.bfloat16).eps, 1e-5),
     ("kv_cache", torch.float16): Tolerance(4 * torch.finfo(torch.float16).eps, 1e-5),
+    # Property 9's logits after a merge (and a resize), relative to the row's largest |logit|: merged and unmerged
+    # logits each round about 1 eps away from float64, in different places. Measured |merged − unmerged| /
+    # max|logit| up to 1.5 eps in fp16 (7 of 8 seeds failed assert_close's 1 eps) and 1.4 eps in bf16 (seeds 0-7);
+    # 4 eps as above (the zoo's merges into the shared matrix reach > 0.05 of max|logit|).
+    ("tied_embeddings", torch.bfloat16): Tolerance(4 * torch.finfo(torch.bfloat16).eps, 1e-5),
+    ("tied_embeddings", torch.float16): Tolerance(4 * torch.finfo(torch.float16).eps, 1e-5),
 }
 
 # Calibrated checks (DESIGN §4): the path under test may be at most FACTOR times further from a float64 reference

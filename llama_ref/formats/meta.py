@@ -186,7 +186,14 @@ def save_checkpoint(model: Transformer, ckpt_dir: str | Path, *, dtype: Optional
                                copy=False).contiguous()
         state[key] = cast[ident]
     _check_keys_and_shapes(state, model.params, f"model to save into {ckpt_dir}")
-    params = json.dumps(model.params.to_params_json(), indent=2) + "\n"
+    tied = model.output.weight is model.tok_embeddings.weight
+    if model.params.tie_embeddings and not tied:
+        raise ValueError(f"model to save into {ckpt_dir}: params.tie_embeddings is set but its head is a tensor of "
+                         "its own: the file would be refused on load (merge_and_unload records an untying merge)")
+    params_json = model.params.to_params_json()
+    if not tied and torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+        params_json["tie_embeddings"] = False  # else an equal head reads as Meta's tied files: untied on purpose
+    params = json.dumps(params_json, indent=2) + "\n"
 
     # The weights first, params.json (what makes the directory a checkpoint) last.
     atomic_write_files(ckpt_dir, {SHARD_FORMAT.format(0): lambda f: torch.save(state, f),

@@ -12,7 +12,7 @@ import torch
 
 from ..args import ModelArgs
 from ..generation import SEED_PROMPTS
-from ..lora import apply_lora_to_llama
+from ..lora import ALL_TARGETS, apply_lora_to_llama
 from ..loss import DEFAULT_LOSS_CHUNK, linear_cross_entropy
 from ..model import Transformer, checkpoint_policy_layers, init_weights
 from ..tokenizer import Tokenizer, default_tokenizer_path
@@ -122,6 +122,11 @@ class TrainConfig:
             raise ValueError("--sample with --dist: generation runs in one process; sample the result instead")
         if self.ckpt_dir and not self.tokenizer:
             raise ValueError("--ckpt-dir needs --tokenizer")
+        odd = [t for t in self.targets if t not in ALL_TARGETS]
+        if odd or not self.targets:
+            raise ValueError(f"--lora-targets {self.lora_targets!r}: {odd or 'none'} not among {','.join(ALL_TARGETS)} "
+                             "(the blocks' projections; the vocabulary matrices' adapters are apply_lora_to_llama's, "
+                             "exported with export_peft_adapter, not llama-finetune's adapter files)")
 
     @property
     def targets(self) -> tuple[str, ...]:

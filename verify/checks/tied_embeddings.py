@@ -80,9 +80,12 @@ def check_tied_embeddings(model: Any, *, seed: int = 0, transforms: Optional[tup
     if why:
         return CheckResult.na(NAME, why, str(target))
     lim = target.limits
-    tol, factor = tolerance(lim.dtype), CALIBRATION_FACTORS[NAME]
+    tol, factor = tolerance(lim.dtype, NAME), CALIBRATION_FACTORS[NAME]
     found = Findings()
-    asked = TRANSFORMS if transforms is None else transforms
+    asked = TRANSFORMS if transforms is None else tuple(transforms)
+    unknown = [t for t in asked if t not in TRANSFORMS]
+    if unknown:
+        raise ValueError(f"unknown transform(s) {unknown}; choose from {list(TRANSFORMS)}")
     case = f"{str(lim.dtype).replace('torch.', '')}"
     try:
         base = target.tied_model()
@@ -105,6 +108,7 @@ def check_tied_embeddings(model: Any, *, seed: int = 0, transforms: Optional[tup
                 continue
             ran.append(name)
             _tie(found, f"after {name}", *target.vocab_matrices(after))
+            _count(target, found, f"after {name}", after)
             new = target.tied_logits(after, tokens)
             if name == "resize":
                 found.compared("logits of the old vocabulary after resize", compare(
@@ -184,6 +188,7 @@ def _lora(target: Any, found: Findings, base: Any, name: str, tokens: torch.Tens
     if merged is None:
         return False
     _tie(found, f"after {name} + merge", *target.vocab_matrices(merged), must_share=kept)
+    _count(target, found, f"after {name} + merge", merged)
     _follows(target, found, f"after {name} + merge", base, merged, tokens, on_head, kept, tol)
     found.compared(f"logits after {name} + merge", compare(target.tied_logits(merged, tokens), before, tol,
                                                           "tied logits", scale=row_scale(before)))
@@ -211,8 +216,8 @@ def _follows(target: Any, found: Findings, where: str, base: Any, model: Any, to
     e0, h0 = _rows(target, base, ids, emb0.shape[1], emb0)
     e, h = _rows(target, model, ids, emb0.shape[1], emb0)
     adapted, adapted0, other, other0 = (h, h0, e, e0) if on_head else (e, e0, h, h0)
-    if torch.equal(adapted, adapted0):
-        found.not_applicable(f"{where}: the adapter changed nothing (claim 4 examined nothing there)")
+    if torch.equal(adapted, adapted0):  # the transform draws non-zero adapters (a trained copy moved)
+        found.fail(f"{where}: the adapted module computes what the base did: its adapter is ignored")
     which = "embedding" if on_head else "head"
     if kept:
         found.compared(f"{where}: the {which} follows the adapter kept tied",

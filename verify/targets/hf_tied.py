@@ -47,7 +47,7 @@ class HFTiedEmbeddings:
 
     def embed(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return _inner(model).get_input_embeddings()(tokens)
+            return _inner(model).get_input_embeddings()(tokens.to(_device(model)))
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -56,7 +56,7 @@ class HFTiedEmbeddings:
     def tied_logits(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         model.train()  # PEFT's adapters unmerged; the transforms' adapters and the test models have no dropout
         with torch.no_grad():
-            return model(input_ids=tokens, use_cache=False).logits
+            return model(input_ids=tokens.to(_device(model)), use_cache=False).logits
 
     def tied_grads(self, model: nn.Module, tokens: torch.Tensor, *, untie: bool = False, float64: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,7 @@ class HFTiedEmbeddings:
             m.double()
         for p in m.parameters():
             p.requires_grad_(True)
+        tokens = tokens.to(_device(m))
         summed_next_token_loss(m(input_ids=tokens, use_cache=False).logits, tokens).backward()
         return inner.get_input_embeddings().weight.grad, inner.get_output_embeddings().weight.grad
 
@@ -158,6 +159,10 @@ class HFTiedEmbeddings:
 
     def parameter_count(self, model: nn.Module) -> int:
         return int(_inner(model).num_parameters())
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _takes_dtype() -> bool:

@@ -138,3 +138,28 @@ def test_adapter_files_refuse_vocabulary_adapters_naming_them(tied, tmp_path):
     from llama_ref.lora.adapter import save_adapter
     with pytest.raises(ValueError, match="adapters on tok_embeddings, output .* merge_and_unload"):
         save_adapter(_adapted(tied, ("wq", "output", "tok_embeddings")), tmp_path)
+
+
+def test_a_deliberately_untied_model_with_an_equal_head_reloads_untied(tmp_path):
+    # saved with "tie_embeddings": false, so that the equal head does not read as Meta's tied 3.2 files
+    model = init_weights(Transformer(ModelArgs.preset("tiny")), 0)
+    with torch.no_grad():
+        model.output.weight.copy_(model.tok_embeddings.weight)
+    save_checkpoint(model, tmp_path)
+    assert json.loads((tmp_path / "params.json").read_text())["tie_embeddings"] is False
+    loaded = load_model(tmp_path, **RUNTIME)
+    assert loaded.output.weight is not loaded.tok_embeddings.weight and not loaded.params.tie_embeddings
+
+
+def test_a_model_configured_tied_with_a_head_of_its_own_is_not_saved(tied, tmp_path):
+    model = copy.deepcopy(tied)
+    model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())
+    with pytest.raises(ValueError, match="tie_embeddings is set but its head is a tensor of its own"):
+        save_checkpoint(model, tmp_path)
+    assert not (tmp_path / "params.json").exists()
+
+
+def test_llama_finetune_refuses_vocabulary_targets_naming_them():
+    from llama_ref.train.config import TrainConfig
+    with pytest.raises(ValueError, match=r"--lora-targets 'wq,output': \['output'\] not among"):
+        TrainConfig(preset="tiny-tied", lora=True, lora_targets="wq,output")

@@ -52,3 +52,19 @@ def test_two_parameters_over_one_storage_are_not_a_tie():
     assert not result.ok and result.case.endswith("transforms: none")
     assert any("configured tied, but the embedding and the head are two parameters" in d for d in result.details)
     assert any(d.startswith("the model: the tied weight's gradient") for d in result.details), str(result)
+
+
+def test_an_adapter_that_changes_nothing_fails_and_unknown_transforms_are_named():
+    class Ignored(LlamaRefTarget):  # an adapter whose module ignores it: its B left at zero
+        def transform(self, model, name):
+            out = super().transform(model, name)
+            if name.startswith("lora:"):
+                with torch.no_grad():
+                    for n, p in out.named_parameters():
+                        if "lora_B" in n:
+                            p.zero_()
+            return out
+    result = check_tied_embeddings(Ignored(default_model(tie_embeddings=True)), transforms=("lora:output",))
+    assert not result.ok and any("its adapter is ignored" in d for d in result.details), str(result)
+    with pytest.raises(ValueError, match=r"unknown transform\(s\) \['lora:ouput'\]"):
+        check_tied_embeddings(default_model(tie_embeddings=True), transforms=("lora:ouput",))
