@@ -24,7 +24,7 @@ from ..args import ModelArgs
 from ..model import ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, Transformer
 from .atomic import atomic_write_files
 from .hf import from_hf_state_dict, to_hf_state_dict
-from .meta import CheckpointError
+from .meta import CheckpointError, materialize_buffers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -149,10 +149,5 @@ def load_hf_checkpoint(directory: str | Path, *, device: Optional[torch.device |
         raise CheckpointError(f"{path}: missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
-    floating = state["tok_embeddings.weight"].dtype
-    for module in model.modules():  # the non-persistent KV caches are still on the meta device
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.is_meta:
-                setattr(module, name, torch.zeros(buf.shape, device=target,
-                                                  dtype=floating if buf.is_floating_point() else buf.dtype))
+    materialize_buffers(model, target, state["tok_embeddings.weight"].dtype)  # the KV caches, still meta
     return model

@@ -141,16 +141,21 @@ def load_model(ckpt_dir: str | Path, *, device: Optional[torch.device | str] = N
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True gave each module its own Parameter
-    buffer_dtype = state["tok_embeddings.weight"].dtype
-    for module in model.modules():  # the non-persistent KV caches are still on the meta device
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.is_meta:
-                setattr(module, name, torch.zeros(buf.shape, device=device,
-                                                  dtype=buffer_dtype if buf.is_floating_point() else buf.dtype))
+    materialize_buffers(model, device, state["tok_embeddings.weight"].dtype)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{ckpt_dir}: still on the meta device after loading: {left}")
     return model
+
+
+def materialize_buffers(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
+    """Zeros on ``device`` for every buffer still on the meta device (the non-persistent KV caches of a model built
+    there and given its weights with ``assign=True``): floating ones in ``dtype``."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                setattr(module, name, torch.zeros(buf.shape, device=device,
+                                                  dtype=dtype if buf.is_floating_point() else buf.dtype))
 
 
 def _says_tied(ckpt_dir: Path) -> bool:

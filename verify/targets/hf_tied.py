@@ -135,12 +135,7 @@ class HFTiedEmbeddings:
             warnings.simplefilter("ignore")  # PEFT warns about adapters on tied layers: what is checked
             out = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                   target_modules=[module], **options))
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for n, p in out.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        return out
+        return _moved(out, "lora_", replace=True)
 
     def _modules_to_save(self, model: nn.Module, module: str) -> nn.Module:
         """PEFT's ``modules_to_save=[module]`` (a trainable copy of the whole module; a fresh LoRA adapter on
@@ -150,15 +145,22 @@ class HFTiedEmbeddings:
             warnings.simplefilter("ignore")
             out = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                   target_modules=["q_proj"], modules_to_save=[module]))
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for n, p in out.named_parameters():
-                if ".modules_to_save." in n:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        return out
+        return _moved(out, ".modules_to_save.", replace=False)
 
     def parameter_count(self, model: nn.Module) -> int:
         return int(_inner(model).num_parameters())
+
+
+def _moved(model: nn.Module, marker: str, *, replace: bool) -> nn.Module:
+    """``model`` with every parameter whose name holds ``marker`` drawn N(0, 0.01) (``replace``; adapters drawn
+    non-zero) or moved by that much (a trained copy), from a fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if marker in n:
+                noise = torch.randn(p.shape, generator=g) * 0.1
+                p.copy_(noise) if replace else p.add_(noise)
+    return model
 
 
 def _device(model: nn.Module) -> torch.device:
