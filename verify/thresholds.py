@@ -214,6 +214,9 @@ CLAIMS: tuple[Claim, ...] = (
           "summed, against that copy in float64 (the model, after save/load, materialise, resize)", None,
           "its largest |expected|", factor="tied_embeddings", baseline="‖untied copy − float64‖",
           run="tied_embeddings"),
+    Claim("tied_embeddings.adapter_gradient", "tied adapter gradient", "a kept-tied adapter's gradients vs those of "
+          "its update used by both uses, against those in float64", None, "each gradient's largest element",
+          factor="tied_embeddings", baseline="‖reference − float64‖", run="tied_embeddings"),
     Claim("tied_embeddings.logits", "tied logits", "logits after a merge vs before it, and of the old vocabulary after "
           "a resize", (0, 0, 0), "row 0, position 0, logit 0", scale=_LOGITS, run="tied_embeddings"),
     Claim("tied_embeddings.follower", "tied follower", "a kept-tied adapter's other module vs the adapted one, row "

@@ -11,7 +11,8 @@ A tied model's output head *is* its input embedding. On the target's tied model 
    on the row's scale), and, for the old vocabulary, by a resize;
 3. **the gradient**: the tied weight's equals the embedding-path gradient plus the head-path gradient, from an untied
    copy (calibrated against that copy in float64, ``CALIBRATION_FACTORS["tied_embeddings"]``) — on the model, after
-   save → load, materialisation and resize;
+   save → load, materialisation and resize; and an adapter kept tied gets the gradient of its update used by both
+   uses (the model with both matrices replaced by the adapted module's effective matrix, formed through it);
 4. **an adapter on one matrix** (LoRA, or a trainable copy of the module, PEFT's ``modules_to_save``, changed as
    training would): leaves the other module unchanged (bit-exact) unless kept tied, where the other follows it (the
    embedding looks up the head's adapted rows, or the head projects with the adapted table) — before and after the
@@ -172,6 +173,25 @@ def _grads(target: Any, found: Findings, where: str, model: Any, tokens: torch.T
                    compare_calibrated(g_emb, plain, exact, factor, name="tied gradient"))
 
 
+def _adapter_grads(target: Any, found: Findings, where: str, model: Any, tokens: torch.Tensor) -> None:
+    """Claim 3 for an adapter kept tied: its gradients are those of its update used by both uses (the model with
+    both matrices replaced by the adapted module's effective matrix), calibrated against that in float64."""
+    try:
+        got = target.adapter_grads(model, tokens)
+        plain = target.adapter_grads(model, tokens, reference=True)
+        exact = target.adapter_grads(model, tokens, reference=True, float64=True)
+    except NotImplementedError as e:
+        found.not_applicable(f"{where}: the kept-tied adapter's gradient not checked: {e}")
+        return
+    factor = CALIBRATION_FACTORS[NAME]
+    for n in exact:
+        if got.get(n) is None:
+            found.fail(f"{where}: the gradient of {n} is None")
+            continue
+        found.compared(f"{where}: the gradient of {n} (its update used by both uses)",
+                       compare_calibrated(got[n], plain[n], exact[n], factor, name="tied adapter gradient"))
+
+
 def _lora(target: Any, found: Findings, base: Any, name: str, tokens: torch.Tensor, tol: Tolerance,
           merge: bool) -> bool:
     """Claims 1, 4 (and 2 at the merge) for one adapter transform; False where the target has none."""
@@ -181,6 +201,8 @@ def _lora(target: Any, found: Findings, base: Any, name: str, tokens: torch.Tens
     on_head, kept = name.split(":")[1] == "output", name.endswith(":kept")
     _tie(found, f"after {name}", *target.vocab_matrices(adapted))
     _follows(target, found, f"after {name}", base, adapted, tokens, on_head, kept, tol)
+    if kept:
+        _adapter_grads(target, found, f"after {name}", adapted, tokens)
     if not merge:
         return True
     before = target.tied_logits(adapted, tokens)  # before the merge: a target may merge in place (PEFT's views)

@@ -1,6 +1,7 @@
 """The bug zoo of property 9 (tied embeddings): the ways real fine-tuning stacks broke a tie — a head adapter merged
 into the shared matrix, a configuration left tied after an untying merge, the trained head dropped at save, fresh
-storage for the head after ``to_empty``, a gradient from one use only, the tied matrix counted twice. Each runs on
+storage for the head after ``to_empty``, a gradient from one use only (of the matrix, of an adapter kept tied), the
+tied matrix counted twice. Each runs on
 the embedded default built tied (``tie_embeddings=True``)."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import llama_ref.formats.meta as meta_format
 import llama_ref.lora.apply as lora_apply
 import llama_ref.model as LM
 from llama_ref.lora.layer import LoRALinear
+from llama_ref.lora.tied import TiedEmbedding
 
 from .base import Mutant, collector
 
@@ -90,6 +92,21 @@ class DetachedHead(nn.Linear):
 mutant("tied_gradient_from_one_use", "the head projects with the tied weight detached: the tied tensor's gradient is "
        "the embedding's use alone", "verl-project/verl#7834 (its symptom: the tied weight trained by one of its two "
        "uses)", component="head_cls", **TIED)(DetachedHead)
+
+
+def _follower_detached(self, tokens: torch.Tensor) -> torch.Tensor:
+    out = F.embedding(tokens, self.weight)
+    if self.leader.merged:
+        return out
+    leader = self.leader
+    return out + (F.embedding(tokens, leader.lora_B.detach()) @ leader.lora_A.detach() * leader.scaling).to(out.dtype)
+
+
+@mutant("tied_kept_adapter_trained_by_one_use", "the embedding that follows a head adapter kept tied reads the "
+        "adapter detached: the shared update is used twice and trained by the head's use alone",
+        "unslothai/unsloth#3711: tied adapter copies whose storage was broken, each trained by its own use", **TIED)
+def _kept_adapter_one_use():
+    return [(TiedEmbedding, "forward", _follower_detached)]
 
 
 def _count_every_name(model):

@@ -161,6 +161,11 @@ class Target:
         raise NotImplementedError("the model has no seam to put a loss kernel in place of its loss "
                                   "(llama_ref's forward(labels=, loss_kernel=) has one)")
 
+    def adapter_grads(self, model: Any, tokens: torch.Tensor, *, reference: bool = False, float64: bool = False
+                      ) -> dict[str, torch.Tensor]:
+        """TiedEmbeddingsTarget: a kept-tied adapter's gradient is not asked of this target."""
+        raise NotImplementedError("the target does not give a kept-tied adapter's gradients (adapter_grads)")
+
     def __str__(self) -> str:
         return self.description
 

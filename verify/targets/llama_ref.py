@@ -1,3 +1,4 @@
+# Over 350 lines: one adapter for llama_ref, each property's operations on its own model and parts.
 """The target for this project's own model: ``llama_ref.model.Transformer`` (the default of every check).
 
 The only module of ``verify/`` that the checks reach ``llama_ref`` through. The parts under test can be swapped
@@ -284,6 +285,35 @@ class LlamaRefTarget(Target):
         tokens = tokens.to(m.tok_embeddings.weight.device)
         m(tokens, 0, labels=tokens).backward()
         return m.tok_embeddings.weight.grad, m.output.weight.grad
+
+    def adapter_grads(self, model: Transformer, tokens: torch.Tensor, *, reference: bool = False,
+                      float64: bool = False) -> dict[str, torch.Tensor]:
+        """The trainable parameters' gradients of the summed next-token loss; ``reference``: from the model with both
+        vocabulary matrices replaced by the kept-tied adapter's effective matrix (formed through the adapted module:
+        the head run on the identity, or the embedding looked up for every token) — its update used by both uses,
+        whatever the other module does."""
+        from llama_ref.lora.tied import TiedEmbedding, TiedHead
+        m = copy.deepcopy(model).train()
+        if float64:
+            m.double()
+        tokens = tokens.to(m.tok_embeddings.weight.device)
+        params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+        if not reference:
+            m(tokens, 0, labels=tokens).backward()
+            return {n: p.grad for n, p in params.items()}
+        w = m.tok_embeddings.weight
+        if isinstance(m.tok_embeddings, TiedEmbedding):
+            shared = m.output(torch.eye(w.shape[1], dtype=w.dtype, device=w.device)).T
+        elif isinstance(m.output, TiedHead):
+            shared = m.tok_embeddings(torch.arange(w.shape[0], device=w.device)[None])[0]
+        else:
+            raise NotImplementedError("no adapter kept tied")
+        m.tok_embeddings = torch.nn.Embedding(*w.shape, device="meta")
+        m.output = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        loss = torch.func.functional_call(m, {"tok_embeddings.weight": shared, "output.weight": shared}, (tokens, 0),
+                                          {"labels": tokens})
+        loss.backward()
+        return {n: p.grad for n, p in params.items()}
 
     def transform(self, model: Transformer, name: str) -> Transformer:
         """llama_ref's own: ``save_load`` (``save_checkpoint`` → ``load_model``), ``materialize`` (built on the meta

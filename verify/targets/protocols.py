@@ -378,7 +378,6 @@ class TiedEmbeddingsTarget(Applicability, Protocol):
 
     def tied_model(self) -> Any:
         """A fresh copy of the model, configured tied."""
-        ...
 
     def vocab_matrices(self, model: Any) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The input embedding's and the output head's base weights (V, D) — under an adapter, the weight it adapts —
@@ -387,15 +386,12 @@ class TiedEmbeddingsTarget(Applicability, Protocol):
 
     def embed(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
         """The input embedding's output (B, T, D) for ``tokens``, without gradient."""
-        ...
 
     def head(self, model: Any, hidden: torch.Tensor) -> torch.Tensor:
         """The output head's logits (…, V) for ``hidden`` (…, D), without gradient."""
-        ...
 
     def tied_logits(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
         """The model's logits (B, T, V) as it trains (adapters unmerged, no dropout), without gradient."""
-        ...
 
     def tied_grads(self, model: Any, tokens: torch.Tensor, *, untie: bool = False, float64: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,6 +407,10 @@ class TiedEmbeddingsTarget(Applicability, Protocol):
 
     def parameter_count(self, model: Any) -> int:
         """The parameter count the target's own tools report for ``model``."""
+
+    def adapter_grads(self, model: Any, tokens: torch.Tensor, *, reference: bool = False, float64: bool = False
+                      ) -> dict[str, torch.Tensor]:
+        """Optional: a kept-tied adapter's gradients, and (``reference``) those of its update used by both uses."""
         ...
 
 

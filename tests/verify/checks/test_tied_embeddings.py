@@ -24,6 +24,7 @@ def test_llama_refs_tied_model_passes_every_transform(dtype):
     # four adapters' merges; the logits after resize and each merge (toleranced), after save_load, materialize and
     # each merge's save_load (bit-exact)
     assert names.count("tied gradient") == 4
+    assert names.count("tied adapter gradient") == 4  # lora_A and lora_B of each kept-tied adapter
     assert names.count("tied other use") + names.count("tied follower") == 8
     assert names.count("tied logits") == 1 + len(LORA) and names.count("tied logits exact") == 2 + len(LORA)
 

@@ -49,6 +49,7 @@ REASONS = {
         "tied_fresh_storage_after_to_empty": "two parameters over one storage",
         "tied_gradient_from_one_use": "the model: the tied weight's gradient",
         "tied_counted_twice": "(the tied matrix counted twice)",
+        "tied_kept_adapter_trained_by_one_use": "after lora:output:kept: the gradient of output.lora_A",
     },
 }
 REASON = {name: text for table in REASONS.values() for name, text in table.items()}
