@@ -115,7 +115,8 @@ def merge_and_unload(model: Transformer) -> Transformer:
                     plain.bias = layer.bias
                 plain.train(layer.training)
                 setattr(parent, target, plain)
-    if isinstance(model.output, (LoRALayer, TiedHead)) or isinstance(model.tok_embeddings, (LoRALayer, TiedEmbedding)):
+    adapted = (LoRALayer, TiedEmbedding, TiedHead)
+    if isinstance(model.output, adapted) or isinstance(model.tok_embeddings, adapted):
         model.output, model.tok_embeddings = plain_copy_of(model.output), plain_copy_of(model.tok_embeddings)
         # an untied merge gave the adapted matrix a tensor of its own: the configuration says so from now on
         model.params.tie_embeddings = model.output.weight is model.tok_embeddings.weight

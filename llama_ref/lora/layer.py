@@ -110,7 +110,7 @@ class LoRALinear(nn.Linear, LoRALayer):
         if self.merged:
             return
         merged = (self.weight.to(self._accumulation_dtype()) + self.delta_weight()).to(self.weight.dtype)
-        if getattr(self, "untie_on_merge", False):
+        if self.untie_on_merge:
             self.__dict__["_shared_weight"] = self.weight  # kept aside, not registered: no second state-dict key
             self.weight = nn.Parameter(merged, requires_grad=False)
         else:

@@ -21,7 +21,6 @@ A tied model's output head *is* its input embedding. On the target's tied model 
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 import torch
@@ -40,7 +39,6 @@ EXACT = Tolerance(0.0, 0.0)
 LORA = tuple(f"lora:{m}{k}" for m in ("output", "tok_embeddings") for k in ("", ":kept"))
 FULL = ("full:output", "full:tok_embeddings")  # a trainable copy of one matrix (PEFT's modules_to_save), trained
 TRANSFORMS = ("save_load", "materialize", "resize") + LORA + FULL + ("merge",)
-GROW = 8  # tokens a resize adds
 
 
 def _shared(a: torch.Tensor, b: torch.Tensor) -> bool:

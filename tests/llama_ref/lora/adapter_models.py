@@ -2,6 +2,7 @@
 LoRA on it with seeded non-zero factors, and edits of a saved adapter's config."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -40,6 +41,19 @@ def randomize_lora(model: Transformer, seed: int) -> Transformer:
         if was_merged:
             layer.merge()
     return model
+
+
+def vocab_adapted(base: Transformer, targets, keep_tied: bool = False) -> Transformer:
+    """A copy of (tied) ``base`` with LoRA on ``targets`` (vocabulary matrices among them), every adapter parameter
+    drawn N(0, 0.01) from a fixed seed (a fresh one is the base model), in train mode."""
+    model = copy.deepcopy(base)
+    apply_lora_to_llama(model, 4, 8, 0.0, targets, keep_tied=keep_tied, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.train()
 
 
 def lora_model(seed: int = 0, r: int = 4, alpha: float = 12.0, targets=ALL_TARGETS, rslora: bool = False,

@@ -25,7 +25,7 @@ from verify.oracle_hf import build_hf_model, hf_logits
 from verify.tolerances import CALIBRATION_FACTORS, implementation_tolerance
 
 from .adapter_models import (ARGS, base_model, edit_config, exact, logits_of, lora_model, lora_tensors,
-                             random_tokens)
+                             random_tokens, vocab_adapted)
 
 # Ours vs transformers + PEFT: two implementations (RoPE, attention, LoRA branch) in fp32; the oracle's bound.
 assert_peft_close = functools.partial(torch.testing.assert_close, **implementation_tolerance("peft_logits")._asdict())
@@ -234,13 +234,7 @@ def test_vocabulary_adapters_of_a_tied_model_export_to_peft(tmp_path, targets, k
     from llama_ref.lora import apply_lora_to_llama
     from llama_ref.model import init_weights
     base = init_weights(Transformer(ModelArgs.preset("tiny-tied")), 0)
-    model = copy.deepcopy(base)
-    apply_lora_to_llama(model, 4, 8, 0.0, targets, keep_tied=keep_tied, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = vocab_adapted(base, targets, keep_tied)
     model.kv_caching = False
     d = export_peft_adapter(model, tmp_path / "peft")
     config = json.loads((d / CONFIG_FILE).read_text())

@@ -16,6 +16,8 @@ from llama_ref.lora import apply_lora_to_llama, merge_and_unload
 from llama_ref.model import Transformer, init_weights
 from llama_ref.vocab import resize_token_embeddings
 
+from .adapter_models import vocab_adapted
+
 TOKENS = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
 RUNTIME = dict(max_seq_len=256, max_batch_size=8)
 
@@ -25,18 +27,6 @@ def tied():
     model = init_weights(Transformer(ModelArgs.preset("tiny", tie_embeddings=True)), 0)
     model.kv_caching = False
     return model
-
-
-def _adapted(base, targets, keep_tied=False):
-    """``base`` with LoRA on ``targets``, every adapter made non-zero (a fresh one is the base model)."""
-    model = copy.deepcopy(base)
-    apply_lora_to_llama(model, 4, 8, 0.0, targets, keep_tied=keep_tied, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.train()
 
 
 @pytest.mark.parametrize("name, count", [("llama-3.2-1b-tied", 1_235_814_400), ("llama-3.2-3b-tied", 3_212_749_824)])
@@ -49,7 +39,7 @@ def test_the_tied_presets_have_the_published_parameter_counts(name, count):
 
 @pytest.mark.parametrize("target", ["output", "tok_embeddings"])
 def test_an_untied_adapter_changes_its_module_only_and_unties_at_merge(tied, target):
-    model = _adapted(tied, (target,))
+    model = vocab_adapted(tied, (target,))
     base_weight = tied.tok_embeddings.weight.detach().clone()
     unmerged = model(TOKENS, 0)
     other = model.tok_embeddings if target == "output" else model.output
@@ -67,7 +57,7 @@ def test_an_untied_adapter_changes_its_module_only_and_unties_at_merge(tied, tar
 
 @pytest.mark.parametrize("target", ["output", "tok_embeddings"])
 def test_a_kept_tied_adapter_changes_the_shared_matrix_and_merges_into_it(tied, target):
-    model = _adapted(tied, (target,), keep_tied=True)
+    model = vocab_adapted(tied, (target,), keep_tied=True)
     leader = getattr(model, target)
     delta = leader.delta_weight().to(torch.float32)
     with torch.no_grad():  # the embedding looks up W + ΔW, whichever module carries the adapter
@@ -76,7 +66,7 @@ def test_a_kept_tied_adapter_changes_the_shared_matrix_and_merges_into_it(tied, 
     plain = merge_and_unload(model)
     assert plain.output.weight is plain.tok_embeddings.weight and plain.params.tie_embeddings
     torch.testing.assert_close(plain(TOKENS, 0), unmerged, rtol=1e-5, atol=1e-4)
-    assert sum("lora_" in n for n, _ in _adapted(tied, (target,), keep_tied=True).named_parameters()) == 2
+    assert sum("lora_" in n for n, _ in vocab_adapted(tied, (target,), keep_tied=True).named_parameters()) == 2
 
 
 def test_keep_tied_needs_a_tied_model_and_one_vocabulary_target(tied):
@@ -88,7 +78,7 @@ def test_keep_tied_needs_a_tied_model_and_one_vocabulary_target(tied):
 
 
 def test_an_untied_merge_saves_both_matrices_and_reloads_untied(tied, tmp_path):
-    plain = merge_and_unload(_adapted(tied, ("output",)))
+    plain = merge_and_unload(vocab_adapted(tied, ("output",)))
     save_checkpoint(plain, tmp_path)
     assert "tie_embeddings" not in json.loads((tmp_path / "params.json").read_text())
     loaded = load_model(tmp_path, **RUNTIME)
@@ -137,7 +127,7 @@ def test_tie_weights_restores_the_tie_after_to_empty():
 def test_adapter_files_refuse_vocabulary_adapters_naming_them(tied, tmp_path):
     from llama_ref.lora.adapter import save_adapter
     with pytest.raises(ValueError, match="adapters on tok_embeddings, output .* merge_and_unload"):
-        save_adapter(_adapted(tied, ("wq", "output", "tok_embeddings")), tmp_path)
+        save_adapter(vocab_adapted(tied, ("wq", "output", "tok_embeddings")), tmp_path)
 
 
 def test_a_deliberately_untied_model_with_an_equal_head_reloads_untied(tmp_path):
